@@ -1,0 +1,235 @@
+"""Command line: ``python -m lib_ostaf {train,generate,sweep,demo}``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .adapter_file import ADAPTER_SUFFIX, AdapterFile, load_adapter
+from .augment import ATTRIBUTES
+from .errors import InputError, OstafError
+from .offsets import check_lambda
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_IMAGE = ASSETS / "reference.png"
+DEFAULT_OUT = Path("ostaf_adapters")
+
+
+def resolve_adapter(spec: str, adapters_dir: Path) -> tuple[AdapterFile, float | None]:
+    """``name``, ``name:λ``, ``path.safetensors`` or ``path.safetensors:λ`` → (file, λ)."""
+    lam: float | None = None
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            lam = check_lambda(tail)
+            spec = head
+        except InputError:
+            if not Path(spec).exists():
+                raise
+    path = Path(spec)
+    if path.suffix != ADAPTER_SUFFIX:
+        path = adapters_dir / (spec + ADAPTER_SUFFIX)
+    if not path.exists():
+        raise InputError(f"adapter not found: {path}")
+    return load_adapter(path), lam
+
+
+def grid(images: Sequence[Image.Image], cols: int, labels: Sequence[str] = ()) -> Image.Image:
+    """Images in a grid, an optional label strip above each column."""
+    w, h = images[0].size
+    strip = 14 if labels else 0
+    rows = math.ceil(len(images) / cols)
+    canvas = Image.new("RGB", (cols * w, rows * h + strip), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, label in enumerate(labels[:cols]):
+        draw.text((i * w + 3, 1), label, fill="black")
+    for i, image in enumerate(images):
+        canvas.paste(image.resize((w, h)), ((i % cols) * w, strip + (i // cols) * h))
+    return canvas
+
+
+def lambda_sweep(
+    host,
+    adapter: AdapterFile,
+    prompts: Sequence[str],
+    lambdas: Sequence[float],
+    *,
+    seed: int,
+    steps: int,
+) -> Image.Image:
+    """Rows = prompts, columns = λ; the same seed in every cell. Model restored after."""
+    cells = []
+    try:
+        for prompt in prompts:
+            for lam in lambdas:
+                host.apply_adapters([(adapter, lam)])
+                cells.append(host.generate(prompt, seed=seed, steps=steps))
+    finally:
+        host.apply_adapters([])
+    return grid(cells, len(lambdas), [f"λ={lam:g}" for lam in lambdas])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lib_ostaf", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--model",
+            default=None,
+            help="diffusers folder or .safetensors checkpoint; default: the embedded tiny model",
+        )
+
+    t = sub.add_parser("train", help="train an OSTAF adapter from one reference image")
+    t.add_argument("--image", required=True, type=Path)
+    t.add_argument("--attribute", required=True, choices=ATTRIBUTES)
+    t.add_argument("--name", required=True, help="output name (file stem)")
+    t.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    t.add_argument("--token", default=None, help="placeholder word (default ostafv)")
+    t.add_argument("--prompt", default=None, help="training prompt containing {token}")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--rank", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--network", choices=("hypernet", "lora"), default=None)
+    t.add_argument("--include-mid", action="store_true", default=None)
+    t.add_argument(
+        "--blocks", default=None, help="comma-separated diffusers block ids (expert override)"
+    )
+    t.add_argument("--default-lambda", type=float, default=None)
+    t.add_argument("--overwrite", action="store_true")
+    model_arg(t)
+
+    g = sub.add_parser("generate", help="generate with adapters applied")
+    g.add_argument("--prompt", required=True)
+    g.add_argument(
+        "--adapter", action="append", default=[], help="name[:λ] or file[:λ]; repeatable"
+    )
+    g.add_argument("--adapters-dir", type=Path, default=DEFAULT_OUT)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--guidance", type=float, default=5.0)
+    g.add_argument("--negative", default="")
+    g.add_argument("--size", type=int, default=None)
+    g.add_argument("--output", type=Path, default=Path("ostaf.png"))
+    model_arg(g)
+
+    s = sub.add_parser("sweep", help="a λ-sweep grid of one adapter")
+    s.add_argument("--adapter", required=True)
+    s.add_argument("--adapters-dir", type=Path, default=DEFAULT_OUT)
+    s.add_argument("--prompt", action="append", required=True, help="repeatable: one row each")
+    s.add_argument("--lambdas", default="0,0.5,1,1.5")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--output", type=Path, default=Path("ostaf_sweep.png"))
+    model_arg(s)
+
+    d = sub.add_parser(
+        "demo", help="train on the bundled reference with the tiny model, write a λ sweep"
+    )
+    d.add_argument("--out", type=Path, default=Path("demo_out"))
+    d.add_argument("--steps", type=int, default=150)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except OstafError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .hosts.diffusers_host import DiffusersHost
+    from .train import AttributeConfig, Callbacks, export, train_attribute, with_overrides
+
+    if args.command == "train":
+        config = with_overrides(
+            AttributeConfig(attribute=args.attribute),
+            token=args.token,
+            prompt=args.prompt,
+            steps=args.steps,
+            rank=args.rank,
+            lr=args.lr,
+            seed=args.seed,
+            network=args.network,
+            include_mid=args.include_mid,
+            blocks=tuple(b.strip() for b in args.blocks.split(",")) if args.blocks else None,
+            default_lambda=args.default_lambda,
+        )
+        host = DiffusersHost.load(args.model)
+        result = train_attribute(host, args.image, config, Callbacks(progress=_print_progress))
+        path = export(result, args.out, args.name, overwrite=args.overwrite)
+        print(
+            f"\nloss on probe set: {result.probe_loss_before:.4f} → {result.probe_loss_after:.4f}"
+        )
+        print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB, {len(result.targets)} layers)")
+        return 0
+
+    if args.command == "generate":
+        host = DiffusersHost.load(args.model)
+        adapters = []
+        for spec in args.adapter:
+            adapter, lam = resolve_adapter(spec, args.adapters_dir)
+            adapters.append((adapter, adapter.default_lambda if lam is None else lam))
+        host.apply_adapters(adapters)
+        try:
+            image = host.generate(
+                args.prompt,
+                seed=args.seed,
+                steps=args.steps,
+                guidance=args.guidance,
+                negative_prompt=args.negative,
+                size=args.size,
+            )
+        finally:
+            host.apply_adapters([])
+        image.save(args.output)
+        print(f"wrote {args.output}")
+        return 0
+
+    if args.command == "sweep":
+        host = DiffusersHost.load(args.model)
+        adapter, _ = resolve_adapter(args.adapter, args.adapters_dir)
+        lambdas = [check_lambda(x) for x in args.lambdas.split(",") if x.strip()]
+        if not lambdas:
+            raise InputError("--lambdas needs at least one value")
+        image = lambda_sweep(host, adapter, args.prompt, lambdas, seed=args.seed, steps=args.steps)
+        image.save(args.output)
+        print(f"wrote {args.output}")
+        return 0
+
+    if args.command == "demo":
+        host = DiffusersHost.load(None)
+        config = AttributeConfig(attribute="appearance", steps=args.steps, lr=1e-3, seed=0)
+        result = train_attribute(host, DEMO_IMAGE, config, Callbacks(progress=_print_progress))
+        path = export(result, args.out, "demo_appearance", overwrite=True)
+        prompts = [
+            config.training_prompt,
+            "a photo of a ostafv textured circle",
+            "a blue ostafv textured star",
+        ]
+        sweep = lambda_sweep(host, load_adapter(path), prompts, [0, 0.5, 1, 1.5], seed=0, steps=20)
+        sweep_path = args.out / "demo_sweep.png"
+        sweep.save(sweep_path)
+        print(
+            f"\nloss on probe set: {result.probe_loss_before:.4f} → {result.probe_loss_after:.4f}"
+        )
+        print(f"wrote {path} and {sweep_path}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def _print_progress(step: int, total: int, loss: float) -> None:
+    if step == total or step % max(1, total // 20) == 0:
+        print(f"\rstep {step}/{total}  loss {loss:.4f}", end="", flush=True)

@@ -1,0 +1,21 @@
+"""Errors the user can act on. Every bad input raises one of these with a clear message."""
+
+
+class OstafError(Exception):
+    """Base class: a problem the user can fix (bad input, incompatible file, ...)."""
+
+
+class InputError(OstafError, ValueError):
+    """A user-supplied value (image, name, rank, λ, ...) is invalid."""
+
+
+class AdapterFileError(OstafError):
+    """An adapter file is unreadable, torn, hostile or does not fit the model."""
+
+
+class IncompatibleModelError(OstafError):
+    """An adapter was made for another model family or does not fit the loaded UNet."""
+
+
+class Interrupted(OstafError):
+    """Training was interrupted by the user; nothing was written."""

@@ -1,0 +1,192 @@
+"""Standalone host on diffusers: the embedded tiny model or a user's checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import tiny
+from ..errors import InputError, OstafError
+from ..images import square
+from ..naming import inspect_unet
+from ..offsets import WeightPatcher, check_lambda
+
+DEFAULT_MODEL = "tiny"
+
+
+class DiffusersHost:
+    """A diffusers SD1/SD2/SDXL pipeline seen through the :class:`~.base.Host` protocol."""
+
+    def __init__(self, pipe: Any, *, base_model_name: str, resolution: int | None = None) -> None:
+        self.pipe = pipe
+        self.unet = pipe.unet
+        self.info = inspect_unet(self.unet)
+        self.family = self.info.family
+        self.is_sdxl = self.family == "sdxl"
+        self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+        betas = _betas(pipe.scheduler.config)
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).float()
+        self.device = self.unet.device
+        self.dtype = self.unet.dtype
+        self.base_model_name = base_model_name
+        default_res = {"sd1": 512, "sd2": 768, "sdxl": 1024}[self.family]
+        native = int(self.unet.config.sample_size * pipe.vae_scale_factor)
+        self.resolution = resolution or native or default_res
+        self.patcher = WeightPatcher(_linear_modules(self.unet))
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str | Path | None = None, *, device: str = "cpu") -> DiffusersHost:
+        """``None``/"tiny" → the embedded default; a folder → ``from_pretrained``;
+        a ``.safetensors`` file → ``from_single_file`` (needs diffusers' configs cached)."""
+        if model is None or str(model) in (DEFAULT_MODEL, "tiny-sd1", "tiny-sdxl"):
+            family = "sdxl" if str(model) == "tiny-sdxl" else "sd1"
+            return cls.from_components(tiny.components(family), name=f"tiny-{family}")
+        path = Path(model)
+        if not path.exists():
+            raise InputError(f"model not found: {path}")
+        pipe_cls = _pipeline_class(path)
+        try:
+            if path.is_dir():
+                pipe = pipe_cls.from_pretrained(str(path), safety_checker=None)
+            elif path.suffix == ".safetensors":
+                pipe = pipe_cls.from_single_file(str(path))
+            else:
+                raise InputError("checkpoints must be a diffusers folder or a .safetensors file")
+        except OstafError:
+            raise
+        except Exception as exc:  # diffusers raises many types; surface one clear message
+            raise InputError(f"could not load the model {path.name}: {exc}") from exc
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, base_model_name=path.stem)
+
+    @classmethod
+    def from_components(cls, parts: dict[str, Any], *, name: str) -> DiffusersHost:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        if "text_encoder_2" in parts:
+            pipe = StableDiffusionXLPipeline(**parts)
+        else:
+            pipe = StableDiffusionPipeline(
+                **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, base_model_name=name)
+
+    # -- Host protocol --------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        image = square(image, self.resolution)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+        x = x.permute(2, 0, 1)[None].to(self.device, self.pipe.vae.dtype)
+        latents = self.pipe.vae.encode(x).latent_dist.mean
+        shift = getattr(self.pipe.vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * self.pipe.vae.config.scaling_factor).to(self.dtype)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> dict[str, Any]:
+        if not self.is_sdxl:
+            embeds, _ = self.pipe.encode_prompt(prompt, self.device, 1, False)
+            return {"encoder_hidden_states": embeds}
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt, device=self.device, do_classifier_free_guidance=False
+        )
+        size = (self.resolution, self.resolution)
+        time_ids = self.pipe._get_add_time_ids(
+            size,
+            (0, 0),
+            size,
+            dtype=embeds.dtype,
+            text_encoder_projection_dim=self.pipe.text_encoder_2.config.projection_dim,
+        ).to(self.device)
+        return {
+            "encoder_hidden_states": embeds,
+            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids},
+        }
+
+    def predict_noise(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]
+    ) -> torch.Tensor:
+        batch = x_t.shape[0]
+        kwargs = {"encoder_hidden_states": cond["encoder_hidden_states"].expand(batch, -1, -1)}
+        if "added_cond_kwargs" in cond:
+            kwargs["added_cond_kwargs"] = {
+                k: v.expand(batch, *v.shape[1:]) for k, v in cond["added_cond_kwargs"].items()
+            }
+        return self.unet(x_t, t, **kwargs).sample
+
+    # -- generation -----------------------------------------------------------------------
+    def apply_adapters(self, adapters: Sequence[tuple[Any, float]]) -> None:
+        """Merge ``[(AdapterFile, λ), ...]`` into the UNet; ``[]`` restores it exactly."""
+        from ..apply import unet_deltas
+
+        terms = [
+            (adapter.identity, unet_deltas(adapter, self.unet, self.info), check_lambda(lam))
+            for adapter, lam in adapters
+        ]
+        self.patcher.apply(terms)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str,
+        *,
+        seed: int = 0,
+        steps: int = 20,
+        guidance: float = 5.0,
+        negative_prompt: str = "",
+        size: int | None = None,
+    ) -> Image.Image:
+        size = size or self.resolution
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        out = self.pipe(
+            prompt,
+            negative_prompt=negative_prompt or None,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            generator=generator,
+        )
+        return out.images[0]
+
+
+def _betas(config: Any) -> torch.Tensor:
+    n = config.get("num_train_timesteps", 1000)
+    start, end = config.get("beta_start", 0.00085), config.get("beta_end", 0.012)
+    schedule = config.get("beta_schedule", "scaled_linear")
+    if schedule == "scaled_linear":
+        return torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
+    if schedule == "linear":
+        return torch.linspace(start, end, n, dtype=torch.float64)
+    raise InputError(f"unsupported beta schedule {schedule!r}")
+
+
+def _linear_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    return {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _pipeline_class(path: Path) -> Any:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.exists():
+            raise InputError(f"{path} is not a diffusers model folder (no model_index.json)")
+        return StableDiffusionXLPipeline if "XL" in index.read_text() else StableDiffusionPipeline
+    # Single file: SDXL checkpoints carry the second text encoder under conditioner.embedders.1
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = f.keys()
+    except Exception as exc:
+        raise InputError(f"cannot read checkpoint {path.name}: {exc}") from None
+    is_xl = any(k.startswith("conditioner.embedders.1") for k in keys)
+    return StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline

@@ -1,0 +1,76 @@
+"""Loading the reference image: any common format in, a square RGB image out."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError
+
+MIN_SIDE = 16
+MAX_PIXELS = 64_000_000  # refuse decompression bombs before decoding
+
+
+def load_image(source: str | Path | Image.Image) -> Image.Image:
+    """Open and normalise to 8-bit RGB: palette, RGBA (on white), 16-bit and grey converted."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(f"reference image not found: {path}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(path)
+                if image.width * image.height > MAX_PIXELS:
+                    raise InputError(
+                        f"{path.name}: {image.width}×{image.height} is too large "
+                        f"(limit {MAX_PIXELS // 1_000_000} megapixels)"
+                    )
+                image.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(f"cannot read {path.name} as an image: {exc}") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise InputError(f"{path.name}: image is too large to decode safely") from None
+        image = ImageOps.exif_transpose(image) or image
+    if min(image.size) < MIN_SIDE:
+        raise InputError(f"image is {image.width}×{image.height}; at least {MIN_SIDE} px a side")
+    if image.width * image.height > MAX_PIXELS:
+        raise InputError(f"image is {image.width}×{image.height}; too large")
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode; transparency is composited on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        image = Image.fromarray(((a - lo) * scale).round().astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def square(image: Image.Image, size: int) -> Image.Image:
+    """Pad to a square with the border's median colour (keeps the whole object), resize."""
+    w, h = image.size
+    if w != h:
+        a = np.asarray(image)
+        border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+        fill = tuple(int(v) for v in np.median(border, axis=0))
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), fill)
+        canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+        image = canvas
+    return image.resize((size, size), Image.Resampling.LANCZOS)

@@ -1,0 +1,370 @@
+"""One-shot attribute tuning (OSTAF): the training loop and the export of its result.
+
+``train_attribute(host, image, config)`` learns a hypernetwork whose offsets, added to the
+attention layers of the encoder (shape) or decoder (appearance, style), make the frozen
+model reproduce the reference for the placeholder prompt. ``export`` writes the kohya
+LoRA file, the hypernetwork state and the WebUI card sidecars.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import __version__
+from .adapter_file import (
+    STATE_SUFFIX,
+    LoraModule,
+    build_metadata,
+    save_adapter,
+    save_state,
+    sd_version_label,
+    validate_name,
+    write_card,
+    write_preview,
+)
+from .augment import ATTRIBUTES, make_views
+from .errors import InputError, Interrupted
+from .hosts.base import Host
+from .hypernet import OFFSET_NETWORKS, HypernetConfig, LayerShape
+from .images import load_image, square
+from .naming import UNetInfo, inspect_unet
+from .offsets import OffsetHooks, check_lambda
+from .targets import Target, TargetSpec, find_module, select_targets
+
+# "{token}" is replaced by the placeholder word. Reasons in docs/method.md.
+DEFAULT_PROMPTS = {
+    "shape": "a photo of a {token} shaped object",
+    "appearance": "a photo of a {token} textured object",
+    "style": "a painting in {token} style",
+}
+TOKEN_PATTERN = re.compile(r"^[^\s<>:,()\[\]{}|\\]{1,40}$")
+
+
+@dataclass(frozen=True)
+class AttributeConfig:
+    """Settings of one OSTAF run. Defaults are for real SD checkpoints (docs/method.md)."""
+
+    attribute: str = "appearance"
+    token: str = "ostafv"
+    prompt: str = ""  # "" → DEFAULT_PROMPTS[attribute]; must contain "{token}"
+    steps: int = 400
+    rank: int = 4
+    lr: float = 2e-4
+    seed: int = 0
+    network: str = "hypernet"  # "lora" = the ablation: tune factors directly
+    code_dim: int = 32
+    hidden: int = 128
+    n_views: int = 8
+    timestep_range: tuple[float, float] = (0.0, 1.0)  # fraction of the schedule sampled
+    include_mid: bool = False
+    attn: tuple[str, ...] = ("attn1", "attn2")
+    proj: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    blocks: tuple[str, ...] | None = None  # expert override: explicit diffusers block ids
+    default_lambda: float = 1.0
+    preview_every: int = 0  # 0 = no previews
+
+    def __post_init__(self) -> None:
+        if self.attribute not in ATTRIBUTES:
+            raise InputError(
+                f"unknown attribute {self.attribute!r}; choose one of {', '.join(ATTRIBUTES)}"
+            )
+        _positive_int("steps", self.steps)
+        _positive_int("rank", self.rank)
+        _positive_int("n_views", self.n_views)
+        if not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
+            raise InputError(f"learning rate must be in (0, 1), got {self.lr!r}")
+        if not TOKEN_PATTERN.match(self.token):
+            raise InputError(
+                f"placeholder token {self.token!r} must be one word without spaces or <>:,()[]{{}}|"
+            )
+        if self.prompt and "{token}" not in self.prompt:
+            raise InputError("the training prompt must contain {token}")
+        if self.network not in OFFSET_NETWORKS:
+            raise InputError(f"network must be one of {', '.join(OFFSET_NETWORKS)}")
+        lo, hi = self.timestep_range
+        if not 0.0 <= lo < hi <= 1.0:
+            raise InputError(
+                f"timestep_range must satisfy 0 ≤ lo < hi ≤ 1, got {self.timestep_range}"
+            )
+        check_lambda(self.default_lambda)
+
+    @property
+    def training_prompt(self) -> str:
+        return (self.prompt or DEFAULT_PROMPTS[self.attribute]).replace("{token}", self.token)
+
+    def target_spec(self) -> TargetSpec:
+        return TargetSpec(
+            attribute=self.attribute,
+            include_mid=self.include_mid,
+            attn=tuple(self.attn),
+            proj=tuple(self.proj),
+            blocks=tuple(self.blocks) if self.blocks else None,
+        )
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class Callbacks:
+    """Hooks for a UI: progress after each step, previews, and interruption."""
+
+    progress: Callable[[int, int, float], None] | None = None  # (step, total, loss)
+    preview: Callable[[int], None] | None = None  # called with offsets active at λ=1
+    should_stop: Callable[[], bool] | None = None
+
+
+@dataclass
+class TrainResult:
+    config: AttributeConfig
+    network: torch.nn.Module
+    targets: list[Target]
+    info: UNetInfo
+    losses: list[float]
+    probe_loss_before: float
+    probe_loss_after: float
+    seconds: float
+    host_meta: dict[str, Any] = field(default_factory=dict)
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        with torch.no_grad():
+            return {
+                k: (a.detach().float().cpu(), b.detach().float().cpu())
+                for k, (a, b) in self.network().items()
+            }
+
+    def lora_modules(self) -> dict[str, LoraModule]:
+        """The exact ΔW = B·A of every layer as kohya modules (alpha = rank → scale 1)."""
+        return {
+            key: LoraModule(down=a.contiguous(), up=b.contiguous(), alpha=float(a.shape[0]))
+            for key, (a, b) in self.factors().items()
+        }
+
+
+class _Probe:
+    """A fixed set of (view, t, noise) to measure the loss before/after training."""
+
+    def __init__(self, latents: torch.Tensor, steps: Sequence[int], seed: int) -> None:
+        g = torch.Generator().manual_seed(seed + 1)
+        n = len(steps)
+        self.x0 = latents[torch.arange(n) % latents.shape[0]]
+        self.t = torch.tensor(list(steps), dtype=torch.long)
+        self.noise = torch.randn(self.x0.shape, generator=g)
+
+
+def _noisy(x0, noise, t, alphas_cumprod, prediction_type):
+    a = alphas_cumprod[t].view(-1, 1, 1, 1).to(x0.device, torch.float32)
+    x_t = a.sqrt() * x0.float() + (1 - a).sqrt() * noise
+    if prediction_type == "v_prediction":
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0.float()
+    elif prediction_type == "epsilon":
+        target = noise
+    else:
+        raise InputError(f"unsupported prediction type {prediction_type!r}")
+    return x_t, target
+
+
+def diffusion_loss(host: Host, x0, noise, t, cond) -> torch.Tensor:
+    """``‖target − model(x_t, t, c)‖²`` with target ε or v, as the host's model predicts."""
+    x_t, target = _noisy(x0, noise, t, host.alphas_cumprod, host.prediction_type)
+    pred = host.predict_noise(x_t.to(host.device, host.dtype), t.to(host.device), cond)
+    return F.mse_loss(pred.float(), target.to(pred.device))
+
+
+def train_attribute(
+    host: Host,
+    image: Image.Image | str | Path,
+    config: AttributeConfig,
+    callbacks: Callbacks | None = None,
+) -> TrainResult:
+    """Train an OSTAF adapter on one reference image. The host's model is left as found."""
+    callbacks = callbacks or Callbacks()
+    started = time.perf_counter()
+    reference = load_image(image)
+    info = inspect_unet(host.unet)
+    targets = select_targets(host.unet, config.target_spec(), info)
+    modules = {t.kohya: find_module(host.unet, t.name) for t in targets}
+    layers = [
+        LayerShape(t.kohya, f"{t.attn}.{t.proj}", t.in_features, t.out_features) for t in targets
+    ]
+
+    torch.manual_seed(config.seed)
+    net_cfg = HypernetConfig(rank=config.rank, code_dim=config.code_dim, hidden=config.hidden)
+    network = OFFSET_NETWORKS[config.network](layers, net_cfg).to(host.device)
+
+    # Cache: the views' latents and the prompt's conditioning are computed once.
+    views = make_views(
+        square(reference, host.resolution), config.attribute, config.n_views, config.seed
+    )
+    with torch.no_grad():
+        latents = torch.cat([host.encode_image(v) for v in views]).float().cpu()
+        cond = host.encode_prompt(config.training_prompt)
+
+    n_train = len(host.alphas_cumprod)
+    t_lo, t_hi = (int(round(f * (n_train - 1))) for f in config.timestep_range)
+    probe = _Probe(latents, torch.linspace(t_lo, t_hi, 16).round().long().tolist(), config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=0.0)
+
+    unet = host.unet
+    was_training = unet.training
+    grad_flags = [p.requires_grad for p in unet.parameters()]
+    losses: list[float] = []
+    unet.eval().requires_grad_(False)
+    try:
+        with OffsetHooks(modules) as hooks:
+            before = _probe_loss(host, network, hooks, probe, cond)
+            for step in range(config.steps):
+                if callbacks.should_stop and callbacks.should_stop():
+                    raise Interrupted(f"training interrupted at step {step}/{config.steps}")
+                i = int(torch.randint(latents.shape[0], (1,), generator=generator))
+                t = torch.randint(t_lo, t_hi + 1, (1,), generator=generator)
+                noise = torch.randn(latents[i : i + 1].shape, generator=generator)
+                hooks.factors = network()
+                loss = diffusion_loss(
+                    host, latents[i : i + 1].to(host.device), noise.to(host.device), t, cond
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                if callbacks.progress:
+                    callbacks.progress(step + 1, config.steps, losses[-1])
+                if (
+                    callbacks.preview
+                    and config.preview_every
+                    and (step + 1) % config.preview_every == 0
+                ):
+                    with torch.no_grad():
+                        hooks.factors = network()
+                        callbacks.preview(step + 1)
+            after = _probe_loss(host, network, hooks, probe, cond)
+    finally:
+        for p, flag in zip(unet.parameters(), grad_flags, strict=True):
+            p.requires_grad_(flag)
+        unet.train(was_training)
+        optimizer.state.clear()
+    return TrainResult(
+        config=config,
+        network=network.eval(),
+        targets=targets,
+        info=info,
+        losses=losses,
+        probe_loss_before=before,
+        probe_loss_after=after,
+        seconds=time.perf_counter() - started,
+        host_meta={
+            "base_model": host.base_model_name,
+            "prediction_type": host.prediction_type,
+            "resolution": host.resolution,
+        },
+    )
+
+
+@torch.no_grad()
+def _probe_loss(host: Host, network, hooks: OffsetHooks, probe: _Probe, cond) -> float:
+    hooks.factors = network()
+    total = 0.0
+    for j in range(len(probe.t)):
+        x0, noise, t = probe.x0[j : j + 1], probe.noise[j : j + 1], probe.t[j : j + 1]
+        total += float(diffusion_loss(host, x0.to(host.device), noise.to(host.device), t, cond))
+    return total / len(probe.t)
+
+
+def export(
+    result: TrainResult,
+    out_dir: str | Path,
+    name: str,
+    *,
+    overwrite: bool = False,
+    preview: Image.Image | None = None,
+    save_dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write ``<name>.safetensors`` + ``.ostaf-state`` + ``.json`` card (+ ``.preview.png``).
+
+    Every target is checked before anything is written, so a refusal loses nothing.
+    """
+    name = validate_name(name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / name
+    paths = [stem.with_name(name + s) for s in (".safetensors", STATE_SUFFIX, ".json")]
+    if preview is not None:
+        paths.append(stem.with_name(name + ".preview.png"))
+    if not overwrite:
+        existing = [p.name for p in paths if p.exists()]
+        if existing:
+            raise InputError(
+                f"{', '.join(existing)} already exist(s) in {out}; choose another name or overwrite"
+            )
+    cfg = result.config
+    meta = result.host_meta
+    targets = [t.kohya for t in result.targets]
+    training = asdict(cfg) | {"steps_done": len(result.losses), "seconds": round(result.seconds, 1)}
+    metadata = build_metadata(
+        name=name,
+        family=result.info.family,
+        prediction_type=meta.get("prediction_type", "epsilon"),
+        rank=cfg.rank,
+        alpha=float(cfg.rank),
+        resolution=int(meta.get("resolution", 512)),
+        method="attribute",
+        trigger_phrase=cfg.token,
+        ostaf={
+            "attribute": cfg.attribute,
+            "part": sorted({t.part for t in result.targets}),
+            "targets": targets,
+            "rank": cfg.rank,
+            "default_lambda": cfg.default_lambda,
+            "token": cfg.token,
+            "prompt": cfg.training_prompt,
+            "network": cfg.network,
+            "base_model": meta.get("base_model", ""),
+            "training": training,
+            "loss_probe": [round(result.probe_loss_before, 6), round(result.probe_loss_after, 6)],
+            "version": __version__,
+        },
+    )
+    state = {
+        k: v.detach().float().cpu().contiguous() for k, v in result.network.state_dict().items()
+    }
+    state_config = {
+        "network": cfg.network,
+        "hypernet": result.network.config.to_dict(),
+        "layers": [asdict(layer) for layer in result.network.layers],
+        "attribute_config": asdict(cfg),
+    }
+    save_state(stem.with_name(name + STATE_SUFFIX), state, state_config, overwrite=overwrite)
+    write_card(
+        stem,
+        preferred_weight=cfg.default_lambda,
+        activation_text=cfg.token,
+        description=f"OSTAF {cfg.attribute} adapter trained on one image with '{cfg.training_prompt}'",
+        sd_version=sd_version_label(result.info.family),
+        overwrite=overwrite,
+    )
+    if preview is not None:
+        write_preview(stem, preview, overwrite=overwrite)
+    return save_adapter(
+        stem.with_name(name + ".safetensors"),
+        result.lora_modules(),
+        metadata,
+        overwrite=overwrite,
+        dtype=save_dtype,
+    )
+
+
+def with_overrides(config: AttributeConfig, **changes: Any) -> AttributeConfig:
+    """A copy of ``config`` with fields changed (validated again)."""
+    return replace(config, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,92 @@
+"""Reference images: every common mode converts, bad files give a clear error."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lib_ostaf.augment import make_views
+from lib_ostaf.errors import InputError
+from lib_ostaf.images import load_image, square
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Image.new("RGBA", (40, 30), (255, 0, 0, 0)),
+        lambda: Image.new("P", (40, 30), 3),
+        lambda: Image.fromarray(np.full((30, 40), 40000, np.uint16)),
+        lambda: Image.new("L", (40, 30), 128),
+        lambda: Image.new("1", (40, 30), 1),
+        lambda: Image.new("CMYK", (40, 30), (0, 255, 0, 0)),
+    ],
+)
+def test_modes_convert_to_rgb(tmp_path, make):
+    path = tmp_path / "x.png" if make().mode != "CMYK" else tmp_path / "x.jpg"
+    make().save(path)
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (40, 30)
+
+
+def test_transparent_pixels_become_white():
+    image = load_image(Image.new("RGBA", (20, 20), (255, 0, 0, 0)))
+    assert image.getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_sixteen_bit_is_rescaled_not_clipped():
+    a = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    image = load_image(Image.fromarray(a))
+    arr = np.asarray(image)[..., 0]
+    assert arr.min() == 0 and arr.max() == 255
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_image(tmp_path / "missing.png")
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"\x89PNG not really")
+    with pytest.raises(InputError, match="cannot read"):
+        load_image(junk)
+    torn = tmp_path / "torn.png"
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "ok.png")
+    torn.write_bytes((tmp_path / "ok.png").read_bytes()[:40])
+    with pytest.raises(InputError):
+        load_image(torn)
+    with pytest.raises(InputError, match="at least"):
+        load_image(Image.new("RGB", (8, 100)))
+
+
+def test_huge_image_refused_before_decoding(tmp_path, monkeypatch):
+    import lib_ostaf.images as images
+
+    Image.new("RGB", (300, 300)).save(tmp_path / "big.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 300 * 299)
+    with pytest.raises(InputError, match="too large"):
+        load_image(tmp_path / "big.png")
+
+
+def test_square_keeps_whole_object():
+    image = Image.new("RGB", (100, 50), (10, 20, 30))
+    out = square(image, 64)
+    assert out.size == (64, 64)
+    # padding uses the border colour: the result is uniform
+    assert np.ptp(np.asarray(out), axis=(0, 1)).max() <= 1
+
+
+def test_views_respect_the_attribute():
+    a = np.zeros((64, 64, 3), np.uint8)
+    a[16:48, 20:44] = (200, 40, 40)
+    ref = Image.fromarray(a)
+    silhouette = (a.sum(-1) > 0)
+    shape_views = make_views(ref, "shape", 6, seed=1)
+    assert np.asarray(shape_views[0]).tolist() == a.tolist()
+    for v in shape_views[1:]:  # colour changes, the silhouette never moves
+        arr = np.asarray(v)
+        assert ((arr.sum(-1) > 0) == silhouette).all()
+    colours = {tuple(np.asarray(v)[32, 32]) for v in shape_views}
+    assert len(colours) > 3
+    app_views = make_views(ref, "appearance", 6, seed=1)
+    moved = [((np.asarray(v).sum(-1) > 0) != silhouette).mean() for v in app_views[1:]]
+    assert max(moved) > 0.05  # geometry varies for appearance
+    assert make_views(ref, "shape", 4, seed=3)[2].tobytes() == make_views(ref, "shape", 4, seed=3)[2].tobytes()
+    with pytest.raises(InputError, match="attribute"):
+        make_views(ref, "colour", 2, seed=0)
