@@ -743,7 +743,12 @@ def load_adapter(path: str | Path) -> AdapterFile:
         modules=modules,
         metadata=header.metadata,
         embeddings=embeddings,
-        identity=(str(path.resolve()), st.st_size, st.st_mtime_ns, header.metadata.get("sshs_model_hash")),
+        identity=(
+            str(path.resolve()),
+            st.st_size,
+            st.st_mtime_ns,
+            header.metadata.get("sshs_model_hash"),
+        ),
     )
 
 

@@ -71,7 +71,7 @@ def lambda_sweep(
                 cells.append(host.generate(prompt, seed=seed, steps=steps))
     finally:
         host.apply_adapters([])
-    return grid(cells, len(lambdas), [f"λ={lam:g}" for lam in lambdas])
+    return grid(cells, len(lambdas), [f"lambda {lam:g}" for lam in lambdas])
 
 
 def _parser() -> argparse.ArgumentParser:

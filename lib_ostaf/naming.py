@@ -81,15 +81,24 @@ class UNetInfo:
     layers_per_block: int  # resnets per down level (up levels have one more)
     context_dim: int  # cross-attention (text) dim
     num_levels: int  # resolution levels (len(block_out_channels) / len(channel_mult))
-    attention_blocks: tuple[str, ...] = ()  # canonical ids, forward order
-    transformer_depths: tuple[int, ...] = ()  # transformer_blocks per attention block
+    # Canonical ids in forward order, and transformer_blocks per block. Empty = unknown (an info
+    # built by hand): blocks are then only checked against layers_per_block / num_levels.
+    attention_blocks: tuple[str, ...] = ()
+    transformer_depths: tuple[int, ...] = ()
 
-    def depth(self, block: str) -> int:
-        """Number of transformer blocks in ``block`` (canonical id); 0 if it has none."""
-        try:
-            return self.transformer_depths[self.attention_blocks.index(block)]
-        except ValueError:
+    def depth(self, block: str) -> int | None:
+        """Transformer blocks in ``block`` (canonical id): 0 if it has none, None if unknown."""
+        if self.attention_blocks:
+            if block in self.attention_blocks:
+                return self.transformer_depths[self.attention_blocks.index(block)]
             return 0
+        try:
+            part, i, j = block_sort_key(block)
+        except InputError:
+            return 0
+        lpb = self.layers_per_block
+        fits = j == 0 if part == 1 else i < self.num_levels and j < lpb + (part == 2)
+        return None if fits else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,10 +155,11 @@ def _canonical_to_ldm_block(block: str, lpb: int) -> str:
 
 
 def _check_block(block: str, info: UNetInfo, name: str) -> None:
-    if block not in info.attention_blocks:
+    if info.depth(block) == 0:
+        known = f" (attention blocks: {', '.join(info.attention_blocks)})"
         raise InputError(
-            f"{name!r} is not inside an attention block of this {info.family} UNet "
-            f"(attention blocks: {', '.join(info.attention_blocks)})"
+            f"{name!r} is not inside an attention block of this {info.family} UNet"
+            + (known if info.attention_blocks else "")
         )
 
 
@@ -262,7 +272,7 @@ def module_name_from_kohya(
         depth = info.depth(block)
     except InputError as e:
         raise IncompatibleModelError(f"{key!r} does not fit this UNet: {e}") from e
-    if depth == 0 or k >= depth:
+    if depth == 0 or (depth is not None and k >= depth):
         where = block if depth == 0 else f"{block}.transformer_blocks.{k}"
         raise IncompatibleModelError(
             f"{key!r} names {where}, which this {info.family} UNet does not have"
@@ -370,11 +380,9 @@ def inspect_unet(unet: nn.Module) -> UNetInfo:
             "not a text-conditioned Stable Diffusion UNet"
         )
     blocks = sorted(depths, key=block_sort_key)
-    for b in blocks:
-        _, i, j = block_sort_key(b)
-        part = block_part(b)
-        if i >= num_levels or (part == "encoder" and j >= lpb) or (part == "decoder" and j > lpb):
-            raise IncompatibleModelError(f"unsupported UNet layout: unexpected block {b}")
+    shape = UNetInfo("", layout, lpb, context_dim, num_levels)  # structure only
+    if bad := [b for b in blocks if shape.depth(b) == 0]:
+        raise IncompatibleModelError(f"unsupported UNet layout: unexpected blocks {bad}")
 
     if layout == "diffusers":
         xl = _config(unet, "addition_embed_type") == "text_time" or (

@@ -81,8 +81,9 @@ def delta_weight(down: torch.Tensor, up: torch.Tensor, alpha: float | None = Non
 class WeightPatcher:
     """Merge ``Σ λ_i ΔW_i`` into Linear weights and restore them bit-exactly.
 
-    ``deltas`` map a module name (as in ``modules``) to a float32 ΔW. Backups are taken the first time a layer is touched and kept until
-    :meth:`restore`; re-merging always starts from the backup, never from merged weights.
+    ``deltas`` map a module name (as in ``modules``) to a float32 ΔW. Backups are taken
+    the first time a layer is touched and kept until :meth:`restore`; re-merging always
+    starts from the backup, never from merged weights.
     """
 
     def __init__(self, modules: Mapping[str, nn.Linear]) -> None:

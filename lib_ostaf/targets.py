@@ -105,13 +105,17 @@ def find_module(unet: nn.Module, name: str) -> nn.Module:
 
 def available_blocks(unet: nn.Module, info: UNetInfo | None = None) -> list[str]:
     """Canonical ids of the UNet's attention blocks, in forward order."""
-    info = info or inspect_unet(unet)
-    return list(info.attention_blocks)
+    return list(_info(unet, info).attention_blocks)
+
+
+def _info(unet: nn.Module, info: UNetInfo | None) -> UNetInfo:
+    # a hand-built info may lack the block list; the UNet itself has it
+    return info if info is not None and info.attention_blocks else inspect_unet(unet)
 
 
 def select_targets(unet: nn.Module, spec: TargetSpec, info: UNetInfo | None = None) -> list[Target]:
     """The ``nn.Linear`` attention projections ``spec`` selects, in forward order."""
-    info = info or inspect_unet(unet)
+    info = _info(unet, info)
     available = available_blocks(unet, info)
     if spec.blocks is not None:
         unknown = [b for b in spec.blocks if b not in available]

@@ -212,7 +212,7 @@ def train_attribute(
         cond = host.encode_prompt(config.training_prompt)
 
     n_train = len(host.alphas_cumprod)
-    t_lo, t_hi = (int(round(f * (n_train - 1))) for f in config.timestep_range)
+    t_lo, t_hi = (round(f * (n_train - 1)) for f in config.timestep_range)
     probe = _Probe(latents, torch.linspace(t_lo, t_hi, 16).round().long().tolist(), config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=0.0)
@@ -350,7 +350,9 @@ def export(
         stem,
         preferred_weight=cfg.default_lambda,
         activation_text=cfg.token,
-        description=f"OSTAF {cfg.attribute} adapter trained on one image with '{cfg.training_prompt}'",
+        description=(
+            f"OSTAF {cfg.attribute} adapter trained on one image with '{cfg.training_prompt}'"
+        ),
         sd_version=sd_version_label(result.info.family),
         overwrite=overwrite,
     )

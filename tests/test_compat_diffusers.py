@@ -23,23 +23,34 @@ LAMBDA = 0.7
 def _kohya_expected(unet: torch.nn.Module, family: str, part: str) -> set[str]:
     """kohya module names of every attention projection in ``part`` (independent rule)."""
     names = set()
-    pattern = re.compile(r"^(down|up)_blocks\.(\d+)\.attentions\.(\d+)\.(.*attn[12]\.(to_[qkv]|to_out\.0))$")
+    pattern = re.compile(
+        r"^(down|up)_blocks\.(\d+)\.attentions\.(\d+)\.(.*attn[12]\.(to_[qkv]|to_out\.0))$"
+    )
     for name, module in unet.named_modules():
         m = pattern.match(name)
         if not m or not isinstance(module, torch.nn.Linear) or m.group(1) != part:
             continue
         if family == "sdxl":  # sgm names: down i,j → input_blocks 1+3i+j ; up i,j → output 3i+j
             i, j = int(m.group(2)), int(m.group(3))
-            block = f"input_blocks.{1 + 3 * i + j}.1" if part == "down" else f"output_blocks.{3 * i + j}.1"
+            block = (
+                f"input_blocks.{1 + 3 * i + j}.1"
+                if part == "down"
+                else f"output_blocks.{3 * i + j}.1"
+            )
             name = f"{block}.{m.group(4)}"
         names.add("lora_unet_" + name.replace(".", "_"))
     return names
 
 
-@pytest.mark.parametrize("family,attribute", [("sd1", "appearance"), ("sd1", "shape"), ("sdxl", "appearance"), ("sdxl", "shape")])
+@pytest.mark.parametrize(
+    "family,attribute",
+    [("sd1", "appearance"), ("sd1", "shape"), ("sdxl", "appearance"), ("sdxl", "shape")],
+)
 def test_diffusers_load_lora_weights_equals_our_merge(family, attribute, reference_image, tmp_path):
     ours = DiffusersHost.load(f"tiny-{family}")
-    result = train_attribute(ours, reference_image, AttributeConfig(attribute=attribute, steps=4, lr=3e-3, n_views=2))
+    result = train_attribute(
+        ours, reference_image, AttributeConfig(attribute=attribute, steps=4, lr=3e-3, n_views=2)
+    )
     path = export(result, tmp_path, f"{family}_{attribute}")
     adapter = load_adapter(path)
 

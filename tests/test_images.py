@@ -76,7 +76,7 @@ def test_views_respect_the_attribute():
     a = np.zeros((64, 64, 3), np.uint8)
     a[16:48, 20:44] = (200, 40, 40)
     ref = Image.fromarray(a)
-    silhouette = (a.sum(-1) > 0)
+    silhouette = a.sum(-1) > 0
     shape_views = make_views(ref, "shape", 6, seed=1)
     assert np.asarray(shape_views[0]).tolist() == a.tolist()
     for v in shape_views[1:]:  # colour changes, the silhouette never moves
@@ -87,6 +87,9 @@ def test_views_respect_the_attribute():
     app_views = make_views(ref, "appearance", 6, seed=1)
     moved = [((np.asarray(v).sum(-1) > 0) != silhouette).mean() for v in app_views[1:]]
     assert max(moved) > 0.05  # geometry varies for appearance
-    assert make_views(ref, "shape", 4, seed=3)[2].tobytes() == make_views(ref, "shape", 4, seed=3)[2].tobytes()
+    assert (
+        make_views(ref, "shape", 4, seed=3)[2].tobytes()
+        == make_views(ref, "shape", 4, seed=3)[2].tobytes()
+    )
     with pytest.raises(InputError, match="attribute"):
         make_views(ref, "colour", 2, seed=0)

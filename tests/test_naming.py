@@ -11,6 +11,7 @@ from torch import nn
 
 from lib_ostaf.errors import IncompatibleModelError, InputError
 from lib_ostaf.naming import (
+    UNetInfo,
     diffusers_to_ldm,
     inspect_unet,
     kohya_name,
@@ -361,3 +362,121 @@ def test_diffusers_kohya_converter_agrees(family: str) -> None:
         peft = to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
         expected = ldm_to_diffusers(l_name, l_info)
         assert set(peft) == {f"{expected}.lora_A.weight", f"{expected}.lora_B.weight"}, l_name
+
+
+# Published SD configs (SD1.5 / SD2.1 / SDXL base), built on the meta device: no memory, no data.
+_REAL_DIFFUSERS = {
+    "sd1": {"cross_attention_dim": 768, "attention_head_dim": 8},
+    "sd2": {
+        "cross_attention_dim": 1024,
+        "attention_head_dim": (5, 10, 20, 20),
+        "use_linear_projection": True,
+    },
+    "sdxl": {
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": (320, 640, 1280),
+        "transformer_layers_per_block": (1, 2, 10),
+        "cross_attention_dim": 2048,
+        "attention_head_dim": (5, 10, 20),
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
+    },
+}
+_REAL_LDM = {  # sdkit's ldm UNetModel cannot build SDXL (per-level transformer_depth)
+    "sd1": {"num_heads": 8, "context_dim": 768},
+    "sd2": {"num_head_channels": 64, "context_dim": 1024, "use_linear_in_transformer": True},
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_real_size_architectures(family: str) -> None:
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        d_model = UNet2DConditionModel(**_REAL_DIFFUSERS[family])
+    d_info = inspect_unet(d_model)
+    context = {"sd1": 768, "sd2": 1024, "sdxl": 2048}[family]
+    assert (d_info.family, d_info.context_dim, d_info.layers_per_block) == (family, context, 2)
+    d_lin = attn_linears(d_model, "diffusers")
+    projections = [n for n in d_lin if _PROJ.search(n)]
+    # SD1/SD2: 16 transformers; SDXL: 2·2 + 2·10 (down) + 10 (mid) + 3·10 + 3·2 (up) = 70
+    assert len(projections) == {"sd1": 16, "sd2": 16, "sdxl": 70}[family] * 8
+    for n in d_lin:
+        assert module_name_from_kohya(kohya_name(n, d_info), d_info) == n
+    if family == "sdxl":
+        examples = {
+            "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_out_0": (
+                "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_out.0"
+            ),
+            "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_k": (
+                "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k"
+            ),
+            "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_v": (
+                "mid_block.attentions.0.transformer_blocks.9.attn2.to_v"
+            ),
+            "lora_unet_output_blocks_0_1_transformer_blocks_9_ff_net_0_proj": (
+                "up_blocks.0.attentions.0.transformer_blocks.9.ff.net.0.proj"
+            ),
+            "lora_unet_output_blocks_5_1_proj_in": "up_blocks.1.attentions.2.proj_in",
+        }
+        for key, name in examples.items():
+            assert module_name_from_kohya(key, d_info) == name
+            assert kohya_name(name, d_info) == key
+        with pytest.raises(IncompatibleModelError):  # depth 2 at level 1
+            module_name_from_kohya(
+                "lora_unet_input_blocks_4_1_transformer_blocks_2_attn1_to_q", d_info
+            )
+        return
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    with torch.device("meta"):
+        l_model = UNetModel(
+            image_size=64,
+            in_channels=4,
+            out_channels=4,
+            model_channels=320,
+            attention_resolutions=(4, 2, 1),
+            num_res_blocks=2,
+            channel_mult=(1, 2, 4, 4),
+            use_spatial_transformer=True,
+            transformer_depth=1,
+            legacy=False,
+            **_REAL_LDM[family],
+        )
+    l_info = inspect_unet(l_model)
+    assert (l_info.family, l_info.context_dim, l_info.num_levels) == (family, context, 4)
+    mapped = {ldm_to_diffusers(n, l_info): s for n, s in attn_linears(l_model, "ldm").items()}
+    assert mapped == d_lin
+    assert (
+        module_name_from_kohya(
+            "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k", l_info
+        )
+        == "input_blocks.4.1.transformer_blocks.0.attn2.to_k"
+    )
+    assert (
+        module_name_from_kohya("lora_unet_up_blocks_3_attentions_2_proj_out", l_info)
+        == "output_blocks.11.1.proj_out"
+    )
+
+
+def test_hand_built_info_checks_structure_only() -> None:
+    """An info without the block list (e.g. from file metadata) maps by index arithmetic."""
+    full = inspect_unet(unet("sd1", "ldm"))
+    bare = UNetInfo("sd1", "ldm", full.layers_per_block, full.context_dim, full.num_levels)
+    assert bare.depth("down_blocks.2.attentions.1") is None  # unknown, structurally possible
+    assert bare.depth("down_blocks.2.attentions.2") == 0  # downsample slot
+    assert bare.depth("down_blocks.3.attentions.0") == 0  # no such level
+    assert bare.depth("mid_block.attentions.1") == 0
+    for name in attn_linears(unet("sd1", "ldm"), "ldm"):
+        key = kohya_name(name, bare)
+        assert key == kohya_name(name, full)
+        assert module_name_from_kohya(key, bare) == name
+    key = "lora_unet_down_blocks_2_attentions_0_transformer_blocks_3_attn1_to_q"
+    assert module_name_from_kohya(key, bare) == "input_blocks.7.1.transformer_blocks.3.attn1.to_q"
+    with pytest.raises(IncompatibleModelError):
+        module_name_from_kohya(key, full)  # the real UNet has no attention at level 2
+    with pytest.raises(IncompatibleModelError):
+        module_name_from_kohya(key.replace("down_blocks_2", "down_blocks_3"), bare)

@@ -17,7 +17,9 @@ FAST = {"steps": 25, "lr": 1e-3, "n_views": 4}
 @pytest.fixture(scope="module")
 def trained(sd1_host, reference_image):
     before = pristine(sd1_host.unet)
-    result = train_attribute(sd1_host, reference_image, AttributeConfig(attribute="appearance", **FAST))
+    result = train_attribute(
+        sd1_host, reference_image, AttributeConfig(attribute="appearance", **FAST)
+    )
     return result, before
 
 
@@ -33,7 +35,9 @@ def test_loss_falls_and_model_left_as_found(sd1_host, trained):
 
 def test_training_is_deterministic(sd1_host, reference_image, trained):
     result, _ = trained
-    again = train_attribute(sd1_host, reference_image, AttributeConfig(attribute="appearance", **FAST))
+    again = train_attribute(
+        sd1_host, reference_image, AttributeConfig(attribute="appearance", **FAST)
+    )
     assert again.losses == result.losses
     for key, (a, b) in result.factors().items():
         a2, b2 = again.factors()[key]
@@ -42,7 +46,9 @@ def test_training_is_deterministic(sd1_host, reference_image, trained):
 
 @pytest.mark.parametrize("attribute,part", [("shape", "down_blocks"), ("appearance", "up_blocks")])
 def test_offsets_only_in_the_attributes_part(sd1_host, reference_image, attribute, part):
-    result = train_attribute(sd1_host, reference_image, AttributeConfig(attribute=attribute, steps=3, lr=1e-3, n_views=2))
+    result = train_attribute(
+        sd1_host, reference_image, AttributeConfig(attribute=attribute, steps=3, lr=1e-3, n_views=2)
+    )
     modules = result.lora_modules()
     assert modules and all(part in key for key in modules)
     assert any(m.up.abs().sum() > 0 for m in modules.values())  # it learned something
@@ -56,7 +62,9 @@ def test_offsets_only_in_the_attributes_part(sd1_host, reference_image, attribut
         other = "up_blocks" if part == "down_blocks" else "down_blocks"
         changed = [k for k in saved if not torch.equal(state[k], saved[k])]
         assert changed and all(k.startswith(part) for k in changed)
-        assert all(torch.equal(state[k], saved[k]) for k in saved if k.startswith((other, "mid_block")))
+        assert all(
+            torch.equal(state[k], saved[k]) for k in saved if k.startswith((other, "mid_block"))
+        )
     finally:
         sd1_host.patcher.restore()
     assert same_weights(sd1_host.unet, saved)
@@ -80,7 +88,9 @@ def test_adapter_changes_image_at_one_not_at_zero(sd1_host, trained, tmp_path):
     at_one = sd1_host.generate("a photo of a ostafv textured object", seed=3, steps=4)
     sd1_host.apply_adapters([])
     assert at_zero.tobytes() == base.tobytes()
-    diff = torch.tensor(list(at_one.tobytes()), dtype=torch.float) - torch.tensor(list(base.tobytes()), dtype=torch.float)
+    diff = torch.tensor(list(at_one.tobytes()), dtype=torch.float) - torch.tensor(
+        list(base.tobytes()), dtype=torch.float
+    )
     assert diff.abs().mean() > 0.5  # mean absolute change in 8-bit levels
     assert same_weights(sd1_host.unet, before)
 
@@ -120,7 +130,12 @@ def test_interrupt_writes_nothing_and_restores(sd1_host, reference_image):
         return len(calls) > 3
 
     with pytest.raises(Interrupted, match="step 3"):
-        train_attribute(sd1_host, reference_image, AttributeConfig(steps=50, n_views=2), Callbacks(should_stop=stop))
+        train_attribute(
+            sd1_host,
+            reference_image,
+            AttributeConfig(steps=50, n_views=2),
+            Callbacks(should_stop=stop),
+        )
     assert same_weights(sd1_host.unet, before)
     assert all(not m._forward_hooks for m in sd1_host.unet.modules())
 
@@ -144,7 +159,9 @@ def test_progress_and_preview_callbacks(sd1_host, reference_image):
 
 def test_v_prediction_target(sd1_host, reference_image, monkeypatch):
     monkeypatch.setattr(sd1_host, "prediction_type", "v_prediction")
-    result = train_attribute(sd1_host, reference_image, AttributeConfig(steps=10, n_views=2, lr=1e-3))
+    result = train_attribute(
+        sd1_host, reference_image, AttributeConfig(steps=10, n_views=2, lr=1e-3)
+    )
     assert result.probe_loss_after < result.probe_loss_before
 
 

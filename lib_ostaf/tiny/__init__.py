@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import tempfile
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's BPE: repeatedly merge the best-ranked adjacent pair."""
     while len(pieces) > 1:
-        pairs = [(ranks.get(p, 1 << 30), i) for i, p in enumerate(zip(pieces, pieces[1:]))]
+        pairs = [(ranks.get(p, 1 << 30), i) for i, p in enumerate(pairwise(pieces))]
         rank, i = min(pairs)
         if rank == 1 << 30:
             break
