@@ -409,8 +409,9 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "# OSTAF training step vs peft LoRA",
         "",
         f"{meta['date']} · torch {meta['torch']} · diffusers {meta['diffusers']} · "
-        f"peft {meta['peft']} · {meta['cpu']} ({meta['threads']} threads) · "
-        f"`{meta['command']}`",
+        f"peft {meta['peft']} · {meta['cpu']} ({meta['threads']} threads) · load average "
+        f"{meta['loadavg_1min'][0]:.2f} → {meta['loadavg_1min'][1]:.2f} · "
+        f"{meta['seconds']:.0f} s · `{meta['command']}`",
         "",
         "Same target layers (decoder attention q/k/v/out), rank 4, AdamW, batch 1, 16×16 "
         "latents (128 px), same latents/noise/timesteps for every method. Ratios are against "
@@ -545,11 +546,15 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (None if args.quick else ROOT / "bench/results/step_benchmark.md")
     table = QUICK_STEPS if args.quick else DEFAULT_STEPS
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     started = time.perf_counter()
+    load_start = os.getloadavg()[0]
+
+    def log(msg: str) -> None:
+        print(f"{time.perf_counter() - started:6.1f}s {msg}", file=sys.stderr, flush=True)
+
     results = []
+    if load_start > 0.5:
+        log(f"warning: load average {load_start:.2f}; other processes will add noise")
     for name in models:
         warmup, timed, rss_steps = table[name]
         warmup = warmup if args.warmup is None else args.warmup
@@ -567,6 +572,7 @@ def main(argv: list[str] | None = None) -> None:
         "python": platform.python_version(),
         "cpu": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "threads": torch.get_num_threads(),
+        "loadavg_1min": [round(load_start, 2), round(os.getloadavg()[0], 2)],  # start, end
         "command": "python bench/step_benchmark.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "seconds": round(time.perf_counter() - started, 1),
