@@ -1,0 +1,58 @@
+"""Applying adapter files to a loaded UNet: family and shape checks leave weights intact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib_ostaf.adapter_file import LoraModule, build_metadata, load_adapter, save_adapter
+from lib_ostaf.errors import IncompatibleModelError, InputError
+
+from .conftest import pristine, same_weights
+
+SD1_KEY = "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def _write(tmp_path, name, family, key, shape):
+    out, inp = shape
+    module = LoraModule(down=torch.randn(2, inp), up=torch.randn(out, 2), alpha=2.0)
+    md = build_metadata(
+        name=name, family=family, prediction_type="epsilon", rank=2, alpha=2.0,
+        resolution=128, method="attribute", ostaf={},
+    )  # fmt: skip
+    return load_adapter(save_adapter(tmp_path / f"{name}.safetensors", {key: module}, md))
+
+
+def test_adapter_for_another_family_is_refused(sd1_host, tmp_path):
+    before = pristine(sd1_host.unet)
+    adapter = _write(tmp_path, "xl", "sdxl", SD1_KEY, (64, 64))
+    with pytest.raises(IncompatibleModelError, match="SDXL"):
+        sd1_host.apply_adapters([(adapter, 1.0)])
+    assert same_weights(sd1_host.unet, before)
+
+
+def test_adapter_with_wrong_shapes_is_refused(sd1_host, tmp_path):
+    before = pristine(sd1_host.unet)
+    adapter = _write(tmp_path, "wide", "sd1", SD1_KEY, (64, 320))
+    with pytest.raises(IncompatibleModelError, match="shape"):
+        sd1_host.apply_adapters([(adapter, 1.0)])
+    assert same_weights(sd1_host.unet, before)
+
+
+def test_adapter_for_layers_the_model_lacks_is_refused(sd1_host, tmp_path):
+    key = "lora_unet_up_blocks_7_attentions_0_transformer_blocks_0_attn1_to_q"
+    adapter = _write(tmp_path, "deep", "sd1", key, (64, 64))
+    with pytest.raises(IncompatibleModelError):
+        sd1_host.apply_adapters([(adapter, 1.0)])
+
+
+def test_good_adapter_then_bad_lambda_keeps_previous_merge(sd1_host, tmp_path):
+    adapter = _write(tmp_path, "ok", "sd1", SD1_KEY, (64, 64))
+    before = pristine(sd1_host.unet)
+    sd1_host.apply_adapters([(adapter, 0.5)])
+    merged = pristine(sd1_host.unet)
+    with pytest.raises(InputError, match="λ"):
+        sd1_host.apply_adapters([(adapter, "strong")])
+    assert same_weights(sd1_host.unet, merged)
+    sd1_host.apply_adapters([])
+    assert same_weights(sd1_host.unet, before)
