@@ -1,0 +1,172 @@
+"""REST API of the extension, host-agnostic: request models and handlers.
+
+The host glue wires the handlers to FastAPI routes (with the WebUI's ``--api-auth``) and
+supplies ``runner(job, request)``, which takes the WebUI's queue lock and trains on its
+loaded model. Models work with pydantic v1 (A1111: fastapi 0.94) and v2 (Forge).
+Handlers raise :class:`ApiError` with an HTTP status; nothing outside the adapters folder
+is ever read or written (names go through the registry).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from .errors import OstafError
+from .jobs import Job, JobBusy, JobManager
+from .registry import AdapterRegistry
+from .training_job import TrainRequest
+
+PREFIX = "/ostaf/v1"
+MAX_IMAGE_BYTES = 32 << 20
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+class TrainBody(BaseModel):
+    """POST /ostaf/v1/train. ``image``: base64 PNG/JPEG/WebP (a data URL is fine)."""
+
+    image: str = Field(..., description="reference image, base64 (data URL accepted)")
+    name: str = Field(..., description="output adapter name (file stem)")
+    attribute: str = Field("appearance", description="appearance | shape | style")
+    token: str = "ostafv"
+    prompt: str = ""
+    steps: int = Field(400, ge=1, le=100_000)
+    rank: int = Field(4, ge=1, le=256)
+    lr: float = Field(2e-4, gt=0, lt=1)
+    seed: int = 0
+    network: str = "hypernet"
+    include_mid: bool = False
+    attn: list[str] | None = None
+    proj: list[str] | None = None
+    blocks: list[str] | None = None
+    default_lambda: float = 1.0
+    n_views: int = Field(8, ge=1, le=64)
+    resolution: int = Field(0, ge=0, le=4096, description="0 = the model's native size")
+    overwrite: bool = False
+    preview_every: int = Field(0, ge=0)
+    preview_steps: int = Field(12, ge=1, le=150)
+    preview_size: int = Field(0, ge=0, le=4096)
+    guidance: float = 5.0
+    sweep: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5])
+
+
+class JobRef(BaseModel):
+    job_id: str | None = None
+
+
+def model_fields(model: BaseModel) -> dict[str, Any]:
+    dump = getattr(model, "model_dump", None)  # pydantic v2
+    return dump() if dump is not None else model.dict()
+
+
+def decode_image(data: str) -> Image.Image:
+    """Base64 (or data URL) → RGB image; ApiError 422 for anything else."""
+    if not isinstance(data, str) or not data:
+        raise ApiError(422, "image: base64 image data is required")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    if len(data) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise ApiError(413, f"image: larger than {MAX_IMAGE_BYTES >> 20} MiB")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "image: not valid base64") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ApiError(413, f"image: {im.width}×{im.height} is too large")
+            im.load()
+            return im.convert("RGB")
+    except ApiError:
+        raise
+    except Exception:
+        raise ApiError(422, "image: not a readable PNG/JPEG/WebP image") from None
+
+
+def check_basic_auth(api_auth: str | None, username: str, password: str) -> bool:
+    """A1111's ``--api-auth user:pass[,user2:pass2]`` check (constant-time compare)."""
+    if not api_auth:
+        return True
+    for pair in api_auth.strip().split(","):
+        user, sep, pwd = pair.strip().partition(":")
+        if (
+            sep
+            and secrets.compare_digest(user, username or "")
+            and secrets.compare_digest(pwd, password or "")
+        ):
+            return True
+    return False
+
+
+Runner = Callable[[Job, TrainRequest], dict[str, Any]]
+
+
+class OstafApi:
+    """The handlers; ``runner`` trains (host glue), ``jobs`` is shared with the UI tab."""
+
+    def __init__(self, registry: AdapterRegistry, jobs: JobManager, runner: Runner) -> None:
+        self.registry, self.jobs, self.runner = registry, jobs, runner
+
+    def list_adapters(self) -> dict[str, Any]:
+        return {
+            "folder": str(self.registry.root),
+            "adapters": [e.to_json() for e in self.registry.entries()],
+        }
+
+    def adapter(self, name: str) -> dict[str, Any]:
+        try:
+            path = self.registry.path_for(name)
+        except OstafError as e:
+            raise ApiError(400, str(e)) from None
+        if not path.is_file():
+            raise ApiError(404, f"adapter {name!r} not found")
+        entry = self.registry.entry(name)
+        return entry.to_json() | {"metadata": entry.metadata}
+
+    def train(self, body: TrainBody) -> dict[str, Any]:
+        fields = model_fields(body)
+        fields["image"] = decode_image(body.image)
+        for key in ("attn", "proj"):
+            if fields[key] is None:
+                fields.pop(key)
+            else:
+                fields[key] = tuple(fields[key])
+        fields["blocks"] = tuple(fields["blocks"]) if fields["blocks"] else None
+        fields["sweep"] = tuple(fields["sweep"])
+        try:
+            request = TrainRequest.from_dict(fields)
+            request.validate(self.registry.root)
+            self.registry.path_for(request.name)  # inside the folder, or refused
+        except OstafError as e:
+            raise ApiError(422, str(e)) from None
+        try:
+            job = self.jobs.begin("attribute")
+        except JobBusy as e:
+            raise ApiError(409, str(e)) from None
+        self.jobs.run_in_thread(job, lambda j: self.runner(j, request))
+        return {"job_id": job.id, "status": job.status}
+
+    def progress(self, job_id: str | None = None, preview: bool = False) -> dict[str, Any]:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, "no such training job" if job_id else "no training job yet")
+        return job.to_json(with_preview=preview)
+
+    def interrupt(self, job_id: str | None = None) -> dict[str, Any]:
+        job = self.jobs.interrupt(job_id)
+        if job is None:
+            raise ApiError(404, "no such training job")
+        return job.to_json()

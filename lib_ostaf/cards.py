@@ -1,0 +1,80 @@
+"""HTML shown by the WebUI glue: card descriptions, the training result card, errors.
+
+Every value that comes from a file or a user is escaped: adapter files are downloaded from
+model hubs and their metadata / card text may carry HTML or script.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from .adapter_file import sd_version_label
+from .prompt_tags import format_tag
+from .registry import AdapterEntry
+
+
+def sd_version_name(family: str | None) -> str:
+    """A1111's ``SdVersion`` member name for a family (SD1 / SD2 / SDXL / Unknown)."""
+    return sd_version_label(family)
+
+
+def badges(entry: AdapterEntry) -> list[str]:
+    out = []
+    if entry.method:
+        out.append(entry.method)
+    if entry.attribute:
+        out.append(entry.attribute)
+    if entry.family:
+        out.append(sd_version_label(entry.family))
+    if entry.error:
+        out.append("unreadable")
+    return out
+
+
+def card_description(entry: AdapterEntry, *, as_html: bool) -> str:
+    """The card text: badges + description. ``as_html``: the WebUI renders it as HTML (then
+    we escape); otherwise the WebUI escapes plain text itself."""
+    text = entry.description or ""
+    if entry.error:
+        text = f"{text} [cannot be used: {entry.error}]".strip()
+    if not as_html:
+        tags = " ".join(f"[{b}]" for b in badges(entry))
+        return f"{tags} {text}".strip()
+    spans = "".join(f"<span class='ostaf-badge'>{html.escape(b)}</span>" for b in badges(entry))
+    return f"{spans} {html.escape(text)}".strip()
+
+
+def error_html(error: object, *, interrupted: bool = False) -> str:
+    kind = "ostaf-interrupted" if interrupted else "ostaf-error"
+    title = "Interrupted" if interrupted else "Error"
+    note = " Nothing was written." if interrupted else ""
+    return f"<div class='{kind}'><b>{title}:</b> {html.escape(str(error))}{note}</div>"
+
+
+def result_html(result: dict[str, Any]) -> str:
+    """The result card after a successful training run."""
+    name = str(result.get("name", ""))
+    rows = [
+        ("File", result.get("path", "")),
+        ("Size", f"{int(result.get('size', 0)) / 1024:.1f} KiB"),
+        ("Hash", result.get("hash", "")),
+        ("Layers", result.get("layers", "")),
+        ("Steps", result.get("steps", "")),
+        (
+            "Probe loss",
+            f"{float(result.get('loss_before', 0)):.4f} → {float(result.get('loss_after', 0)):.4f}",
+        ),
+        ("Time", f"{float(result.get('seconds', 0)):.1f} s"),
+        ("Use", format_tag(name, 1.0)),
+    ]
+    lam = ", ".join(f"{x:g}" for x in result.get("sweep_lambdas", []))
+    if lam:
+        rows.append(("Sweep λ", lam))
+    body = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    )
+    return (
+        f"<div class='ostaf-result'><h3>{html.escape(name)}</h3>"
+        f"<table class='ostaf-result-table'>{body}</table></div>"
+    )

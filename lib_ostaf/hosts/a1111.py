@@ -1,0 +1,383 @@
+"""AUTOMATIC1111 host: the loaded ``shared.sd_model`` seen through the Host protocol, and
+the two ways of applying adapters at generation time.
+
+* :class:`A1111Host` — training goes through the WebUI's own call path: ``apply_model``
+  (so ``--medvram`` offloading keeps working), the first stage for latents and
+  ``get_learned_conditioning`` for prompts (SDXL returns a dict). Never a second copy.
+* :class:`A1111Applier` — ``<ostaf:…>`` rides the built-in Lora extension: our files are
+  loaded with its own loader and appended to ``networks.loaded_networks`` after it has
+  activated, so it merges them with its backup/restore (weights restored exactly, composes
+  with ``<lora:…>``). Only when the Lora extension is disabled, our own
+  :class:`~lib_ostaf.offsets.WeightPatcher` merges and restores instead.
+
+``modules.*`` (and the Lora extension's ``networks``) are imported lazily inside functions:
+importing this file needs no WebUI. Tests pass a fake ``sd_model`` / ``networks``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..activation import PlannedAdapter
+from ..apply import unet_deltas
+from ..errors import IncompatibleModelError, InputError
+from ..images import square
+from ..jobs import Job, JobManager
+from ..naming import UNetInfo, inspect_unet
+from ..offsets import WeightPatcher
+from ..registry import AdapterRegistry
+from ..training_job import Reporter, TrainRequest, preserve_module_state, run_training
+
+NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+NET_PREFIX = "ostaf:"  # names of our networks in Lora's loaded set
+
+
+def model_family(sd_model: Any) -> str:
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    return "sd1"
+
+
+class A1111Host:
+    """The loaded A1111 model as a :class:`~lib_ostaf.hosts.base.Host`."""
+
+    def __init__(
+        self,
+        sd_model: Any,
+        *,
+        resolution: int | None = None,
+        device: torch.device | str | None = None,
+        autocast: Any = None,
+    ) -> None:
+        model = getattr(sd_model, "model", None)
+        unet = getattr(model, "diffusion_model", None)
+        if unet is None:
+            raise IncompatibleModelError(
+                "the loaded model has no UNet (sd_model.model.diffusion_model); OSTAF trains "
+                "SD1, SD2 and SDXL checkpoints"
+            )
+        inpaint = getattr(sd_model, "is_sdxl_inpaint", False)
+        if inpaint or getattr(model, "conditioning_key", None) in ("hybrid", "concat"):
+            raise IncompatibleModelError(
+                "the loaded checkpoint is an inpainting/instruct model; train on a regular "
+                "SD1/SD2/SDXL checkpoint (the adapter then works with inpainting too)"
+            )
+        self.sd_model = sd_model
+        self.unet: torch.nn.Module = unet
+        self.family = model_family(sd_model)
+        self.info: UNetInfo = inspect_unet(unet)
+        param = getattr(sd_model, "parameterization", "eps")
+        self.prediction_type = "v_prediction" if param == "v" else "epsilon"
+        self.alphas_cumprod = torch.as_tensor(sd_model.alphas_cumprod).detach().float().cpu()
+        first = next(unet.parameters())
+        if first.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise IncompatibleModelError(
+                f"the UNet weights are stored as {first.dtype}; training needs fp16/bf16/fp32 "
+                "weights (turn off 'FP8 weight' in Settings → Optimizations)"
+            )
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = first.dtype
+        self.resolution = int(resolution or NATIVE_RESOLUTION[self.family])
+        self.latent_channels = int(getattr(sd_model, "latent_channels", 4) or 4)
+        self.latent_scale = 8
+        self.text_encoders: tuple[Any, ...] = ()  # object implantation: not wired on A1111 yet
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        self.base_model_name = str(getattr(info, "name_for_extra", "") or getattr(info, "name", ""))
+        self._autocast = autocast or contextlib.nullcontext
+
+    @classmethod
+    def from_webui(cls, *, resolution: int | None = None) -> A1111Host:
+        """The WebUI's loaded model; clear errors for --lowvram / no model."""
+        from modules import devices, shared
+
+        if getattr(shared.cmd_opts, "lowvram", False):
+            raise InputError(
+                "OSTAF training does not work with --lowvram (the UNet is split across "
+                "devices, so it cannot be back-propagated); restart with --medvram or without it"
+            )
+        sd_model = shared.sd_model
+        if sd_model is None:
+            raise InputError("no model is loaded; pick a checkpoint first")
+        device = devices.device
+        host = cls(sd_model, resolution=resolution, device=device, autocast=devices.autocast)
+        compute = getattr(devices, "dtype_unet", None)  # fp16 unless --no-half
+        if compute in (torch.float32, torch.float16, torch.bfloat16):
+            host.dtype = compute
+        return host
+
+    # -- Host protocol --------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        image = square(image, self.resolution)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+        vae = getattr(self.sd_model, "first_stage_model", None)
+        vae_dtype = next(vae.parameters()).dtype if vae is not None else torch.float32
+        x = x.permute(2, 0, 1)[None].to(self.device, vae_dtype)
+        with self._autocast():
+            posterior = self.sd_model.encode_first_stage(x)
+            if hasattr(posterior, "mode"):  # SD1/SD2: a distribution; take its mode
+                posterior = posterior.mode()
+            latents = self.sd_model.get_first_stage_encoding(posterior)
+        return latents.to(self.dtype)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, embeddings: Any = None) -> Any:
+        if embeddings:
+            raise NotImplementedError("object implantation on A1111 is not wired yet")
+        with self._autocast():
+            cond = self.sd_model.get_learned_conditioning([prompt])
+        if isinstance(cond, dict):  # SDXL: {"crossattn", "vector"}
+            return {k: v.detach().clone() for k, v in cond.items()}
+        return cond.detach().clone()
+
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        batch = x_t.shape[0]
+        if isinstance(cond, dict):
+            cond = {k: v.expand(batch, *v.shape[1:]) for k, v in cond.items()}
+        else:
+            cond = cond.expand(batch, *cond.shape[1:])
+        with self._autocast():
+            return self.sd_model.apply_model(x_t, t, cond)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> Image.Image:
+        with self._autocast():
+            x = self.sd_model.decode_first_stage(latents.to(self.device, self.dtype))
+        x = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu()
+        return Image.fromarray(x.numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: riding the built-in Lora, or our own merge when it is disabled
+
+
+def lora_networks() -> Any | None:
+    """The built-in Lora extension's ``networks`` module, if it is loaded and usable."""
+    net = sys.modules.get("networks")
+    if net is None or not all(
+        hasattr(net, a) for a in ("loaded_networks", "load_network", "network_apply_weights")
+    ):
+        return None
+    return net
+
+
+class A1111Applier:
+    """Puts a :class:`~lib_ostaf.activation.Plan`'s adapters on the loaded model."""
+
+    def __init__(self, networks: Any = None) -> None:
+        self._networks = networks  # injected by tests; else looked up on each call
+        self._nets: dict[tuple[object, ...], Any] = {}  # file identity → Lora Network
+        self._patcher: WeightPatcher | None = None
+        self._patcher_unet: int | None = None
+        self._info: UNetInfo | None = None
+        self.mode = ""  # "lora" | "fallback" after the last apply
+
+    def networks(self) -> Any | None:
+        return self._networks if self._networks is not None else lora_networks()
+
+    def apply(self, sd_model: Any, adapters: Sequence[PlannedAdapter]) -> list[str]:
+        """Make exactly ``adapters`` active (``[]`` = none); returns messages for skipped ones."""
+        networks = self.networks()
+        if networks is not None and getattr(sd_model, "network_layer_mapping", None) is not None:
+            self.mode = "lora"
+            self._restore_patcher()
+            return self._apply_lora(networks, adapters)
+        self.mode = "fallback"
+        return self._apply_fallback(sd_model, adapters)
+
+    def reset(self, sd_model: Any = None) -> None:
+        """Remove our adapters (Lora path: from its loaded set; fallback: restore weights)."""
+        networks = self.networks()
+        if networks is not None:
+            networks.loaded_networks[:] = [
+                n for n in networks.loaded_networks if not getattr(n, "ostaf", False)
+            ]
+        self._restore_patcher()
+
+    def clear_for_training(self, sd_model: Any) -> None:
+        """Put every weight back to the checkpoint's: no Lora or OSTAF delta merged."""
+        self._restore_patcher()
+        networks = self.networks()
+        mapping = getattr(sd_model, "network_layer_mapping", None)
+        if networks is None or mapping is None:
+            return
+        networks.loaded_networks.clear()
+        with torch.no_grad():
+            for module in list(mapping.values()):
+                if getattr(module, "network_current_names", ()):
+                    networks.network_apply_weights(module)  # empty set → restore from backup
+
+    def forget(self) -> None:
+        """After a checkpoint change: drop cached networks and the fallback patcher."""
+        self._nets.clear()
+        self._patcher, self._patcher_unet = None, None
+
+    # -- the two paths --------------------------------------------------------------------
+    def _apply_lora(self, networks: Any, adapters: Sequence[PlannedAdapter]) -> list[str]:
+        messages: list[str] = []
+        loaded = [n for n in networks.loaded_networks if not getattr(n, "ostaf", False)]
+        for planned in adapters:
+            try:
+                net = self._lora_network(networks, planned)
+            except Exception as e:  # Lora's loader raises AssertionError/RuntimeError/...
+                messages.append(f"OSTAF: could not load {planned.name} ({e}); skipped.")
+                continue
+            net.te_multiplier = net.unet_multiplier = float(planned.weight)
+            net.dyn_dim = None
+            loaded.append(net)
+        networks.loaded_networks[:] = loaded
+        return messages
+
+    def _lora_network(self, networks: Any, planned: PlannedAdapter) -> Any:
+        key = planned.identity
+        net = self._nets.get(key)
+        if net is not None:
+            return net
+        # the Lora extension's `network` module (its networks.py imports it)
+        network = getattr(networks, "network", None) or sys.modules["network"]
+        name = f"{NET_PREFIX}{planned.name}@{planned.short_hash}"
+        on_disk = network.NetworkOnDisk(name, str(planned.adapter.path))
+        net = networks.load_network(name, on_disk)
+        expected = sum(1 for k in planned.adapter.modules if k.startswith("lora_unet_"))
+        if len(net.modules) < expected:
+            raise IncompatibleModelError(
+                f"only {len(net.modules)} of {expected} layers fit the loaded model"
+            )
+        net.ostaf = True
+        net.mentioned_name = planned.name
+        for old in [k for k in self._nets if k[0] == key[0]]:
+            del self._nets[old]  # the same file, older content
+        self._nets[key] = net
+        return net
+
+    def _apply_fallback(self, sd_model: Any, adapters: Sequence[PlannedAdapter]) -> list[str]:
+        unet = sd_model.model.diffusion_model
+        if self._patcher is None or self._patcher_unet != id(unet):
+            linear = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+            self._patcher, self._patcher_unet = WeightPatcher(linear), id(unet)
+            self._info = inspect_unet(unet)
+        messages: list[str] = []
+        terms = []
+        for planned in adapters:
+            try:
+                assert self._info is not None
+                deltas = unet_deltas(planned.adapter, unet, self._info)
+            except IncompatibleModelError as e:
+                messages.append(f"OSTAF: {e}; skipped.")
+                continue
+            terms.append((planned.identity, deltas, planned.weight))
+        try:
+            self._patcher.apply(terms)
+        except IncompatibleModelError as e:
+            messages.append(f"OSTAF: {e}; no adapter applied.")
+            self._patcher.apply([])
+        return messages
+
+    def _restore_patcher(self) -> None:
+        if self._patcher is not None:
+            self._patcher.restore()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training inside the WebUI
+
+
+class StateReporter(Reporter):
+    """Forwards a run's progress to the job and to ``shared.state`` (the WebUI's progress bar
+    and live preview); stops on the job's interrupt or the WebUI's Interrupt button."""
+
+    def __init__(self, jobs: JobManager, job: Job, state: Any) -> None:
+        self.jobs, self.job, self.state = jobs, job, state
+
+    def progress(self, step: int, total: int, loss: float) -> None:
+        self.jobs.update(self.job, step, total, loss)
+        self.state.sampling_step, self.state.sampling_steps = step, total
+        self.state.textinfo = html.escape(f"OSTAF training: step {step}/{total}, loss {loss:.4f}")
+
+    def preview(self, step: int, image: Image.Image) -> None:
+        self.jobs.set_preview(self.job, image)
+        self.state.assign_current_image(image)
+        self.log(f"preview at step {step}")
+
+    def log(self, line: str) -> None:
+        self.jobs.log(self.job, line)
+        print(f"OSTAF: {line}")
+
+    def should_stop(self) -> bool:
+        return bool(
+            self.job.stop.is_set()
+            or getattr(self.state, "interrupted", False)
+            or getattr(self.state, "stopping_generation", False)
+        )
+
+
+def train_on_loaded_model(
+    jobs: JobManager,
+    job: Job,
+    request: TrainRequest,
+    out_dir: Path | str,
+    applier: A1111Applier,
+) -> dict[str, Any]:
+    """Train on ``shared.sd_model``; the caller holds the queue lock. The model is left
+    exactly as found: merged Lora/OSTAF deltas are cleared first (weights = checkpoint),
+    offsets live only in forward hooks, and requires_grad / train-eval modes are restored."""
+    from modules import devices, shared
+
+    request.validate(out_dir)  # refuse bad input before touching the model
+    state = shared.state
+    jobs.start(job, request.steps)
+    state.job_count, state.job_no = 1, 0
+    state.sampling_steps, state.sampling_step = request.steps, 0
+    state.textinfo = "OSTAF: preparing"
+    reporter = StateReporter(jobs, job, state)
+    host = A1111Host.from_webui(resolution=request.resolution or None)
+    applier.clear_for_training(host.sd_model)
+    try:
+        with preserve_module_state(host.sd_model):
+            outcome = run_training(host, request, out_dir, reporter)
+    finally:
+        with contextlib.suppress(Exception):
+            devices.torch_gc()
+    if outcome.sweep is not None:
+        job.images["sweep"] = outcome.sweep
+    return outcome.to_json()
+
+
+# ---------------------------------------------------------------------------------------------
+# Process-wide state: lives here (a cached package) so it survives "Reload UI", which
+# re-executes the script file. A job still running keeps refusing a second one.
+
+
+class WebuiState:
+    def __init__(self) -> None:
+        self.jobs = JobManager()
+        self.applier = A1111Applier()
+        self._registry: AdapterRegistry | None = None
+
+    def registry(self, root: Callable[[], Path]) -> AdapterRegistry:
+        if self._registry is None:
+            self._registry = AdapterRegistry(root)
+        else:
+            self._registry._root = root  # the new script module's settings accessor
+        return self._registry
+
+
+_STATE: WebuiState | None = None
+
+
+def webui_state() -> WebuiState:
+    global _STATE
+    if _STATE is None:
+        _STATE = WebuiState()
+    return _STATE

@@ -1,0 +1,277 @@
+"""A training run as a WebUI starts it: validate first, train, preview, sweep, export.
+
+Host-agnostic (A1111 and Forge glue call :func:`run_training` with their host adapter and a
+:class:`Reporter` that forwards progress to their own progress bar). Everything that can be
+refused — name, existing files, image, settings — is checked before the first step, so a
+bad request costs no training time and writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .adapter_file import ADAPTER_SUFFIX, CARD_SUFFIX, STATE_SUFFIX, file_hashes, validate_name
+from .errors import InputError
+from .hosts.base import Host
+from .images import load_image
+from .naming import ATTN_NAMES, PROJ_NAMES
+from .offsets import OffsetHooks, check_lambda
+from .preview import lambda_strip, render
+from .targets import find_module
+from .train import AttributeConfig, Callbacks, TrainResult, export, train_attribute
+
+MAX_STEPS = 100_000
+MAX_SWEEP = 8
+
+
+@dataclass
+class TrainRequest:
+    """What the tab or the API asks for. ``resolution`` 0 = the model's native size."""
+
+    image: Image.Image | str | Path | None
+    name: str
+    attribute: str = "appearance"
+    token: str = "ostafv"
+    prompt: str = ""
+    steps: int = 400
+    rank: int = 4
+    lr: float = 2e-4
+    seed: int = 0
+    network: str = "hypernet"
+    include_mid: bool = False
+    attn: tuple[str, ...] = ATTN_NAMES
+    proj: tuple[str, ...] = PROJ_NAMES
+    blocks: tuple[str, ...] | None = None
+    default_lambda: float = 1.0
+    n_views: int = 8
+    resolution: int = 0
+    overwrite: bool = False
+    preview_every: int = 0
+    preview_steps: int = 12
+    preview_size: int = 0
+    guidance: float = 5.0
+    sweep: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainRequest:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InputError(f"unknown training settings: {', '.join(unknown)}")
+        return cls(**data)
+
+    def config(self) -> AttributeConfig:
+        """The trainer's settings (validated: raises InputError)."""
+        if self.steps > MAX_STEPS:
+            raise InputError(f"steps must be at most {MAX_STEPS}, got {self.steps}")
+        return AttributeConfig(
+            attribute=self.attribute,
+            token=(self.token or "ostafv").strip(),
+            prompt=self.prompt.strip(),
+            steps=self.steps,
+            rank=self.rank,
+            lr=self.lr,
+            seed=self.seed,
+            network=self.network,
+            n_views=self.n_views,
+            include_mid=bool(self.include_mid),
+            attn=tuple(self.attn),
+            proj=tuple(self.proj),
+            blocks=tuple(self.blocks) if self.blocks else None,
+            default_lambda=check_lambda(self.default_lambda),
+            preview_every=max(0, int(self.preview_every)),
+        )
+
+    def validate(self, out_dir: Path | str) -> tuple[AttributeConfig, Image.Image]:
+        """All checks that need no model: name, files, image, settings."""
+        validate_name(self.name)
+        if self.image is None:
+            raise InputError("no reference image: upload one image to learn from")
+        image = load_image(self.image)
+        config = self.config()
+        if isinstance(self.resolution, bool) or not 0 <= int(self.resolution) <= 4096:
+            raise InputError(f"resolution must be 0 (native) or 64…4096, got {self.resolution!r}")
+        if self.resolution and (self.resolution < 64 or self.resolution % 8):
+            raise InputError(f"resolution must be a multiple of 8 and ≥ 64, got {self.resolution}")
+        if not 0 <= int(self.preview_size) <= 4096 or int(self.preview_size) % 8:
+            raise InputError("preview size must be 0 (training size) or a multiple of 8")
+        if not 1 <= int(self.preview_steps) <= 150:
+            raise InputError("preview steps must be in 1…150")
+        if len(self.sweep) > MAX_SWEEP:
+            raise InputError(f"at most {MAX_SWEEP} λ values in the sweep")
+        for lam in self.sweep:
+            check_lambda(lam)
+        if not self.overwrite:
+            out = Path(out_dir)
+            taken = [
+                out / (self.name + s)
+                for s in (ADAPTER_SUFFIX, STATE_SUFFIX, CARD_SUFFIX)
+                if (out / (self.name + s)).exists()
+            ]
+            if taken:
+                raise InputError(
+                    f"an adapter named {self.name!r} already exists in {out}; choose another "
+                    "name or tick 'overwrite'"
+                )
+        return config, image
+
+
+class Reporter:
+    """What the host glue hears from a run. Override what you need."""
+
+    def progress(self, step: int, total: int, loss: float) -> None: ...
+
+    def preview(self, step: int, image: Image.Image) -> None: ...
+
+    def log(self, line: str) -> None: ...
+
+    def should_stop(self) -> bool:
+        return False
+
+
+@dataclass
+class TrainOutcome:
+    path: Path
+    size: int
+    short_hash: str
+    seconds: float
+    layers: int
+    loss_before: float
+    loss_after: float
+    steps: int
+    sweep: Image.Image | None = None
+    sweep_lambdas: tuple[float, ...] = ()
+    preview: Image.Image | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.path.name[: -len(ADAPTER_SUFFIX)],
+            "path": str(self.path),
+            "size": self.size,
+            "hash": self.short_hash,
+            "seconds": round(self.seconds, 2),
+            "layers": self.layers,
+            "loss_before": round(self.loss_before, 6),
+            "loss_after": round(self.loss_after, 6),
+            "steps": self.steps,
+            "sweep_lambdas": list(self.sweep_lambdas),
+        }
+
+
+@contextlib.contextmanager
+def preserve_module_state(root: torch.nn.Module) -> Iterator[None]:
+    """Restore every parameter's ``requires_grad`` and every module's train/eval mode."""
+    grads = [(p, p.requires_grad) for p in root.parameters()]
+    modes = [(m, m.training) for m in root.modules()]
+    try:
+        yield
+    finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
+def run_training(
+    host: Host,
+    request: TrainRequest,
+    out_dir: Path | str,
+    reporter: Reporter | None = None,
+) -> TrainOutcome:
+    """Train on ``host``'s loaded model, write the adapter into ``out_dir``; see module doc."""
+    reporter = reporter or Reporter()
+    config, image = request.validate(out_dir)
+    preview_size = int(request.preview_size or host.resolution)
+    need_samples = bool(config.preview_every) or bool(request.sweep)
+    with torch.inference_mode(False), torch.enable_grad():
+        cond = uncond = None
+        if need_samples:
+            with torch.no_grad():
+                cond = host.encode_prompt(config.training_prompt)
+                uncond = host.encode_prompt("") if request.guidance != 1.0 else None
+
+        def sample(seed: int = 0) -> Image.Image:
+            return render(
+                host,
+                cond,
+                uncond,
+                steps=request.preview_steps,
+                seed=request.seed + seed,
+                size=preview_size,
+                guidance=request.guidance,
+            )
+
+        def on_preview(step: int) -> None:
+            reporter.preview(step, sample())
+
+        reporter.log(
+            f"training {config.attribute} adapter {request.name!r}: {config.steps} steps, "
+            f"rank {config.rank}, prompt '{config.training_prompt}'"
+        )
+        result = train_attribute(
+            host,
+            image,
+            config,
+            Callbacks(
+                progress=reporter.progress,
+                preview=on_preview if config.preview_every else None,
+                should_stop=reporter.should_stop,
+            ),
+        )
+        reporter.log(
+            f"trained {len(result.targets)} layers in {result.seconds:.1f} s; probe loss "
+            f"{result.probe_loss_before:.4f} → {result.probe_loss_after:.4f}"
+        )
+        sweep_images: list[Image.Image] = []
+        card_preview = None
+        if request.sweep:
+            reporter.log("rendering the λ sweep")
+            sweep_images = _sweep(host, result, request.sweep, sample)
+            lam = config.default_lambda
+            card_preview = (
+                sweep_images[list(request.sweep).index(lam)]
+                if lam in request.sweep
+                else _sweep(host, result, (lam,), sample)[0]
+            )
+    path = export(result, out_dir, request.name, overwrite=request.overwrite, preview=card_preview)
+    size = path.stat().st_size
+    reporter.log(f"wrote {path} ({size / 1024:.1f} KiB)")
+    return TrainOutcome(
+        path=path,
+        size=size,
+        short_hash=file_hashes(path)["short"],
+        seconds=result.seconds,
+        layers=len(result.targets),
+        loss_before=result.probe_loss_before,
+        loss_after=result.probe_loss_after,
+        steps=len(result.losses),
+        sweep=lambda_strip(sweep_images, [f"lambda {x:g}" for x in request.sweep])
+        if sweep_images
+        else None,
+        sweep_lambdas=tuple(request.sweep),
+        preview=card_preview,
+    )
+
+
+def _sweep(
+    host: Host, result: TrainResult, lambdas: Sequence[float], sample: Any
+) -> list[Image.Image]:
+    """Render the trained offsets at each λ through forward hooks (weights never written)."""
+    modules = {t.kohya: find_module(host.unet, t.name) for t in result.targets}
+    images = []
+    with torch.no_grad(), OffsetHooks(modules) as hooks:
+        hooks.factors = {
+            k: (a.to(host.device), b.to(host.device)) for k, (a, b) in result.factors().items()
+        }
+        for lam in lambdas:
+            hooks.scale = float(lam)
+            images.append(sample())
+    return images

@@ -1,0 +1,579 @@
+# OSTAF for AUTOMATIC1111: thin glue between the WebUI and lib_ostaf.
+# Tab "OSTAF", extra network <ostaf:name:λ>, Extra Networks page, always-visible script
+# (accordion + infotext), X/Y/Z axes, settings and REST routes. Logic lives in lib_ostaf;
+# callbacks are registered from this file's body so "Reload UI" re-registers them.
+
+import html
+from pathlib import Path
+
+import gradio as gr
+from modules import (
+    call_queue,
+    extra_networks,
+    paths,
+    script_callbacks,
+    scripts,
+    shared,
+    ui_extra_networks,
+)
+
+from lib_ostaf import activation, cards, prompt_tags
+from lib_ostaf.api import PREFIX, ApiError, OstafApi, TrainBody, check_basic_auth
+from lib_ostaf.errors import OstafError
+from lib_ostaf.hosts import a1111
+from lib_ostaf.naming import ATTN_NAMES, PROJ_NAMES
+from lib_ostaf.registry import resolve_adapters_dir
+from lib_ostaf.train import DEFAULT_PROMPTS
+from lib_ostaf.training_job import TrainRequest
+
+N_SLOTS = 3  # adapters the accordion can pick
+STATE = a1111.webui_state()  # survives "Reload UI" (lives in lib_ostaf, not in this file)
+
+
+# --------------------------------------------------------------------------- settings
+def _adapters_dir() -> Path:
+    return resolve_adapters_dir(
+        getattr(shared.cmd_opts, "ostaf_dir", None),
+        getattr(shared.opts, "ostaf_dir", ""),
+        paths.models_path,
+    )
+
+
+REGISTRY = STATE.registry(_adapters_dir)
+JOBS, APPLIER = STATE.jobs, STATE.applier
+
+shared.options_templates.update(
+    shared.options_section(
+        ("ostaf", "OSTAF"),
+        {
+            "ostaf_dir": shared.OptionInfo(
+                "", "Adapters folder (empty: models/ostaf; --ostaf-dir overrides)"
+            ),
+            "ostaf_preview_every": shared.OptionInfo(
+                50,
+                "Training: live preview every N steps (0 = off)",
+                gr.Slider,
+                {"minimum": 0, "maximum": 1000, "step": 1},
+            ),
+            "ostaf_preview_steps": shared.OptionInfo(
+                12,
+                "Training: sampling steps of a preview",
+                gr.Slider,
+                {"minimum": 1, "maximum": 50, "step": 1},
+            ),
+            "ostaf_preview_size": shared.OptionInfo(
+                0,
+                "Training: preview size in pixels (0 = training size)",
+                gr.Number,
+                {"precision": 0},
+            ),
+            "ostaf_sweep": shared.OptionInfo(
+                "0, 0.5, 1, 1.5", "Training: λ values of the result sweep (empty = none)"
+            ),
+            "ostaf_default_steps": shared.OptionInfo(
+                400, "Training: default steps", gr.Number, {"precision": 0}
+            ),
+            "ostaf_default_rank": shared.OptionInfo(
+                4, "Training: default rank", gr.Number, {"precision": 0}
+            ),
+            "ostaf_default_lr": shared.OptionInfo(
+                2e-4, "Training: default learning rate", gr.Number
+            ),
+            "ostaf_infotext": shared.OptionInfo(
+                True, "Write applied OSTAF adapters (name:λ (hash)) into infotext"
+            ),
+        },
+    )
+)
+
+
+def _opt(key: str, default):
+    value = getattr(shared.opts, key, default)
+    return default if value is None else value
+
+
+def _sweep_lambdas() -> tuple:
+    text = str(_opt("ostaf_sweep", ""))
+    return tuple(float(x) for x in text.replace(";", ",").split(",") if x.strip())
+
+
+# --------------------------------------------------------------------------- extra network
+class ExtraNetworkOstaf(extra_networks.ExtraNetwork):
+    """Parses <ostaf:name:λ>; the script applies after the built-in Lora has activated."""
+
+    def __init__(self):
+        super().__init__(prompt_tags.NETWORK)
+
+    def activate(self, p, params_list):
+        p._ostaf_tags = [list(params.items) for params in params_list]
+
+    def deactivate(self, p):
+        pass  # not reliable (research §3.2); activate(p, []) + the script reset instead
+
+
+# --------------------------------------------------------------------------- cards page
+class ExtraNetworksPageOstaf(ui_extra_networks.ExtraNetworksPage):
+    def __init__(self):
+        super().__init__("OSTAF")
+
+    def refresh(self):
+        REGISTRY.forget()
+
+    def create_item(self, name, index=None, enable_filter=True):
+        try:
+            e = REGISTRY.entry(name)
+        except OstafError:
+            return None
+        stem = str(e.path)[: -len(".safetensors")]
+        as_html = bool(_opt("extra_networks_card_description_is_html", False))
+        item = {
+            "name": name,
+            "filename": str(e.path),
+            "shorthash": e.short_hash,
+            "preview": self.find_preview(stem),
+            "search_terms": [
+                html.escape(self.search_terms_from_path(str(e.path))),
+                html.escape(e.short_hash),
+                html.escape(e.attribute),
+            ],
+            "local_preview": f"{stem}.{shared.opts.samples_format}",
+            "metadata": e.metadata,
+            "sort_keys": {"default": index, **self.get_sort_keys(str(e.path))},
+            "sd_version": cards.sd_version_name(e.family),
+        }
+        self.read_user_metadata(item)
+        item["description"] = cards.card_description(e, as_html=as_html)
+        weight = prompt_tags.format_weight(e.weight)
+        item["prompt"] = " + ".join(
+            ui_extra_networks.quote_js(x) for x in (f"<ostaf:{name}:", weight, ">")
+        )
+        return item
+
+    def list_items(self):
+        for index, name in enumerate(REGISTRY.names()):
+            item = self.create_item(name, index)
+            if item is not None:
+                yield item
+
+    def allowed_directories_for_previews(self):
+        return [str(REGISTRY.root)]
+
+
+# --------------------------------------------------------------------------- script
+class OstafScript(scripts.Script):
+    def title(self):
+        return "OSTAF"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        choices = [activation.NONE_CHOICE, *REGISTRY.names()]
+        with gr.Accordion("OSTAF", open=False, elem_id=self.elem_id("ostaf")):
+            enabled = gr.Checkbox(
+                False, label="Apply the adapters below", elem_id=self.elem_id("ostaf_enabled")
+            )
+            slots = []
+            for i in range(N_SLOTS):
+                with gr.Row():
+                    name = gr.Dropdown(
+                        choices=choices,
+                        value=activation.NONE_CHOICE,
+                        label=f"OSTAF adapter {i + 1}",
+                        elem_id=self.elem_id(f"ostaf_name_{i}"),
+                    )
+                    lam = gr.Slider(
+                        minimum=-2.0,
+                        maximum=3.0,
+                        value=1.0,
+                        step=0.05,
+                        label=f"OSTAF λ {i + 1}",
+                        elem_id=self.elem_id(f"ostaf_lambda_{i}"),
+                    )
+                slots += [name, lam]
+            refresh = gr.Button("Refresh adapter list", elem_id=self.elem_id("ostaf_refresh"))
+        names = slots[0::2]
+        refresh.click(
+            fn=lambda: [gr.update(choices=[activation.NONE_CHOICE, *REGISTRY.names()])] * N_SLOTS,
+            inputs=[],
+            outputs=names,
+        )
+        self.infotext_fields = [(enabled, _paste_enabled)] + [
+            (slots[j], _paste_slot(j // 2, j % 2)) for j in range(len(slots))
+        ]
+        return [enabled, *slots]
+
+    def process(self, p, enabled=False, *slots):
+        messages = prompt_tags.strip_negative_tags(p)
+        picks = list(zip(slots[0::2], slots[1::2], strict=False)) if enabled else []
+        p._ostaf_ui = [(n, w) for n, w in picks if n and n != activation.NONE_CHOICE]
+        _report(p, messages)
+
+    def after_extra_networks_activate(self, p, *args, **kwargs):
+        requests, messages = activation.requests_for(
+            getattr(p, "_ostaf_tags", []),
+            getattr(p, "_ostaf_ui", []),
+            xyz_adapter=getattr(p, "_ostaf_xyz_adapter", None),
+            xyz_lambda=getattr(p, "_ostaf_xyz_lambda", None),
+        )
+        sd_model = shared.sd_model
+        plan = activation.plan_generation(
+            requests, REGISTRY, a1111.model_family(sd_model), messages
+        )
+        messages = plan.messages + APPLIER.apply(sd_model, plan.adapters)
+        _report(p, messages)
+        if plan.adapters and _opt("ostaf_infotext", True):
+            p.extra_generation_params[prompt_tags.INFOTEXT_KEY] = plan.infotext()
+        else:
+            p.extra_generation_params.pop(prompt_tags.INFOTEXT_KEY, None)
+
+
+def _report(p, messages):
+    seen = p.__dict__.setdefault("_ostaf_reported", set())
+    for msg in messages:
+        if msg not in seen:
+            seen.add(msg)
+            print(msg)
+            p.comment(html.escape(msg))
+
+
+def _paste_enabled(params):
+    return gr.update(value=bool(prompt_tags.untagged_from_infotext(params)))
+
+
+def _paste_slot(i, part):
+    def paste(params):
+        picks = prompt_tags.untagged_from_infotext(params)
+        if i < len(picks):
+            return gr.update(value=picks[i][part])
+        return gr.update(value=activation.NONE_CHOICE if part == 0 else 1.0)
+
+    return paste
+
+
+# --------------------------------------------------------------------------- X/Y/Z
+XYZ_LABELS = ("OSTAF λ", "OSTAF adapter")
+
+
+def _xyz_lambda(p, x, xs):
+    p._ostaf_xyz_lambda = float(x)
+
+
+def _xyz_adapter(p, x, xs):
+    p._ostaf_xyz_adapter = str(x)
+
+
+def _add_xyz_axes():
+    xyz = next(
+        (s.module for s in scripts.scripts_data if s.script_class.__module__ == "xyz_grid.py"),
+        None,
+    )
+    if xyz is None:
+        return
+    xyz.axis_options[:] = [o for o in xyz.axis_options if o.label not in XYZ_LABELS]
+    xyz.axis_options.extend(
+        [
+            xyz.AxisOption(XYZ_LABELS[0], float, _xyz_lambda),
+            xyz.AxisOption(
+                XYZ_LABELS[1],
+                str,
+                _xyz_adapter,
+                format_value=xyz.format_value,
+                choices=lambda: [activation.NONE_CHOICE, *REGISTRY.names()],
+            ),
+        ]
+    )
+
+
+# --------------------------------------------------------------------------- training tab
+def _train_ui(
+    id_task,
+    image,
+    attribute,
+    name,
+    token,
+    prompt,
+    steps,
+    rank,
+    lr,
+    seed,
+    network,
+    include_mid,
+    attn,
+    proj,
+    blocks,
+    default_lambda,
+    resolution,
+    preview_every,
+    overwrite,
+):
+    try:
+        request = TrainRequest(
+            image=image,
+            name=(name or "").strip(),
+            attribute=attribute,
+            token=token,
+            prompt=prompt,
+            steps=int(steps),
+            rank=int(rank),
+            lr=float(lr),
+            seed=int(seed),
+            network=network,
+            include_mid=bool(include_mid),
+            attn=tuple(attn or ()),
+            proj=tuple(proj or ()),
+            blocks=tuple(b.strip() for b in (blocks or "").split(",") if b.strip()) or None,
+            default_lambda=float(default_lambda),
+            n_views=8,
+            resolution=int(resolution or 0),
+            overwrite=bool(overwrite),
+            preview_every=int(preview_every or 0),
+            preview_steps=int(_opt("ostaf_preview_steps", 12)),
+            preview_size=int(_opt("ostaf_preview_size", 0) or 0),
+            sweep=_sweep_lambdas(),
+        )
+        request.validate(REGISTRY.root)
+        job = JOBS.begin("attribute")
+    except (OstafError, ValueError, TypeError) as e:
+        return [], "", cards.error_html(e)
+    JOBS.run(job, lambda j: a1111.train_on_loaded_model(JOBS, j, request, REGISTRY.root, APPLIER))
+    log = "\n".join(job.log)
+    if job.status != "done":
+        return [], log, cards.error_html(job.error, interrupted=job.status == "interrupted")
+    images = [job.images["sweep"]] if "sweep" in job.images else []
+    return images, log, cards.result_html(job.result)
+
+
+def _interrupt_ui():
+    JOBS.interrupt()
+    shared.state.interrupt()
+
+
+def _object_tab():
+    # OBJECT IMPLANTATION SUB-TAB — lands with lib_ostaf.objects (issue: object implantation).
+    # Wire it here: image + per-object mask/class/token inputs → lib_ostaf.objects trainer,
+    # with the same Train/Interrupt/progress plumbing as the attribute tab.
+    gr.Markdown("Object implantation is not available in this version yet.")
+
+
+def _ui_tab():
+    with gr.Blocks(analytics_enabled=False) as tab, gr.Tabs(elem_id="ostaf_tabs"):
+        with gr.Tab("Attribute tuning", elem_id="ostaf_attribute_tab"):
+            _attribute_tab()
+        with gr.Tab("Object implantation", elem_id="ostaf_object_tab"):
+            _object_tab()
+    return [(tab, "OSTAF", "ostaf")]
+
+
+def _attribute_tab():
+    dummy = gr.Textbox(visible=False, elem_id="ostaf_dummy")
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            image = gr.Image(label="Reference image", type="pil", elem_id="ostaf_image")
+            attribute = gr.Radio(
+                ["appearance", "shape", "style"],
+                value="appearance",
+                label="Attribute to learn",
+                elem_id="ostaf_attribute",
+            )
+            name = gr.Textbox(label="Adapter name", placeholder="my_texture", elem_id="ostaf_name")
+            with gr.Row():
+                token = gr.Textbox(value="ostafv", label="Placeholder token", elem_id="ostaf_token")
+                prompt = gr.Textbox(
+                    label="Training prompt ({token} = the token)",
+                    placeholder=DEFAULT_PROMPTS["appearance"],
+                    elem_id="ostaf_prompt",
+                )
+            with gr.Row():
+                steps = gr.Number(
+                    value=int(_opt("ostaf_default_steps", 400)),
+                    precision=0,
+                    label="Steps",
+                    elem_id="ostaf_steps",
+                )
+                rank = gr.Number(
+                    value=int(_opt("ostaf_default_rank", 4)),
+                    precision=0,
+                    label="Rank",
+                    elem_id="ostaf_rank",
+                )
+                lr = gr.Number(
+                    value=float(_opt("ostaf_default_lr", 2e-4)),
+                    label="Learning rate",
+                    elem_id="ostaf_lr",
+                )
+                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="ostaf_seed")
+            with gr.Accordion("Advanced", open=False, elem_id="ostaf_advanced"):
+                network = gr.Radio(
+                    ["hypernet", "lora"],
+                    value="hypernet",
+                    label="Offset network (lora = ablation)",
+                    elem_id="ostaf_network",
+                )
+                include_mid = gr.Checkbox(
+                    False, label="Also train the middle block", elem_id="ostaf_include_mid"
+                )
+                attn = gr.CheckboxGroup(
+                    list(ATTN_NAMES),
+                    value=list(ATTN_NAMES),
+                    label="Attention",
+                    elem_id="ostaf_attn",
+                )
+                proj = gr.CheckboxGroup(
+                    list(PROJ_NAMES),
+                    value=list(PROJ_NAMES),
+                    label="Projections",
+                    elem_id="ostaf_proj",
+                )
+                blocks = gr.Textbox(
+                    label="Blocks (diffusers ids, comma separated; empty = by attribute)",
+                    placeholder="up_blocks.1.attentions.0, up_blocks.1.attentions.1",
+                    elem_id="ostaf_blocks",
+                )
+                with gr.Row():
+                    default_lambda = gr.Number(
+                        value=1.0, label="Preferred λ", elem_id="ostaf_default_lambda"
+                    )
+                    resolution = gr.Number(
+                        value=0,
+                        precision=0,
+                        label="Training size (0 = model's native)",
+                        elem_id="ostaf_resolution",
+                    )
+                    preview_every = gr.Number(
+                        value=int(_opt("ostaf_preview_every", 50)),
+                        precision=0,
+                        label="Preview every N steps (0 = off)",
+                        elem_id="ostaf_preview_every",
+                    )
+                overwrite = gr.Checkbox(
+                    False, label="Overwrite an adapter of the same name", elem_id="ostaf_overwrite"
+                )
+            with gr.Row():
+                interrupt = gr.Button("Interrupt", elem_id="ostaf_interrupt")
+                train = gr.Button("Train", variant="primary", elem_id="ostaf_train")
+        with gr.Column():
+            gr.HTML(elem_id="ostaf_textinfo")
+            gallery = gr.Gallery(
+                label="Preview", show_label=False, elem_id="ostaf_gallery", columns=1
+            )
+            log = gr.Textbox(label="Log", lines=6, interactive=False, elem_id="ostaf_log")
+            result = gr.HTML(elem_id="ostaf_result")
+    train.click(
+        fn=call_queue.wrap_gradio_gpu_call(_train_ui, extra_outputs=[[], ""]),
+        _js="ostaf_start_training",
+        inputs=[
+            dummy,
+            image,
+            attribute,
+            name,
+            token,
+            prompt,
+            steps,
+            rank,
+            lr,
+            seed,
+            network,
+            include_mid,
+            attn,
+            proj,
+            blocks,
+            default_lambda,
+            resolution,
+            preview_every,
+            overwrite,
+        ],
+        outputs=[gallery, log, result],
+    )
+    interrupt.click(fn=_interrupt_ui, inputs=[], outputs=[])
+
+
+# --------------------------------------------------------------------------- API
+def _api_runner(job, request):
+    with call_queue.queue_lock:
+        shared.state.begin(job="ostaf_train")
+        try:
+            return a1111.train_on_loaded_model(JOBS, job, request, REGISTRY.root, APPLIER)
+        finally:
+            shared.state.end()
+
+
+def _add_routes(_demo, app):
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    api = OstafApi(REGISTRY, JOBS, _api_runner)
+    deps = []
+    if getattr(shared.cmd_opts, "api_auth", None):
+        basic = HTTPBasic()
+
+        def auth(credentials: HTTPBasicCredentials = Depends(basic)):  # noqa: B008
+            if not check_basic_auth(
+                shared.cmd_opts.api_auth, credentials.username, credentials.password
+            ):
+                raise HTTPException(
+                    status_code=401,
+                    detail="Incorrect username or password",
+                    headers={"WWW-Authenticate": "Basic"},
+                )
+            return True
+
+        deps = [Depends(auth)]
+
+    def call(fn, *args):
+        try:
+            return fn(*args)
+        except ApiError as e:
+            raise HTTPException(status_code=e.status, detail=e.detail) from None
+
+    def adapters():
+        return call(api.list_adapters)
+
+    def adapter(name: str):
+        return call(api.adapter, name)
+
+    def train(body: TrainBody):
+        return call(api.train, body)
+
+    def progress(job_id: str = "", preview: bool = False):
+        return call(api.progress, job_id or None, preview)
+
+    def interrupt(job_id: str = ""):
+        shared.state.interrupt()
+        return call(api.interrupt, job_id or None)
+
+    def refresh():
+        REGISTRY.forget()
+        return call(api.list_adapters)
+
+    for path, fn, method in (
+        ("/adapters", adapters, "GET"),
+        ("/adapter", adapter, "GET"),
+        ("/train", train, "POST"),
+        ("/progress", progress, "GET"),
+        ("/interrupt", interrupt, "POST"),
+        ("/refresh", refresh, "POST"),
+    ):
+        app.add_api_route(PREFIX + path, fn, methods=[method], dependencies=deps)
+
+
+# --------------------------------------------------------------------------- callbacks
+def _before_ui():
+    ui_extra_networks.register_page(ExtraNetworksPageOstaf())
+    extra_networks.register_extra_network(ExtraNetworkOstaf())
+    _add_xyz_axes()
+
+
+def _model_loaded(sd_model):
+    APPLIER.forget()
+
+
+def _unloaded():
+    APPLIER.reset(getattr(shared, "sd_model", None))
+
+
+script_callbacks.on_before_ui(_before_ui)
+script_callbacks.on_ui_tabs(_ui_tab)
+script_callbacks.on_app_started(_add_routes)
+script_callbacks.on_model_loaded(_model_loaded)
+script_callbacks.on_script_unloaded(_unloaded)

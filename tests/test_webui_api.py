@@ -1,0 +1,159 @@
+"""Jobs (one training at a time) and the REST handlers: validation, refusals, auth."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from lib_ostaf.api import ApiError, OstafApi, TrainBody, check_basic_auth, decode_image
+from lib_ostaf.errors import Interrupted
+from lib_ostaf.jobs import JobBusy, JobManager
+from lib_ostaf.registry import AdapterRegistry
+
+
+def _png(size=(16, 16)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_second_job_is_refused_until_the_first_ends():
+    jobs = JobManager()
+    first = jobs.begin()
+    with pytest.raises(JobBusy, match="already queued"):
+        jobs.begin()
+    release = threading.Event()
+    jobs.run_in_thread(first, lambda j: release.wait(5) and {"ok": 1})
+    time.sleep(0.05)
+    with pytest.raises(JobBusy):
+        jobs.begin()
+    release.set()
+    for _ in range(100):
+        if not first.active:
+            break
+        time.sleep(0.01)
+    assert first.status == "done" and first.result == {"ok": 1}
+    assert jobs.begin().id != first.id  # free again
+
+
+def test_interrupt_and_failures_are_recorded():
+    jobs = JobManager()
+    job = jobs.begin()
+
+    def train(j):
+        for step in range(100):
+            if j.stop.is_set():
+                raise Interrupted(f"training interrupted at step {step}/100")
+            jobs.update(j, step + 1, 100, 0.5)
+            if step == 3:
+                jobs.interrupt(j.id)
+        return {}
+
+    jobs.run(job, train)
+    assert job.status == "interrupted" and "step 4/100" in job.error and job.step == 4
+    job2 = jobs.begin()
+    jobs.run(job2, lambda j: 1 / 0)
+    assert job2.status == "failed" and "ZeroDivisionError" in job2.error
+    assert job2.to_json()["status"] == "failed"
+
+
+def test_train_body_validation():
+    TrainBody(image=_png(), name="x")
+    for bad in (
+        {"steps": 0},
+        {"rank": 0},
+        {"lr": 0},
+        {"lr": 2},
+        {"resolution": -1},
+        {"steps": "many"},
+        {"n_views": 1000},
+    ):
+        with pytest.raises(ValidationError):
+            TrainBody(image=_png(), name="x", **bad)
+    with pytest.raises(ValidationError):
+        TrainBody(name="x")  # image required
+
+
+def test_decode_image():
+    assert decode_image("data:image/png;base64," + _png()).size == (16, 16)
+    for bad, status in (("", 422), ("!!notbase64", 422), (base64.b64encode(b"text").decode(), 422)):
+        with pytest.raises(ApiError) as e:
+            decode_image(bad)
+        assert e.value.status == status
+
+
+def _api(tmp_path, runner=None):
+    calls = []
+
+    def run(job, request):
+        calls.append(request)
+        return {"name": request.name}
+
+    return OstafApi(AdapterRegistry(tmp_path), JobManager(), runner or run), calls
+
+
+def test_train_route_validates_before_starting(tmp_path):
+    api, calls = _api(tmp_path)
+    for fields, status in (
+        ({"name": "../escape"}, 422),
+        ({"name": "a/b"}, 422),
+        ({"name": "ok", "attribute": "colour"}, 422),
+        ({"name": "ok", "sweep": [1.0] * 20}, 422),
+        ({"name": "ok", "resolution": 100}, 422),
+        ({"name": "ok", "image": "nope"}, 422),
+    ):
+        body = TrainBody(**({"image": _png()} | fields))
+        with pytest.raises(ApiError) as e:
+            api.train(body)
+        assert e.value.status == status, fields
+    assert calls == [] and api.jobs.current is None
+    (tmp_path / "taken.safetensors").write_bytes(b"x")
+    with pytest.raises(ApiError, match="already exists"):
+        api.train(TrainBody(image=_png(), name="taken"))
+    out = api.train(TrainBody(image=_png(), name="taken", overwrite=True, steps=3))
+    for _ in range(200):
+        if not api.jobs.current.active:
+            break
+        time.sleep(0.01)
+    assert api.progress(out["job_id"])["status"] == "done"
+    assert calls[0].steps == 3 and calls[0].image.size == (16, 16)
+    with pytest.raises(ApiError) as e:
+        api.progress("other-id")
+    assert e.value.status == 404
+
+
+def test_second_training_via_api_is_409(tmp_path):
+    release = threading.Event()
+    api, _ = _api(tmp_path, runner=lambda job, req: release.wait(5) and {})
+    api.train(TrainBody(image=_png(), name="one"))
+    with pytest.raises(ApiError) as e:
+        api.train(TrainBody(image=_png(), name="two"))
+    assert e.value.status == 409
+    assert api.interrupt()["status"] in ("queued", "running")
+    release.set()
+
+
+def test_adapter_route_stays_in_the_folder(tmp_path):
+    api, _ = _api(tmp_path)
+    for name in ("../x", "/etc/passwd", "a\\b"):
+        with pytest.raises(ApiError) as e:
+            api.adapter(name)
+        assert e.value.status == 400
+    with pytest.raises(ApiError) as e:
+        api.adapter("missing")
+    assert e.value.status == 404
+    assert api.list_adapters() == {"folder": str(tmp_path.absolute()), "adapters": []}
+
+
+def test_basic_auth():
+    assert check_basic_auth(None, "", "")
+    assert check_basic_auth("u:p,v:q:r", "v", "q:r")
+    assert check_basic_auth("u:p", "u", "p")
+    assert not check_basic_auth("u:p", "u", "x")
+    assert not check_basic_auth("u:p", "", "")

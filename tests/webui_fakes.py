@@ -1,0 +1,297 @@
+"""Small stand-ins for the WebUI (as Bing-su/adetailer tests do): logic only, no WebUI.
+
+* :class:`FakeSdModel` — an A1111-shaped ``sd_model`` around the real ldm ``UNetModel``
+  (tiny, from tests/unets.py): ``model.diffusion_model``, ``apply_model``, first stage,
+  ``get_learned_conditioning``, ``alphas_cumprod``, ``parameterization``.
+* :func:`fake_modules` — a ``modules`` package with ``shared`` (state, opts, cmd_opts,
+  sd_model) and ``devices``, installed in ``sys.modules`` for a test.
+* :class:`FakeLora` — the built-in Lora's observable behaviour: ``loaded_networks``,
+  ``load_network`` (kohya file → modules keyed by ``network_layer_name``), and the lazy
+  per-layer backup / restore / merge of ``network_apply_weights``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+import zlib
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from lib_ostaf.adapter_file import LoraModule, build_metadata, save_adapter, write_card
+from lib_ostaf.naming import inspect_unet, module_name_from_kohya
+from lib_ostaf.targets import TargetSpec, select_targets
+
+from .unets import CONTEXT_DIM, tiny_ldm_unet
+
+
+class _Wrapper(nn.Module):
+    """ldm's DiffusionWrapper: ``model(x, t, c_crossattn=[c])``."""
+
+    conditioning_key = "crossattn"
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.diffusion_model = unet
+
+    def forward(self, x, t, c_crossattn=None):
+        return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
+
+
+class _Posterior:
+    def __init__(self, mean: torch.Tensor) -> None:
+        self.mean = mean
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def sample(self) -> torch.Tensor:  # what A1111's get_first_stage_encoding would call
+        return self.mean + torch.randn_like(self.mean)
+
+
+class FakeSdModel(nn.Module):
+    """An SD1-shaped A1111 model (eps prediction, 8× VAE) built around a tiny ldm UNet."""
+
+    is_sdxl = False
+    is_sd2 = False
+    is_sd1 = True
+    parameterization = "eps"
+    latent_channels = 4
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.model = _Wrapper(tiny_ldm_unet("sd1", seed=seed))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            self.first_stage_model = nn.ModuleDict(
+                {
+                    "enc": nn.Conv2d(3, 4, 8, stride=8),
+                    "dec": nn.ConvTranspose2d(4, 3, 8, stride=8),
+                }
+            )
+            self.cond_stage_model = nn.Embedding(4096, CONTEXT_DIM)
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float())
+        self.sd_checkpoint_info = types.SimpleNamespace(
+            name="fake.safetensors", name_for_extra="fake"
+        )
+        self.calls: dict[str, int] = {"apply_model": 0, "encode": 0, "cond": 0}
+
+    def apply_model(self, x, t, cond):
+        self.calls["apply_model"] += 1
+        return self.model(x, t, c_crossattn=[cond])
+
+    def encode_first_stage(self, x):
+        self.calls["encode"] += 1
+        return _Posterior(self.first_stage_model["enc"](x))
+
+    def get_first_stage_encoding(self, z):
+        return 0.18215 * (z.sample() if isinstance(z, _Posterior) else z)
+
+    def decode_first_stage(self, z):
+        return torch.tanh(self.first_stage_model["dec"](z / 0.18215))
+
+    def get_learned_conditioning(self, prompts):
+        self.calls["cond"] += 1
+        ids = [[zlib.crc32(w.encode()) % 4000 + 1 for w in p.split()][:7] for p in prompts]
+        ids = [row + [0] * (7 - len(row)) for row in ids]
+        return self.cond_stage_model(torch.tensor(ids))
+
+
+class FakeState:
+    """``shared.state`` fields and methods the extension uses."""
+
+    def __init__(self) -> None:
+        self.job = ""
+        self.job_no = self.job_count = self.sampling_step = self.sampling_steps = 0
+        self.interrupted = self.stopping_generation = False
+        self.textinfo: str | None = None
+        self.images: list[Any] = []
+        self.id_live_preview = 0
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+
+    def assign_current_image(self, image: Any) -> None:
+        self.images.append(image)
+        self.id_live_preview += 1
+
+
+@contextlib.contextmanager
+def fake_modules(sd_model: Any, *, lowvram: bool = False, lora: FakeLora | None = None):
+    """Install a fake ``modules`` package (and Lora's ``networks``/``network``) for a test."""
+    shared = types.ModuleType("modules.shared")
+    shared.state = FakeState()
+    shared.cmd_opts = types.SimpleNamespace(lowvram=lowvram, medvram=False, api_auth=None)
+    shared.opts = types.SimpleNamespace()
+    shared.sd_model = sd_model
+    devices = types.ModuleType("modules.devices")
+    devices.device = torch.device("cpu")
+    devices.dtype_unet = torch.float32
+    devices.autocast = contextlib.nullcontext
+    devices.torch_gc = lambda: None
+    pkg = types.ModuleType("modules")
+    pkg.__path__ = []
+    pkg.shared, pkg.devices = shared, devices
+    saved = {k: sys.modules.get(k) for k in ("modules", "modules.shared", "modules.devices")}
+    saved |= {k: sys.modules.get(k) for k in ("networks", "network")}
+    sys.modules.update({"modules": pkg, "modules.shared": shared, "modules.devices": devices})
+    if lora is not None:
+        sys.modules["networks"] = lora  # type: ignore[assignment]
+        sys.modules["network"] = lora  # NetworkOnDisk lives there in A1111
+    try:
+        yield shared
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+# --------------------------------------------------------------------------- built-in Lora
+
+
+class FakeNetworkModule:
+    def __init__(self, net: FakeNetwork, up: torch.Tensor, down: torch.Tensor, alpha: float):
+        self.network, self.up, self.down, self.alpha = net, up, down, alpha
+
+    def calc_updown(self, weight: torch.Tensor) -> tuple[torch.Tensor, None]:
+        scale = self.alpha / self.down.shape[0]
+        delta = (self.up.float() @ self.down.float()) * scale * self.network.unet_multiplier
+        return delta.to(weight.dtype), None
+
+
+class FakeNetwork:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.te_multiplier = self.unet_multiplier = 1.0
+        self.dyn_dim = None
+        self.modules: dict[str, FakeNetworkModule] = {}
+        self.mentioned_name = None
+
+
+class FakeNetworkOnDisk:
+    def __init__(self, name: str, filename: str) -> None:
+        self.name, self.filename = name, filename
+
+
+class FakeLora:
+    """A1111's Lora semantics, reduced to what weight integrity depends on."""
+
+    NetworkOnDisk = FakeNetworkOnDisk
+
+    def __init__(self, sd_model: FakeSdModel) -> None:
+        self.network = self  # A1111's networks.py imports its sibling module `network`
+        self.sd_model = sd_model
+        self.loaded_networks: list[Any] = []
+        self.loads = 0
+        mapping = {}
+        for name, module in sd_model.model.named_modules():
+            layer = name.replace(".", "_")
+            mapping[layer] = module
+            module.network_layer_name = layer
+        sd_model.network_layer_mapping = mapping
+        self.info = inspect_unet(sd_model.model.diffusion_model)
+
+    def load_network(self, name: str, on_disk: FakeNetworkOnDisk) -> FakeNetwork:
+        self.loads += 1
+        state = safetensors.torch.load_file(on_disk.filename)
+        net = FakeNetwork(name)
+        for key in {k.split(".")[0] for k in state}:
+            path = module_name_from_kohya(key, self.info)
+            layer = "diffusion_model_" + path.replace(".", "_")
+            if layer in self.sd_model.network_layer_mapping:
+                net.modules[layer] = FakeNetworkModule(
+                    net,
+                    state[key + ".lora_up.weight"],
+                    state[key + ".lora_down.weight"],
+                    float(state[key + ".alpha"]),
+                )
+        return net
+
+    def network_apply_weights(self, module: nn.Module) -> None:
+        """A1111's lazy per-layer merge: backup once, restore + re-merge on set change."""
+        layer = getattr(module, "network_layer_name", None)
+        if layer is None or not hasattr(module, "weight"):
+            return
+        current = getattr(module, "network_current_names", ())
+        wanted = tuple(
+            (n.name, n.te_multiplier, n.unet_multiplier, n.dyn_dim) for n in self.loaded_networks
+        )
+        if getattr(module, "network_weights_backup", None) is None and wanted:
+            module.network_weights_backup = module.weight.detach().to("cpu", copy=True)
+        if current == wanted:
+            return
+        with torch.no_grad():
+            backup = getattr(module, "network_weights_backup", None)
+            if backup is not None:
+                module.weight.copy_(backup)
+            for net in self.loaded_networks:
+                m = net.modules.get(layer)
+                if m is not None:
+                    updown, _ = m.calc_updown(module.weight)
+                    module.weight.copy_(module.weight + updown)
+        module.network_current_names = wanted
+
+    def forward_all(self) -> None:
+        """What one generation's forward does to every layer (lazy merge on use)."""
+        for module in self.sd_model.network_layer_mapping.values():
+            self.network_apply_weights(module)
+
+    # A1111's ExtraNetworkLora.activate → load_networks(names, ...): clears the set first.
+    def activate_lora(self, files: list[tuple[str, str, float]]) -> None:
+        self.loaded_networks.clear()
+        for name, path, mult in files:
+            net = self.load_network(name, FakeNetworkOnDisk(name, path))
+            net.te_multiplier = net.unet_multiplier = mult
+            self.loaded_networks.append(net)
+
+
+def make_adapter(
+    folder: Path,
+    name: str,
+    unet: nn.Module,
+    *,
+    attribute: str = "appearance",
+    family: str = "sd1",
+    seed: int = 0,
+    scale: float = 0.05,
+    preferred: float | None = None,
+    description: str = "",
+) -> Path:
+    """A random kohya adapter on ``attribute``'s layers of ``unet`` (no training needed)."""
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for t in select_targets(unet, TargetSpec(attribute=attribute)):
+        modules[t.kohya] = LoraModule(
+            down=torch.randn(2, t.in_features, generator=g) * scale,
+            up=torch.randn(t.out_features, 2, generator=g) * scale,
+            alpha=2.0,
+        )
+    md = build_metadata(
+        name=name,
+        family=family,
+        prediction_type="epsilon",
+        rank=2,
+        alpha=2.0,
+        resolution=64,
+        method="attribute",
+        ostaf={"attribute": attribute, "default_lambda": 0.7},
+    )
+    path = save_adapter(folder / f"{name}.safetensors", modules, md, overwrite=True)
+    if preferred is not None or description:
+        write_card(
+            folder / name,
+            preferred_weight=preferred or 0.0,
+            activation_text="",
+            description=description,
+            sd_version="SD1",
+            overwrite=True,
+        )
+    return path
