@@ -228,6 +228,8 @@ class A1111Applier:
         messages: list[str] = []
         loaded = [n for n in networks.loaded_networks if not getattr(n, "ostaf", False)]
         for planned in adapters:
+            if planned.weight == 0:
+                continue  # λ = 0 is the identity: nothing to merge
             try:
                 net = self._lora_network(networks, planned)
             except Exception as e:  # Lora's loader raises AssertionError/RuntimeError/...

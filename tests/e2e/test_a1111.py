@@ -1,0 +1,240 @@
+"""End to end against a REAL AUTOMATIC1111 with this extension installed.
+
+Skipped unless ``OSTAF_WEBUI_URL`` is set (e.g. http://127.0.0.1:7860). Made for the CPU
+test server (``--test-server``: random-weight SD1), so images are 64 px and 2 steps.
+Optional: ``OSTAF_E2E_LORA_DIR`` = the server's ``models/Lora`` folder on this machine, to
+check ``<ostaf:…>`` mixed with ``<lora:…>``.
+
+The strongest check is from the outside: same seed and no tags gives the same pixels
+before any activation and after everything (training, tags, Lora, X/Y/Z, accordion).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lib_ostaf.prompt_tags import INFOTEXT_KEY, parse_infotext
+
+URL = os.environ.get("OSTAF_WEBUI_URL", "").rstrip("/")
+pytestmark = [
+    pytest.mark.webui,
+    pytest.mark.skipif(not URL, reason="set OSTAF_WEBUI_URL to run against a real WebUI"),
+]
+GEN = {
+    "steps": 2,
+    "width": 64,
+    "height": 64,
+    "seed": 1234,
+    "sampler_name": "Euler",
+    "cfg_scale": 5,
+    "batch_size": 1,
+}
+TIMEOUT = float(os.environ.get("OSTAF_E2E_TIMEOUT", "1800"))
+
+
+def call(path: str, body: dict | None = None, *, method: str | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        URL + path, data, {"content-type": "application/json"}, method=method
+    )
+    with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+        return json.loads(r.read())
+
+
+def status_of(path: str, body: dict | None = None) -> tuple[int, dict]:
+    try:
+        return 200, call(path, body)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def txt2img(prompt: str, **extra) -> tuple[np.ndarray, str]:
+    r = call("/sdapi/v1/txt2img", {"prompt": prompt, **GEN, **extra})
+    image = Image.open(io.BytesIO(base64.b64decode(r["images"][0])))
+    return np.asarray(image.convert("RGB")), json.loads(r["info"])["infotexts"][0]
+
+
+def png_b64(size: int = 64) -> str:
+    ref = Path(__file__).resolve().parents[2] / "lib_ostaf" / "assets" / "reference.png"
+    buf = io.BytesIO()
+    Image.open(ref).convert("RGB").resize((size, size)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def wait_job(job_id: str) -> dict:
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline:
+        job = call(f"/ostaf/v1/progress?job_id={job_id}")
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(2)
+    raise TimeoutError(job_id)
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    """Same seed, no tags — before any OSTAF activation in this module."""
+    image, info = txt2img("a photo of a cat")
+    assert INFOTEXT_KEY + ":" not in info
+    return image
+
+
+@pytest.fixture(scope="module")
+def adapter(baseline):
+    name = f"e2e_{uuid.uuid4().hex[:8]}"
+    body = {
+        "image": png_b64(),
+        "name": name,
+        "steps": 2,
+        "lr": 0.01,
+        "resolution": 64,
+        "n_views": 1,
+        "sweep": [0, 1],
+        "preview_every": 1,
+        "preview_steps": 2,
+        "guidance": 1.0,
+    }
+    started = call("/ostaf/v1/train", body)
+    job = wait_job(started["job_id"])
+    assert job["status"] == "done", job
+    assert job["result"]["layers"] > 0 and job["preview_id"] == 2  # a preview per step
+    return {"name": name, "hash": job["result"]["hash"], "job": job}
+
+
+def test_trained_on_the_loaded_model_and_listed(adapter):
+    listed = {a["name"]: a for a in call("/ostaf/v1/adapters")["adapters"]}
+    entry = listed[adapter["name"]]
+    assert entry["hash"] == adapter["hash"] and entry["family"] == "sd1" and not entry["error"]
+    assert entry["has_preview"] and entry["attribute"] == "appearance"
+
+
+def test_tag_changes_the_image_and_writes_infotext(baseline, adapter):
+    image, info = txt2img(f"a photo of a cat <ostaf:{adapter['name']}:30>")
+    assert np.abs(image.astype(int) - baseline).mean() > 0.5
+    params = call("/sdapi/v1/png-info", {"image": _png_of(image, info)})["parameters"]
+    assert parse_infotext(params[INFOTEXT_KEY]) == [(adapter["name"], 30.0, adapter["hash"])]
+    # the accordion (always-visible script args) gives the same image without a tag
+    ui, ui_info = txt2img(
+        "a photo of a cat",
+        alwayson_scripts={"ostaf": {"args": [True, adapter["name"], 30.0, "None", 1, "None", 1]}},
+    )
+    assert np.array_equal(ui, image) and adapter["hash"] in ui_info
+
+
+def test_bad_input_never_stops_generation(baseline, adapter):
+    for prompt, negative in (
+        ("a photo of a cat <ostaf:no_such_adapter:1>", ""),
+        (f"a photo of a cat <ostaf:{adapter['name']}:abc>", ""),
+        ("a photo of a cat", f"<ostaf:{adapter['name']}:30>"),  # negative: ignored
+    ):
+        image, _ = txt2img(prompt, negative_prompt=negative)
+        assert np.array_equal(image, baseline), prompt
+
+
+@pytest.mark.skipif(not os.environ.get("OSTAF_E2E_LORA_DIR"), reason="OSTAF_E2E_LORA_DIR unset")
+def test_mixed_with_builtin_lora(baseline, adapter):
+    lora_dir = Path(os.environ["OSTAF_E2E_LORA_DIR"])
+    src = Path(call(f"/ostaf/v1/adapter?name={adapter['name']}")["path"])
+    shutil.copy(src, lora_dir / f"{adapter['name']}_as_lora.safetensors")
+    call("/sdapi/v1/refresh-loras", {})
+    alias = adapter["name"]  # ss_output_name: Lora refers to it by the alias from the file
+    both, info = txt2img(f"a photo of a cat <lora:{alias}:15> <ostaf:{adapter['name']}:15>")
+    single, _ = txt2img(f"a photo of a cat <ostaf:{adapter['name']}:30>")
+    assert "Lora hashes" in info and INFOTEXT_KEY in info
+    assert np.abs(both.astype(int) - single).mean() < 1.0  # 15 + 15 ≈ 30 (float order)
+    assert np.abs(both.astype(int) - baseline).mean() > 0.5
+
+
+def test_xyz_lambda_axis(baseline, adapter):
+    scripts = call("/sdapi/v1/script-info")
+    xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    labels = next(a["choices"] for a in xyz["args"] if a["choices"] and "OSTAF λ" in a["choices"])
+    assert "OSTAF adapter" in labels
+    args = [
+        labels.index("OSTAF λ"),
+        "0, 30",
+        [],
+        0,
+        "",
+        [],
+        0,
+        "",
+        [],
+        True,
+        True,
+        False,
+        False,
+        0,
+        0,
+        0,
+        0,
+        False,
+    ]
+    r = call(
+        "/sdapi/v1/txt2img",
+        {
+            "prompt": f"a photo of a cat <ostaf:{adapter['name']}:1>",
+            **GEN,
+            "script_name": "x/y/z plot",
+            "script_args": args,
+        },
+    )
+    images = [
+        np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")) for b in r["images"]
+    ]
+    cells = [im for im in images if im.shape[:2] == baseline.shape[:2]]
+    assert len(cells) == 2
+    assert np.array_equal(cells[0], baseline)  # λ = 0 is the identity
+    assert not np.array_equal(cells[1], baseline)
+
+
+def test_second_training_refused_and_interrupt_writes_nothing(adapter):
+    name = f"e2e_stop_{uuid.uuid4().hex[:6]}"
+    body = {
+        "image": png_b64(),
+        "name": name,
+        "steps": 500,
+        "resolution": 64,
+        "n_views": 1,
+        "sweep": [],
+    }
+    first = call("/ostaf/v1/train", body)
+    code, err = status_of("/ostaf/v1/train", body | {"name": name + "_2"})
+    assert code == 409, err
+    time.sleep(5)
+    call("/ostaf/v1/interrupt", {}, method="POST")
+    job = wait_job(first["job_id"])
+    assert job["status"] == "interrupted", job
+    names = {a["name"] for a in call("/ostaf/v1/adapters")["adapters"]}
+    assert name not in names
+    code, _ = status_of("/ostaf/v1/train", body | {"name": "../escape"})
+    assert code == 422
+
+
+def test_zz_weights_restored_after_everything(baseline):
+    image, info = txt2img("a photo of a cat")
+    assert np.array_equal(image, baseline)
+    assert INFOTEXT_KEY + ":" not in info
+
+
+def _png_of(pixels: np.ndarray, infotext: str) -> str:
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    meta.add_text("parameters", infotext)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG", pnginfo=meta)
+    return base64.b64encode(buf.getvalue()).decode()

@@ -1,0 +1,82 @@
+"""Browser test of the OSTAF tab in a REAL WebUI: open the tab, train a few steps, see the
+WebUI's progress bar and the live preview, then the result card.
+
+Skipped unless ``OSTAF_WEBUI_URL`` is set and Playwright can drive a Chromium
+(``OSTAF_CHROMIUM`` = the browser binary, default /usr/bin/chromium).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+URL = os.environ.get("OSTAF_WEBUI_URL", "").rstrip("/")
+CHROMIUM = os.environ.get("OSTAF_CHROMIUM", "/usr/bin/chromium")
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
+pytestmark = [
+    pytest.mark.webui,
+    pytest.mark.skipif(not URL, reason="set OSTAF_WEBUI_URL to run against a real WebUI"),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
+]
+REFERENCE = Path(__file__).resolve().parents[2] / "lib_ostaf" / "assets" / "reference.png"
+MINUTES = 60_000
+
+
+def _options(values: dict | None = None) -> dict:
+    data = None if values is None else json.dumps(values).encode()
+    req = urllib.request.Request(
+        URL + "/sdapi/v1/options", data, {"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture()
+def fast_settings():
+    keys = ("ostaf_preview_steps", "ostaf_sweep", "live_previews_enable")
+    saved = {k: v for k, v in _options().items() if k in keys}
+    _options({"ostaf_preview_steps": 2, "ostaf_sweep": "0, 1", "live_previews_enable": True})
+    yield
+    _options(saved)
+
+
+def test_tab_trains_with_progress_bar_and_preview(fast_settings, tmp_path):
+    name = f"browser_{uuid.uuid4().hex[:6]}"
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(URL, timeout=5 * MINUTES)
+        page.get_by_role("tab", name="OSTAF", exact=True).click(timeout=5 * MINUTES)
+        page.locator("#ostaf_image input[type=file]").set_input_files(str(REFERENCE))
+        page.locator("#ostaf_name textarea, #ostaf_name input").first.fill(name)
+        page.locator("#ostaf_steps input").first.fill("3")
+        page.locator("#ostaf_advanced").click()  # open the Advanced accordion
+        page.locator("#ostaf_resolution input").first.fill("64")
+        page.locator("#ostaf_preview_every input").first.fill("1")
+        page.screenshot(path=str(tmp_path / "before.png"))
+        page.locator("#ostaf_train").click()
+        # the WebUI's own progress bar, then the live preview in our gallery
+        page.locator(".progressDiv").first.wait_for(timeout=5 * MINUTES)
+        page.locator("#ostaf_gallery .livePreview img").first.wait_for(
+            state="attached", timeout=15 * MINUTES
+        )
+        page.screenshot(path=str(tmp_path / "training.png"))
+        result = page.locator("#ostaf_result .ostaf-result")
+        result.wait_for(timeout=20 * MINUTES)
+        assert name in result.inner_text()
+        assert "KiB" in result.inner_text()
+        page.screenshot(path=str(tmp_path / "done.png"))
+        shots = os.environ.get("OSTAF_E2E_SCREENSHOTS")
+        if shots:
+            for png in tmp_path.glob("*.png"):
+                Path(shots).mkdir(parents=True, exist_ok=True)
+                (Path(shots) / png.name).write_bytes(png.read_bytes())
+        browser.close()
