@@ -4,13 +4,17 @@
 attention layers of the encoder (shape) or decoder (appearance, style), make the frozen
 model reproduce the reference for the placeholder prompt. ``export`` writes the kohya
 LoRA file, the hypernetwork state and the WebUI card sidecars.
+
+The step loop itself (:func:`run_steps`, :func:`frozen`) is shared with object
+implantation (:func:`lib_ostaf.objects.train_objects`): one loop, two step functions.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -123,6 +127,8 @@ class Callbacks:
     progress: Callable[[int, int, float], None] | None = None  # (step, total, loss)
     preview: Callable[[int], None] | None = None  # called with offsets active at λ=1
     should_stop: Callable[[], bool] | None = None
+    # Object implantation sets this to the tokens' current vectors before each preview.
+    preview_embeddings: dict[str, tuple[torch.Tensor, ...]] | None = None
 
 
 @dataclass
@@ -146,10 +152,17 @@ class TrainResult:
 
     def lora_modules(self) -> dict[str, LoraModule]:
         """The exact ΔW = B·A of every layer as kohya modules (alpha = rank → scale 1)."""
-        return {
-            key: LoraModule(down=a.contiguous(), up=b.contiguous(), alpha=float(a.shape[0]))
-            for key, (a, b) in self.factors().items()
-        }
+        return factors_to_modules(self.factors())
+
+
+def factors_to_modules(
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, LoraModule]:
+    """Factors ``{key: (A, B)}`` as kohya modules with alpha = rank (ΔW = B·A exactly)."""
+    return {
+        key: LoraModule(down=a.contiguous(), up=b.contiguous(), alpha=float(a.shape[0]))
+        for key, (a, b) in factors.items()
+    }
 
 
 class _Probe:
@@ -163,7 +176,9 @@ class _Probe:
         self.noise = torch.randn(self.x0.shape, generator=g)
 
 
-def _noisy(x0, noise, t, alphas_cumprod, prediction_type):
+def noisy_latents(x0, noise, t, alphas_cumprod, prediction_type):
+    """``(x_t, target)``: the forward process at ``t`` and the model's regression target
+    (ε, or v = √ᾱ ε − √(1−ᾱ) x₀ for v-prediction)."""
     a = alphas_cumprod[t].view(-1, 1, 1, 1).to(x0.device, torch.float32)
     x_t = a.sqrt() * x0.float() + (1 - a).sqrt() * noise
     if prediction_type == "v_prediction":
@@ -175,11 +190,67 @@ def _noisy(x0, noise, t, alphas_cumprod, prediction_type):
     return x_t, target
 
 
+_noisy = noisy_latents
+
+
 def diffusion_loss(host: Host, x0, noise, t, cond) -> torch.Tensor:
     """``‖target − model(x_t, t, c)‖²`` with target ε or v, as the host's model predicts."""
     x_t, target = _noisy(x0, noise, t, host.alphas_cumprod, host.prediction_type)
     pred = host.predict_noise(x_t.to(host.device, host.dtype), t.to(host.device), cond)
     return F.mse_loss(pred.float(), target.to(pred.device))
+
+
+@contextmanager
+def frozen(*modules: torch.nn.Module) -> Iterator[None]:
+    """Base model frozen for training: eval mode, no gradients; both restored afterwards."""
+    saved = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in modules]
+    for m in modules:
+        m.eval().requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, was_training, flags in saved:
+            for p, flag in zip(m.parameters(), flags, strict=True):
+                p.requires_grad_(flag)
+            m.train(was_training)
+
+
+def run_steps(
+    steps: int,
+    step_loss: Callable[[int], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    callbacks: Callbacks,
+    *,
+    preview_every: int = 0,
+    before_preview: Callable[[], None] | None = None,
+    first: int = 0,
+    total: int | None = None,
+) -> list[float]:
+    """The one training loop of both methods: ``steps`` optimizer steps of ``step_loss``.
+
+    ``step_loss(step)`` samples and returns the step's loss (it sets any offsets itself).
+    Progress is reported as ``first + step + 1`` of ``total`` (phases share one count);
+    ``should_stop`` is checked before every step, previews run every ``preview_every``.
+    """
+    total = first + steps if total is None else total
+    losses: list[float] = []
+    for step in range(steps):
+        done = first + step
+        if callbacks.should_stop and callbacks.should_stop():
+            raise Interrupted(f"training interrupted at step {done}/{total}")
+        loss = step_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if callbacks.progress:
+            callbacks.progress(done + 1, total, losses[-1])
+        if callbacks.preview and preview_every and (done + 1) % preview_every == 0:
+            with torch.no_grad():
+                if before_preview:
+                    before_preview()
+                callbacks.preview(done + 1)
+    return losses
 
 
 def train_attribute(
@@ -217,43 +288,31 @@ def train_attribute(
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=0.0)
 
-    unet = host.unet
-    was_training = unet.training
-    grad_flags = [p.requires_grad for p in unet.parameters()]
-    losses: list[float] = []
-    unet.eval().requires_grad_(False)
+    def step_loss(step: int) -> torch.Tensor:
+        i = int(torch.randint(latents.shape[0], (1,), generator=generator))
+        t = torch.randint(t_lo, t_hi + 1, (1,), generator=generator)
+        noise = torch.randn(latents[i : i + 1].shape, generator=generator)
+        hooks.factors = network()
+        return diffusion_loss(
+            host, latents[i : i + 1].to(host.device), noise.to(host.device), t, cond
+        )
+
+    def set_factors() -> None:
+        hooks.factors = network()
+
     try:
-        with OffsetHooks(modules) as hooks:
+        with frozen(host.unet), OffsetHooks(modules) as hooks:
             before = _probe_loss(host, network, hooks, probe, cond)
-            for step in range(config.steps):
-                if callbacks.should_stop and callbacks.should_stop():
-                    raise Interrupted(f"training interrupted at step {step}/{config.steps}")
-                i = int(torch.randint(latents.shape[0], (1,), generator=generator))
-                t = torch.randint(t_lo, t_hi + 1, (1,), generator=generator)
-                noise = torch.randn(latents[i : i + 1].shape, generator=generator)
-                hooks.factors = network()
-                loss = diffusion_loss(
-                    host, latents[i : i + 1].to(host.device), noise.to(host.device), t, cond
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                if callbacks.progress:
-                    callbacks.progress(step + 1, config.steps, losses[-1])
-                if (
-                    callbacks.preview
-                    and config.preview_every
-                    and (step + 1) % config.preview_every == 0
-                ):
-                    with torch.no_grad():
-                        hooks.factors = network()
-                        callbacks.preview(step + 1)
+            losses = run_steps(
+                config.steps,
+                step_loss,
+                optimizer,
+                callbacks,
+                preview_every=config.preview_every,
+                before_preview=set_factors,
+            )
             after = _probe_loss(host, network, hooks, probe, cond)
     finally:
-        for p, flag in zip(unet.parameters(), grad_flags, strict=True):
-            p.requires_grad_(flag)
-        unet.train(was_training)
         optimizer.state.clear()
     return TrainResult(
         config=config,
