@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 
 from .. import tiny
+from ..embeddings import ClipText, check_embeddings
 from ..errors import InputError, OstafError
 from ..images import square
 from ..naming import inspect_unet
 from ..offsets import WeightPatcher, check_lambda
+from .base import Embeddings
 
 DEFAULT_MODEL = "tiny"
 
@@ -38,6 +40,9 @@ class DiffusersHost:
         native = int(self.unet.config.sample_size * pipe.vae_scale_factor)
         self.resolution = resolution or native or default_res
         self.patcher = WeightPatcher(_linear_modules(self.unet))
+        self.text_encoders = [ClipText(pipe.tokenizer, pipe.text_encoder, "clip_l")]
+        if self.is_sdxl:
+            self.text_encoders.append(ClipText(pipe.tokenizer_2, pipe.text_encoder_2, "clip_g"))
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -89,14 +94,22 @@ class DiffusersHost:
         shift = getattr(self.pipe.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.pipe.vae.config.scaling_factor).to(self.dtype)
 
-    @torch.no_grad()
-    def encode_prompt(self, prompt: str) -> dict[str, Any]:
+    def encode_prompt(self, prompt: str, embeddings: Embeddings | None = None) -> dict[str, Any]:
+        if embeddings:
+            return self._encode_spliced(prompt, embeddings)
+        with torch.no_grad():
+            return self._encode_pipe(prompt)
+
+    def _encode_pipe(self, prompt: str) -> dict[str, Any]:
         if not self.is_sdxl:
             embeds, _ = self.pipe.encode_prompt(prompt, self.device, 1, False)
             return {"encoder_hidden_states": embeds}
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt, device=self.device, do_classifier_free_guidance=False
         )
+        return self._sdxl_cond(embeds, pooled)
+
+    def _sdxl_cond(self, embeds: torch.Tensor, pooled: torch.Tensor) -> dict[str, Any]:
         size = (self.resolution, self.resolution)
         time_ids = self.pipe._get_add_time_ids(
             size,
@@ -109,6 +122,28 @@ class DiffusersHost:
             "encoder_hidden_states": embeds,
             "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids},
         }
+
+    def _encode_spliced(self, prompt: str, embeddings: Embeddings) -> dict[str, Any]:
+        """What ``pipe.encode_prompt`` computes (SD1: last hidden state; SDXL: penultimate
+        hidden states of both encoders + CLIP-G's projected pooled output), with the new
+        tokens' vectors spliced into the input embeddings."""
+        check_embeddings(embeddings, [enc.width for enc in self.text_encoders])
+        per_encoder = [
+            {token: vectors[i] for token, vectors in embeddings.items()}
+            for i in range(len(self.text_encoders))
+        ]
+        if not self.is_sdxl:
+            out = self.text_encoders[0].run(prompt, per_encoder[0])
+            te_dtype = self.pipe.text_encoder.dtype
+            return {"encoder_hidden_states": out.last_hidden_state.to(te_dtype)}
+        hidden, pooled = [], None
+        for enc, vectors in zip(self.text_encoders, per_encoder, strict=True):
+            out = enc.run(prompt, vectors, output_hidden_states=True)
+            if enc.projection_dim is not None:
+                pooled = out.text_embeds
+            hidden.append(out.hidden_states[-2])
+        te_dtype = self.pipe.text_encoder_2.dtype
+        return self._sdxl_cond(torch.cat(hidden, dim=-1).to(te_dtype), pooled)
 
     def predict_noise(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]
@@ -142,12 +177,18 @@ class DiffusersHost:
         guidance: float = 5.0,
         negative_prompt: str = "",
         size: int | None = None,
+        embeddings: Embeddings | None = None,
     ) -> Image.Image:
+        """One image. ``embeddings``: new tokens' vectors, spliced where the tokens occur."""
         size = size or self.resolution
         generator = torch.Generator("cpu").manual_seed(int(seed))
+        text: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt or None}
+        if embeddings:
+            text = self._pipe_embeds(prompt, embeddings, "")
+            if negative_prompt:
+                text |= self._pipe_embeds(negative_prompt, embeddings, "negative_")
         out = self.pipe(
-            prompt,
-            negative_prompt=negative_prompt or None,
+            **text,
             num_inference_steps=steps,
             guidance_scale=guidance,
             height=size,
@@ -155,6 +196,13 @@ class DiffusersHost:
             generator=generator,
         )
         return out.images[0]
+
+    def _pipe_embeds(self, prompt: str, embeddings: Embeddings, prefix: str) -> dict[str, Any]:
+        cond = self._encode_spliced(prompt, embeddings)
+        kwargs = {f"{prefix}prompt_embeds": cond["encoder_hidden_states"]}
+        if self.is_sdxl:
+            kwargs[f"{prefix}pooled_prompt_embeds"] = cond["added_cond_kwargs"]["text_embeds"]
+        return kwargs
 
 
 def _betas(config: Any) -> torch.Tensor:

@@ -1,0 +1,203 @@
+"""Token embeddings: splicing equals the pipelines' own path, files, diffusers' loader."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lib_ostaf import tiny
+from lib_ostaf.embeddings import (
+    bundle_state_dict,
+    check_new_tokens,
+    file_stem,
+    load_embedding,
+    load_into_pipeline,
+    save_embedding,
+    tokens_in,
+    validate_token,
+    vectors_from_state,
+)
+from lib_ostaf.errors import AdapterFileError, IncompatibleModelError, InputError
+
+from .conftest import pristine, same_weights
+
+
+@pytest.fixture(params=["sd1", "sdxl"])
+def host(request, sd1_host, sdxl_host):
+    return sd1_host if request.param == "sd1" else sdxl_host
+
+
+def random_embedding(host, seed=0, n=1):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(n, enc.width, generator=g) * 0.1 for enc in host.text_encoders)
+
+
+def fresh_text_pipeline(host):
+    """A pipeline sharing the host's UNet/VAE but with its own tokenizer(s)/text encoder(s)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    p = host.pipe
+    parts = dict(unet=p.unet, vae=p.vae, scheduler=p.scheduler)
+    parts |= dict(text_encoder=copy.deepcopy(p.text_encoder), tokenizer=tiny.tokenizer())
+    if host.is_sdxl:
+        parts |= dict(text_encoder_2=copy.deepcopy(p.text_encoder_2), tokenizer_2=tiny.tokenizer())
+        return StableDiffusionXLPipeline(**parts)
+    return StableDiffusionPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+
+
+def cond_equal(a, b, exact=True):
+    check = torch.equal if exact else (lambda x, y: torch.allclose(x, y, atol=1e-6, rtol=1e-5))
+    same = check(a["encoder_hidden_states"], b["encoder_hidden_states"])
+    if "added_cond_kwargs" in a:
+        same = same and check(
+            a["added_cond_kwargs"]["text_embeds"], b["added_cond_kwargs"]["text_embeds"]
+        )
+    return same
+
+
+@pytest.mark.parametrize("token", ["mug1", "<mug1>", "<my_toy-2>", "A1"])
+def test_valid_tokens(token):
+    assert validate_token(token) == token
+    assert file_stem("<mug1>") == "mug1"
+
+
+@pytest.mark.parametrize("token", ["", " ", "two words", "<mug1", "mug1>", "a.b", "x:1", "<>"])
+def test_invalid_tokens(token):
+    with pytest.raises(InputError, match="token"):
+        validate_token(token)
+
+
+def test_new_tokens_must_be_distinct_and_new(sd1_host):
+    encoders = sd1_host.text_encoders
+    assert check_new_tokens(["<a1>", "<b1>"], encoders) == ["<a1>", "<b1>"]
+    with pytest.raises(InputError, match="duplicate"):
+        check_new_tokens(["<a1>", "<A1>"], encoders)
+    with pytest.raises(InputError, match="duplicate"):
+        check_new_tokens(["<a1>", "a1"], encoders)  # same file name
+    for word in ("mug", "Cat"):  # whole words of the tiny vocabulary
+        with pytest.raises(InputError, match="already exists in the tokenizer"):
+            check_new_tokens([word], encoders)
+
+
+def test_splicing_without_tokens_is_the_pipeline_path(host):
+    emb = {"<zz9>": random_embedding(host)}
+    for prompt in ["a photo of a mug", "a red cat and a blue dog on a table " * 8]:
+        assert cond_equal(host.encode_prompt(prompt), host.encode_prompt(prompt, emb))
+
+
+def test_spliced_vector_acts_as_that_word(host):
+    """The row of 'mug' spliced in for <zz9> gives bit-for-bit the prompt with 'mug'."""
+    mug = tuple(enc.word_vectors("mug") for enc in host.text_encoders)
+    assert all(v.shape == (1, enc.width) for v, enc in zip(mug, host.text_encoders, strict=True))
+    ours = host.encode_prompt("a photo of <zz9> on a table", {"<zz9>": mug})
+    assert cond_equal(ours, host.encode_prompt("a photo of mug on a table"))
+    # case-insensitive like CLIP, several occurrences, glued punctuation
+    ours = host.encode_prompt("<ZZ9>, a <zz9>!", {"<zz9>": mug})
+    assert cond_equal(ours, host.encode_prompt("mug, a mug!"))
+
+
+def test_multi_vector_token_and_truncation(sd1_host):
+    cat, dog = (sd1_host.text_encoders[0].word_vectors(w) for w in ("cat", "dog"))
+    two = {"<pet>": (torch.cat([cat, dog]),)}
+    assert cond_equal(
+        sd1_host.encode_prompt("a <pet> here", two), sd1_host.encode_prompt("a cat dog here")
+    )
+    long = "red " * 80 + "<pet>"  # the token falls after the 75-token limit: dropped
+    assert cond_equal(sd1_host.encode_prompt(long, two), sd1_host.encode_prompt("red " * 80))
+
+
+def hook_counts(module):
+    return [len(m._forward_hooks) for m in module.modules()]
+
+
+def test_gradient_reaches_only_the_vectors(host):
+    host.encode_prompt("warm up")  # transformers installs its own output-capturing hooks once
+    before, hooks = pristine(host.pipe.text_encoder), hook_counts(host.pipe.text_encoder)
+    vec = [v.clone().requires_grad_(True) for v in random_embedding(host)]
+    cond = host.encode_prompt("a photo of <zz9>", {"<zz9>": vec})
+    loss = cond["encoder_hidden_states"].pow(2).mean()
+    if host.is_sdxl:
+        loss = loss + cond["added_cond_kwargs"]["text_embeds"].pow(2).mean()
+    loss.backward()
+    assert all(v.grad is not None and float(v.grad.abs().sum()) > 0 for v in vec)
+    assert all(p.grad is None for p in host.pipe.text_encoder.parameters())
+    assert same_weights(host.pipe.text_encoder, before)
+    assert hook_counts(host.pipe.text_encoder) == hooks  # our splice hook is gone
+
+
+def test_wrong_width_is_refused(host):
+    bad = {"<zz9>": tuple(torch.zeros(1, enc.width + 1) for enc in host.text_encoders)}
+    with pytest.raises(IncompatibleModelError, match="needs"):
+        host.encode_prompt("a <zz9>", bad)
+
+
+def test_diffusers_load_textual_inversion_gives_our_output(host):
+    """diffusers' own loader (tokens added to the tokenizer) = our splicing, then undone."""
+    emb = {"<aa1>": random_embedding(host, 1), "<bb2>": random_embedding(host, 2)}
+    pipe = fresh_text_pipeline(host)
+    n_vocab = len(pipe.tokenizer)
+    undo = load_into_pipeline(pipe, emb, host.family)
+    assert len(pipe.tokenizer) == n_vocab + 2
+    for prompt in ["a photo of <aa1>", "a photo of <aa1> and <bb2>", "<bb2> on a table"]:
+        if host.is_sdxl:
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
+            theirs = {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled}}
+        else:
+            embeds, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+            theirs = {"encoder_hidden_states": embeds}
+        assert cond_equal(host.encode_prompt(prompt, emb), theirs, exact=False)
+    undo()
+    assert len(pipe.tokenizer) == n_vocab
+
+
+def test_portable_file_round_trip_and_keys(host, tmp_path):
+    vectors = random_embedding(host, 3)
+    path = save_embedding(tmp_path / "obj1.safetensors", vectors, host.family)
+    from safetensors.torch import load_file
+
+    keys = set(load_file(path))
+    assert keys == ({"clip_l", "clip_g"} if host.is_sdxl else {"emb_params"})
+    token, loaded = load_embedding(path, host.family)
+    assert token == "obj1"
+    assert all(torch.equal(a, b) for a, b in zip(loaded, vectors, strict=True))
+    with pytest.raises(InputError, match="already exists"):
+        save_embedding(path, vectors, host.family)
+    other = "sd1" if host.is_sdxl else "sdxl"
+    with pytest.raises(IncompatibleModelError):
+        load_embedding(path, other)
+
+
+def test_embedding_dict_forms():
+    t = torch.ones(1, 8)
+    assert vectors_from_state({"string_to_param.*": t}, "sd1", "x")[0].shape == (1, 8)
+    assert vectors_from_state({"clip_l": t, "clip_l_out": t}, None, "x")[0].shape == (1, 8)
+    assert len(vectors_from_state({"clip_l": t, "clip_g": torch.ones(1, 4)}, None, "x")) == 2
+    with pytest.raises(AdapterFileError, match="expected"):
+        vectors_from_state({"a": t, "b": t}, "sd1", "x")
+    with pytest.raises(AdapterFileError, match="clip_l"):
+        vectors_from_state({"clip_g": t}, "sdxl", "x")
+
+
+def test_pickle_embedding_refused(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"\x80\x04junk")
+    with pytest.raises(AdapterFileError, match="pickle"):
+        load_embedding(tmp_path / "x.pt")
+
+
+def test_bundle_keys():
+    emb = {"<o1>": (torch.ones(1, 4), torch.ones(1, 2))}
+    assert set(bundle_state_dict(emb, "sdxl")) == {
+        "bundle_emb.<o1>.clip_l",
+        "bundle_emb.<o1>.clip_g",
+    }
+    assert set(bundle_state_dict({"o2": (torch.ones(1, 4),)}, "sd1")) == {
+        "bundle_emb.o2.emb_params"
+    }
+
+
+def test_tokens_in_prompt():
+    assert tokens_in("a <B> and <a> and <b>", ["<a>", "<b>", "<c>"]) == ["<b>", "<a>"]
