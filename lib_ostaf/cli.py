@@ -1,4 +1,4 @@
-"""Command line: ``python -m lib_ostaf {train,generate,sweep,demo}``."""
+"""Command line: ``python -m lib_ostaf {train,implant,generate,sweep,demo}``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from .adapter_file import ADAPTER_SUFFIX, AdapterFile, load_adapter
 from .augment import ATTRIBUTES
+from .embeddings import adapter_embeddings, load_embedding, validate_token
 from .errors import InputError, OstafError
 from .offsets import check_lambda
 
@@ -61,14 +62,18 @@ def lambda_sweep(
     *,
     seed: int,
     steps: int,
+    embeddings: dict | None = None,
 ) -> Image.Image:
-    """Rows = prompts, columns = λ; the same seed in every cell. Model restored after."""
+    """Rows = prompts, columns = λ; the same seed in every cell. Model restored after.
+
+    ``embeddings``: object tokens' vectors (they stay on at every λ; λ scales the LoRA)."""
     cells = []
+    extra = {"embeddings": embeddings} if embeddings else {}
     try:
         for prompt in prompts:
             for lam in lambdas:
                 host.apply_adapters([(adapter, lam)])
-                cells.append(host.generate(prompt, seed=seed, steps=steps))
+                cells.append(host.generate(prompt, seed=seed, steps=steps, **extra))
     finally:
         host.apply_adapters([])
     return grid(cells, len(lambdas), [f"lambda {lam:g}" for lam in lambdas])
@@ -105,12 +110,63 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
     model_arg(t)
 
+    o = sub.add_parser(
+        "implant",
+        help="implant the object(s) of one image as new tokens (Lu, Xie, Guo 2024)",
+        description="One --token and one --class per object, in the same order; one --mask "
+        "per object or none (automatic masks, saved beside the output).",
+    )
+    o.add_argument("--image", required=True, type=Path)
+    o.add_argument("--token", action="append", default=[], help="new word, e.g. <mug1>")
+    o.add_argument(
+        "--class", dest="classes", action="append", default=[], help="class word, e.g. mug"
+    )
+    o.add_argument("--mask", action="append", default=[], type=Path, help="white = object")
+    o.add_argument("--name", required=True, help="output name (file stem)")
+    o.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    o.add_argument(
+        "--embeddings-dir",
+        type=Path,
+        default=None,
+        help="where the portable embeddings go (default <out>/<name>.embeddings)",
+    )
+    o.add_argument(
+        "--bundle", action="store_true", help="also write <name>.a1111.safetensors (bundle_emb)"
+    )
+    o.add_argument(
+        "--clip",
+        default=None,
+        help="CLIP image tower folder for the prototypical embedding; 'auto' (local cache, "
+        "default) or 'none' (class word)",
+    )
+    o.add_argument("--steps", type=int, default=None)
+    o.add_argument("--embedding-steps", type=int, default=None)
+    o.add_argument("--rank", type=int, default=None)
+    o.add_argument("--lr", type=float, default=None)
+    o.add_argument("--embedding-lr", type=float, default=None)
+    o.add_argument("--class-weight", type=float, default=None, help="0 disables")
+    o.add_argument("--background-weight", type=float, default=None)
+    o.add_argument("--feather", type=float, default=None)
+    o.add_argument("--prototype-steps", type=int, default=None)
+    o.add_argument("--probe", type=int, default=None, help="probe draws per prompt")
+    o.add_argument("--no-flip", action="store_true")
+    o.add_argument("--seed", type=int, default=None)
+    o.add_argument("--default-lambda", type=float, default=None)
+    o.add_argument("--overwrite", action="store_true")
+    model_arg(o)
+
     g = sub.add_parser("generate", help="generate with adapters applied")
     g.add_argument("--prompt", required=True)
     g.add_argument(
         "--adapter", action="append", default=[], help="name[:λ] or file[:λ]; repeatable"
     )
     g.add_argument("--adapters-dir", type=Path, default=DEFAULT_OUT)
+    g.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        help="extra token embedding file[:token] (.safetensors); object adapters load theirs",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--guidance", type=float, default=5.0)
@@ -176,12 +232,22 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB, {len(result.targets)} layers)")
         return 0
 
+    if args.command == "implant":
+        return _implant(args)
+
     if args.command == "generate":
         host = DiffusersHost.load(args.model)
         adapters = []
+        embeddings: dict = {}
         for spec in args.adapter:
             adapter, lam = resolve_adapter(spec, args.adapters_dir)
             adapters.append((adapter, adapter.default_lambda if lam is None else lam))
+            embeddings |= adapter_embeddings(adapter, host.family)
+        for spec in args.embedding:
+            token, vectors = _embedding_file(spec, host.family)
+            embeddings[token] = vectors
+        if embeddings:
+            print(f"object tokens: {', '.join(embeddings)}")
         host.apply_adapters(adapters)
         try:
             image = host.generate(
@@ -191,6 +257,7 @@ def _run(args: argparse.Namespace) -> int:
                 guidance=args.guidance,
                 negative_prompt=args.negative,
                 size=args.size,
+                **({"embeddings": embeddings} if embeddings else {}),
             )
         finally:
             host.apply_adapters([])
@@ -204,7 +271,16 @@ def _run(args: argparse.Namespace) -> int:
         lambdas = [check_lambda(x) for x in args.lambdas.split(",") if x.strip()]
         if not lambdas:
             raise InputError("--lambdas needs at least one value")
-        image = lambda_sweep(host, adapter, args.prompt, lambdas, seed=args.seed, steps=args.steps)
+        embeddings = adapter_embeddings(adapter, host.family)
+        image = lambda_sweep(
+            host,
+            adapter,
+            args.prompt,
+            lambdas,
+            seed=args.seed,
+            steps=args.steps,
+            embeddings=embeddings or None,
+        )
         image.save(args.output)
         print(f"wrote {args.output}")
         return 0
@@ -228,6 +304,85 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {path} and {sweep_path}")
         return 0
     raise AssertionError(args.command)
+
+
+def _embedding_file(spec: str, family: str):
+    """``file.safetensors`` or ``file.safetensors:token`` → (token, vectors)."""
+    path, token = Path(spec), None
+    head, sep, tail = spec.rpartition(":")
+    if sep and head.endswith(ADAPTER_SUFFIX) and not path.exists():
+        path, token = Path(head), validate_token(tail)
+    if not path.is_file():
+        raise InputError(f"embedding not found: {path}")
+    name, vectors = load_embedding(path, family)
+    return token or name, vectors
+
+
+def _implant(args: argparse.Namespace) -> int:
+    from .hosts.diffusers_host import DiffusersHost
+    from .objects import (
+        ObjectConfig,
+        export_objects,
+        objects_from_lists,
+        planned_files,
+        refuse_existing,
+        train_objects,
+        with_overrides,
+    )
+    from .train import Callbacks
+
+    objects = objects_from_lists(args.token, args.classes, args.mask)
+    config = with_overrides(
+        ObjectConfig(),
+        steps=args.steps,
+        embedding_steps=args.embedding_steps,
+        rank=args.rank,
+        lr=args.lr,
+        embedding_lr=args.embedding_lr,
+        class_weight=args.class_weight,
+        background_weight=args.background_weight,
+        feather=args.feather,
+        prototype_steps=args.prototype_steps,
+        n_probe=args.probe,
+        flip=False if args.no_flip else None,
+        seed=args.seed,
+        clip=args.clip,
+        default_lambda=args.default_lambda,
+    )
+    planned = planned_files(
+        args.out,
+        args.name,
+        [o.token for o in objects],
+        [not args.mask] * len(objects),
+        bundle=args.bundle,
+        embeddings_dir=args.embeddings_dir,
+    )
+    if not args.overwrite:
+        refuse_existing(planned)  # before training: a clash costs nothing
+    host = DiffusersHost.load(args.model)
+    result = train_objects(host, args.image, objects, config, Callbacks(progress=_print_progress))
+    files = export_objects(
+        result,
+        args.out,
+        args.name,
+        overwrite=args.overwrite,
+        bundle=args.bundle,
+        embeddings_dir=args.embeddings_dir,
+    )
+    print()
+    for p in result.prototypes:
+        if p.cos_prototype is not None:
+            print(
+                f"{p.token}: prototypical embedding ({p.encoder}), cosine to the prototype "
+                f"{p.cos_class_word:.3f} (class word) → {p.cos_prototype:.3f}"
+            )
+        else:
+            print(f"{p.token}: initialised from its class word ({p.note})")
+    for label, (before, after) in result.probe.items():
+        print(f"object loss '{label}': {before:.4f} → {after:.4f}")
+    for path in files.all():
+        print(f"wrote {path}")
+    return 0
 
 
 def _print_progress(step: int, total: int, loss: float) -> None:

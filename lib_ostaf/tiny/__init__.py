@@ -216,3 +216,43 @@ def load_weights(parts: dict[str, Any], path: Path) -> None:
     for name in ("unet", "vae", "text_encoder"):
         sub = {k[len(name) + 1 :]: v.float() for k, v in state.items() if k.startswith(name + ".")}
         parts[name].load_state_dict(sub, strict=True)
+
+
+VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 64,
+    "patch_size": 16,
+}
+
+
+def clip_tower(text_encoder: Any, *, seed: int = SEED + 1) -> Any:
+    """A tiny CLIP image tower matching ``text_encoder`` (for the prototypical embedding).
+
+    A text encoder with its own projection (SDXL's CLIP-G stand-in) gets a
+    ``CLIPVisionModelWithProjection`` of the same projection width; one without (SD1's
+    CLIP-L stand-in) gets a full ``CLIPModel`` whose text tower is a copy of it, so the
+    text projection belongs to the same CLIP. Random, deterministic in ``seed``.
+    """
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        if getattr(text_encoder, "text_projection", None) is not None:
+            projection = int(text_encoder.config.projection_dim)
+            tower = CLIPVisionModelWithProjection(
+                CLIPVisionConfig(**VISION, projection_dim=projection)
+            )
+        else:
+            config = CLIPConfig(
+                text_config=text_encoder.config.to_dict(), vision_config=VISION, projection_dim=32
+            )
+            tower = CLIPModel(config)
+            state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+            tower.text_model.load_state_dict(state)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return tower.eval().requires_grad_(False)
