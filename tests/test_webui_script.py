@@ -1,0 +1,310 @@
+"""scripts/ostaf.py itself, loaded with fake ``gradio`` and ``modules`` (no WebUI needed):
+registration, the extra network + always-visible script path of one generation, the cards
+page, the X/Y/Z axes and the tab's Train function."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import sys
+import threading
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lib_ostaf.adapter_file import load_adapter
+from lib_ostaf.naming import inspect_unet, module_name_from_kohya
+
+from .conftest import pristine, same_weights
+from .webui_fakes import FakeSdModel, FakeState, make_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Anything:
+    """Any gradio component / layout block: accepts everything, records nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+def _fake_gradio() -> types.ModuleType:
+    gr = types.ModuleType("gradio")
+
+    def component(name: str) -> type:
+        if name.startswith("__"):  # __file__, __path__, …: a real module would lack them too
+            raise AttributeError(name)
+        return _Anything
+
+    gr.__getattr__ = component  # type: ignore[attr-defined]
+    gr.update = lambda **kw: {"__type__": "update", **kw}  # type: ignore[attr-defined]
+    return gr
+
+
+class _Params:
+    def __init__(self, items):
+        self.items = items
+
+
+def _fake_modules(tmp_path: Path, sd_model) -> dict[str, types.ModuleType]:
+    callbacks: dict[str, list] = {}
+
+    def recorder(kind):
+        return lambda fn, **kw: callbacks.setdefault(kind, []).append(fn)
+
+    script_callbacks = types.ModuleType("modules.script_callbacks")
+    for kind in ("before_ui", "ui_tabs", "app_started", "model_loaded", "script_unloaded"):
+        setattr(script_callbacks, f"on_{kind}", recorder(kind))
+    script_callbacks.registered = callbacks
+
+    shared = types.ModuleType("modules.shared")
+    shared.options_templates = {}
+    shared.options_section = lambda section, options: options
+    shared.OptionInfo = lambda default, label, *a, **k: types.SimpleNamespace(default=default)
+    shared.opts = types.SimpleNamespace(samples_format="png")
+    shared.cmd_opts = types.SimpleNamespace(ostaf_dir=str(tmp_path), api_auth=None, lowvram=False)
+    shared.sd_model = sd_model
+    shared.state = FakeState()
+
+    devices = types.ModuleType("modules.devices")
+    devices.device, devices.dtype_unet = torch.device("cpu"), torch.float32
+    devices.autocast, devices.torch_gc = contextlib.nullcontext, lambda: None
+
+    extra_networks = types.ModuleType("modules.extra_networks")
+    extra_networks.registered = []
+
+    class ExtraNetwork:
+        def __init__(self, name):
+            self.name = name
+
+    extra_networks.ExtraNetwork = ExtraNetwork
+    extra_networks.register_extra_network = extra_networks.registered.append
+
+    uen = types.ModuleType("modules.ui_extra_networks")
+    uen.pages = []
+
+    class ExtraNetworksPage:
+        def __init__(self, title):
+            self.title, self.name = title, title.lower()
+
+        def find_preview(self, path):
+            p = Path(path + ".preview.png")
+            return f"./thumb?filename={p}" if p.exists() else None
+
+        def search_terms_from_path(self, filename):
+            return Path(filename).name
+
+        def get_sort_keys(self, path):
+            return {"name": Path(path).name}
+
+        def read_user_metadata(self, item):
+            card = Path(item["filename"][: -len(".safetensors")] + ".json")
+            item["user_metadata"] = json.loads(card.read_text()) if card.exists() else {}
+            if "description" in item["user_metadata"]:
+                item["description"] = item["user_metadata"]["description"]  # raw, as A1111
+
+    uen.ExtraNetworksPage = ExtraNetworksPage
+    uen.quote_js = json.dumps
+    uen.register_page = uen.pages.append
+
+    xyz = types.ModuleType("xyz_grid.py")
+
+    class AxisOption:
+        def __init__(self, label, type, apply, format_value=None, choices=None, **kw):
+            self.label, self.type, self.apply, self.choices = label, type, apply, choices
+
+    xyz.AxisOption, xyz.format_value = AxisOption, lambda p, opt, x: x
+    xyz.axis_options = [AxisOption("Seed", int, None)]
+    xyz_class = type("Script", (), {"__module__": "xyz_grid.py"})
+
+    scripts = types.ModuleType("modules.scripts")
+
+    class Script:
+        is_img2img = False
+
+        def elem_id(self, item_id):
+            return f"script_txt2img_ostaf_{item_id}"
+
+    scripts.Script, scripts.AlwaysVisible = Script, object()
+    scripts.scripts_data = [types.SimpleNamespace(script_class=xyz_class, module=xyz)]
+
+    call_queue = types.ModuleType("modules.call_queue")
+    call_queue.queue_lock = threading.Lock()
+    call_queue.wrap_gradio_gpu_call = lambda fn, extra_outputs=None: fn
+
+    paths = types.ModuleType("modules.paths")
+    paths.models_path = str(tmp_path / "models")
+
+    pkg = types.ModuleType("modules")
+    pkg.__path__ = []
+    mods = {
+        "shared": shared,
+        "devices": devices,
+        "extra_networks": extra_networks,
+        "ui_extra_networks": uen,
+        "scripts": scripts,
+        "script_callbacks": script_callbacks,
+        "call_queue": call_queue,
+        "paths": paths,
+    }
+    for name, mod in mods.items():
+        setattr(pkg, name, mod)
+    out = {f"modules.{k}": v for k, v in mods.items()}
+    return {"modules": pkg, **out, "gradio": _fake_gradio(), "xyz": xyz}
+
+
+@pytest.fixture()
+def glue(tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    sd_model = FakeSdModel()
+    fakes = _fake_modules(tmp_path, sd_model)
+    xyz = fakes.pop("xyz")
+    for name, mod in fakes.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    for name in ("networks", "network"):  # the built-in Lora disabled: fallback path
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    spec = importlib.util.spec_from_file_location("ostaf.py", ROOT / "scripts" / "ostaf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.APPLIER.forget()
+    yield types.SimpleNamespace(m=module, fakes=fakes, xyz=xyz, sd_model=sd_model, dir=tmp_path)
+    module.APPLIER.reset(sd_model)
+    torch.set_num_threads(threads)
+
+
+def test_callbacks_registrations_and_settings(glue):
+    cbs = glue.fakes["modules.script_callbacks"].registered
+    assert {k: len(v) for k, v in cbs.items()} == {
+        "before_ui": 1,
+        "ui_tabs": 1,
+        "app_started": 1,
+        "model_loaded": 1,
+        "script_unloaded": 1,
+    }
+    assert "ostaf_dir" in glue.fakes["modules.shared"].options_templates
+    assert glue.m.REGISTRY.root == glue.dir.absolute()  # --ostaf-dir
+    cbs["before_ui"][0]()
+    cbs["before_ui"][0]()  # "Reload UI" runs it again: no duplicate axes
+    labels = [o.label for o in glue.xyz.axis_options]
+    assert labels == ["Seed", "OSTAF λ", "OSTAF adapter"]
+    assert [n.name for n in glue.fakes["modules.extra_networks"].registered] == ["ostaf"] * 2
+    assert cbs["ui_tabs"][0]()[0][1:] == ("OSTAF", "ostaf")
+
+
+def _p():
+    p = types.SimpleNamespace(
+        all_negative_prompts=["<ostaf:app:1> blurry"], extra_generation_params={}, comments=[]
+    )
+    p.comment = p.comments.append
+    return p
+
+
+def _expected(glue, base, terms):
+    info = inspect_unet(glue.sd_model.model.diffusion_model)
+    want = {k: v.clone() for k, v in base.items()}
+    for name, lam in terms:
+        for key, m in load_adapter(glue.dir / f"{name}.safetensors").modules.items():
+            w = "model.diffusion_model." + module_name_from_kohya(key, info) + ".weight"
+            want[w] = want[w] + lam * m.delta()
+    state = glue.sd_model.state_dict()
+    return all(torch.allclose(state[k], v, atol=1e-6) for k, v in want.items())
+
+
+def test_one_generation_through_the_glue(glue):
+    unet = glue.sd_model.model.diffusion_model
+    make_adapter(glue.dir, "app", unet, seed=1)
+    make_adapter(glue.dir, "shp", unet, attribute="shape", seed=2)
+    base = pristine(glue.sd_model)
+    network, script = glue.m.ExtraNetworkOstaf(), glue.m.OstafScript()
+    p = _p()
+    script.process(p, True, "shp", 0.5, "None", 1.0, "None", 1.0)  # accordion: shp at 0.5
+    assert p.all_negative_prompts == [" blurry"] and "negative prompt" in p.comments[0]
+    network.activate(p, [_Params(["app", "0.8"]), _Params(["missing"])])
+    script.after_extra_networks_activate(p, True, "shp", 0.5)
+    assert _expected(glue, base, [("app", 0.8), ("shp", 0.5)])
+    text = p.extra_generation_params["OSTAF"]
+    assert text.startswith("app:0.8 (") and ", shp:0.5 (" in text
+    assert any("missing" in c and "not found" in c for c in p.comments)  # html-escaped
+    glue.m._xyz_lambda(p, "2", None)  # X/Y/Z "OSTAF λ" cell
+    script.after_extra_networks_activate(p)
+    assert _expected(glue, base, [("app", 2.0), ("shp", 2.0)])
+    q = _p()  # next job: no tags, accordion off → exact restore, no infotext
+    script.process(q, False)
+    network.activate(q, [])
+    script.after_extra_networks_activate(q)
+    assert same_weights(glue.sd_model, base) and "OSTAF" not in q.extra_generation_params
+    # pasting p's infotext back: the tagged adapter stays in the prompt, shp goes to the slot
+    params = {"Prompt": "cat <ostaf:app:0.8>", "OSTAF": text}
+    assert glue.m._paste_enabled(params)["value"] is True
+    assert glue.m._paste_slot(0, 0)(params)["value"] == "shp"
+    assert glue.m._paste_slot(0, 1)(params)["value"] == 0.5
+    assert glue.m._paste_slot(1, 0)(params)["value"] == "None"
+
+
+def test_cards_page(glue):
+    unet = glue.sd_model.model.diffusion_model
+    make_adapter(glue.dir, "app", unet, preferred=0.6, description="<img src=x onerror=alert(1)>")
+    page = glue.m.ExtraNetworksPageOstaf()
+    items = list(page.list_items())
+    assert [i["name"] for i in items] == ["app"]
+    item = items[0]
+    assert json.loads("[" + item["prompt"].replace(" + ", ",") + "]") == ["<ostaf:app:", "0.6", ">"]
+    assert item["description"].startswith("[attribute] [appearance] [SD1]")  # WebUI escapes
+    glue.fakes["modules.shared"].opts.extra_networks_card_description_is_html = True
+    html_desc = page.create_item("app")["description"]
+    assert "<img" not in html_desc and "&lt;img" in html_desc and "ostaf-badge" in html_desc
+    assert item["sd_version"] == "SD1" and len(item["shorthash"]) == 12
+    assert page.create_item("../escape") is None
+    assert page.allowed_directories_for_previews() == [str(glue.dir.absolute())]
+
+
+def test_tab_train_button(glue):
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    args = [
+        "task(x)",
+        image,
+        "appearance",
+        "tab_run",
+        "ostafv",
+        "",
+        2,
+        2,
+        1e-2,
+        0,
+        "hypernet",
+        False,
+        ["attn2"],
+        ["to_k", "to_v"],
+        "",
+        1.0,
+        64,
+        0,
+        False,
+    ]
+    glue.fakes["modules.shared"].opts.ostaf_sweep = "0, 1"
+    glue.fakes["modules.shared"].opts.ostaf_preview_steps = 1
+    images, log, card = glue.m._train_ui(*args)
+    assert "tab_run" in card and "KiB" in card and "wrote" in log, (log, card)
+    assert len(images) == 1 and (glue.dir / "tab_run.safetensors").is_file()
+    again = glue.m._train_ui(*args)  # same name, no overwrite: refused before training
+    assert again[0] == [] and "already exists" in again[2]
+    bad = list(args)
+    bad[3] = "../../etc/x"
+    assert "path separator" in glue.m._train_ui(*bad)[2]
+    bad = list(args)
+    bad[1] = None
+    assert "no reference image" in glue.m._train_ui(*bad)[2]
