@@ -81,6 +81,8 @@ class OstafHypernet(nn.Module):
         for head in self.up_heads.values():
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+        self._rows_in = _rows_by(layers, "in_features")
+        self._rows_out = _rows_by(layers, "out_features")
         self.register_buffer(
             "kind_ids",
             torch.tensor([self.kind_index[x.kind] for x in layers], dtype=torch.long),
@@ -88,18 +90,23 @@ class OstafHypernet(nn.Module):
         )
 
     def forward(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Factors of every layer: ``{key: (A [r, in], B [out, r])}`` with ΔW = B·A."""
+        """Factors of every layer: ``{key: (A [r, in], B [out, r])}`` with ΔW = B·A.
+
+        Each head runs once on the stacked features of all layers of its width (a handful
+        of calls per step, not two per layer — see docs/performance.md).
+        """
         r = self.config.rank
         features = self.trunk(self.codes + self.kind_embedding(self.kind_ids))
-        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for i, layer in enumerate(self.layers):
-            f = features[i]
+        down: dict[int, torch.Tensor] = {}
+        up: dict[int, torch.Tensor] = {}
+        for width, rows in self._rows_in.items():
             # 1/sqrt(in) keeps A x of unit scale, as LoRA's Kaiming init of lora_down does.
-            down = self.down_heads[str(layer.in_features)](f).view(r, layer.in_features)
-            down = down / math.sqrt(layer.in_features)
-            up = self.up_heads[str(layer.out_features)](f).view(layer.out_features, r)
-            factors[layer.key] = (down, up)
-        return factors
+            y = self.down_heads[str(width)](features[rows]).view(len(rows), r, width)
+            down.update(zip(rows, (y / math.sqrt(width)).unbind(0), strict=True))
+        for width, rows in self._rows_out.items():
+            y = self.up_heads[str(width)](features[rows]).view(len(rows), width, r)
+            up.update(zip(rows, y.unbind(0), strict=True))
+        return {layer.key: (down[i], up[i]) for i, layer in enumerate(self.layers)}
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -129,6 +136,14 @@ class DirectLoRA(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _rows_by(layers: Sequence[LayerShape], attr: str) -> dict[int, list[int]]:
+    """Layer indices grouped by a width (``in_features`` or ``out_features``)."""
+    rows: dict[int, list[int]] = {}
+    for i, layer in enumerate(layers):
+        rows.setdefault(getattr(layer, attr), []).append(i)
+    return rows
 
 
 OFFSET_NETWORKS = {"hypernet": OstafHypernet, "lora": DirectLoRA}

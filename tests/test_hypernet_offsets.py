@@ -137,3 +137,19 @@ def test_delta_weight_alpha_scaling():
     down, up = torch.randn(4, 6), torch.randn(3, 4)
     torch.testing.assert_close(delta_weight(down, up, alpha=2.0), 0.5 * up @ down)
     torch.testing.assert_close(delta_weight(down, up), up @ down)
+
+
+def test_batched_heads_equal_per_layer_heads():
+    """forward() runs each head once per width; the factors equal a per-layer evaluation."""
+    torch.manual_seed(0)
+    net = OstafHypernet(LAYERS, HypernetConfig(rank=3, code_dim=8, hidden=16))
+    for head in net.up_heads.values():  # non-zero B so the check means something
+        torch.nn.init.normal_(head.weight)
+    factors = net()
+    features = net.trunk(net.codes + net.kind_embedding(net.kind_ids))
+    for i, layer in enumerate(LAYERS):
+        n_in, n_out = layer.in_features, layer.out_features
+        down = net.down_heads[str(n_in)](features[i]).view(3, n_in) / n_in**0.5
+        up = net.up_heads[str(n_out)](features[i]).view(n_out, 3)
+        torch.testing.assert_close(factors[layer.key][0], down, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(factors[layer.key][1], up, rtol=1e-6, atol=1e-7)
