@@ -134,6 +134,7 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=int, default=50)
     ap.add_argument("--out", type=Path, default=Path("runs/tiny"))
     ap.add_argument("--install", type=Path, default=None, help="checkpoint → weights file")
+    ap.add_argument("--resume", type=Path, default=None, help="start from a checkpoint")
     args = ap.parse_args()
     if args.install:
         install(args.install)
@@ -141,19 +142,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    if tiny.WEIGHTS.exists():
+    if tiny.WEIGHTS.exists() and not args.resume:
         raise SystemExit(f"move {tiny.WEIGHTS} away first: training starts from scratch")
     parts = tiny.components("sd1", seed=tiny.SEED + args.seed)
     unet, text, tok = parts["unet"], parts["text_encoder"], parts["tokenizer"]
     vae = analytic_vae(parts["vae"])
+    if args.resume:  # a further stage: live and EMA weights start from the checkpoint
+        tiny.load_weights(parts, args.resume)
+        vae = analytic_vae(parts["vae"])
     unet.train().requires_grad_(True)
     text.train().requires_grad_(True)
     ema = {"unet": copy.deepcopy(unet).eval(), "text_encoder": copy.deepcopy(text).eval()}
     params = [*unet.parameters(), *text.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    betas = torch.linspace(
-        tiny.SCHEDULER["beta_start"] ** 0.5, tiny.SCHEDULER["beta_end"] ** 0.5, 1000
-    ) ** 2
+    betas = (
+        torch.linspace(tiny.SCHEDULER["beta_start"] ** 0.5, tiny.SCHEDULER["beta_end"] ** 0.5, 1000)
+        ** 2
+    )
     abar = torch.cumprod(1 - betas.double(), 0).float()
     gen = torch.Generator().manual_seed(args.seed)
     log = (args.out / "log.jsonl").open("a")
@@ -182,7 +187,7 @@ def main() -> None:
             for name, live in (("unet", unet), ("text_encoder", text)):
                 for pe, pl in zip(ema[name].parameters(), live.parameters(), strict=True):
                     pe.lerp_(pl, 1 - decay)
-        rec = {"step": step, "loss": round(float(loss), 5), "lr": lr, "s": time.time() - started}
+        rec = {"step": step, "loss": round(loss.item(), 5), "lr": lr, "s": time.time() - started}
         log.write(json.dumps(rec) + "\n")
         log.flush()
         if step % args.ckpt_every == 0 or step == args.steps:

@@ -151,7 +151,7 @@ def texture_rgb(spec: Spec, grid: int = GRID) -> np.ndarray:
     elif t == "noisy":
         k = rng.uniform(0, 0.9, size=(grid, grid)).astype(np.float32)
     elif t == NEW_TEXTURE:
-        k = ((((xx + yy + ox) // 2) % 2)).astype(np.float32)
+        k = (((xx + yy + ox) // 2) % 2).astype(np.float32)
     else:
         raise ValueError(f"unknown texture {t!r}")
     return base[None, None] * (1 - k[..., None]) + dark[None, None] * k[..., None]
