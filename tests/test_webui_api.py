@@ -23,6 +23,12 @@ def _png(size=(16, 16)) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _wait(job, seconds: float = 30.0) -> None:
+    deadline = time.time() + seconds
+    while job.active and time.time() < deadline:
+        time.sleep(0.01)
+
+
 def test_second_job_is_refused_until_the_first_ends():
     jobs = JobManager()
     first = jobs.begin()
@@ -34,10 +40,7 @@ def test_second_job_is_refused_until_the_first_ends():
     with pytest.raises(JobBusy):
         jobs.begin()
     release.set()
-    for _ in range(100):
-        if not first.active:
-            break
-        time.sleep(0.01)
+    _wait(first)
     assert first.status == "done" and first.result == {"ok": 1}
     assert jobs.begin().id != first.id  # free again
 
@@ -117,10 +120,7 @@ def test_train_route_validates_before_starting(tmp_path):
     with pytest.raises(ApiError, match="already exists"):
         api.train(TrainBody(image=_png(), name="taken"))
     out = api.train(TrainBody(image=_png(), name="taken", overwrite=True, steps=3))
-    for _ in range(200):
-        if not api.jobs.current.active:
-            break
-        time.sleep(0.01)
+    _wait(api.jobs.current)
     assert api.progress(out["job_id"])["status"] == "done"
     assert calls[0].steps == 3 and calls[0].image.size == (16, 16)
     with pytest.raises(ApiError) as e:
