@@ -191,6 +191,7 @@ def test_riding_the_builtin_lora_restores_exactly(sd_model, folder):
     assert lora.loads == loads
     generate((), [])  # no tags → exact restore
     assert same_weights(sd_model, base)
+    assert lora.available_network_hash_lookup == {"userlora1234": "user's"}  # untouched
     for _ in range(3):  # a sequence mixing everything, then nothing: bit-identical
         generate(user_lora, ["app:-1", "shp:2"])
         generate((), ["nope", "xl"])

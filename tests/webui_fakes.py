@@ -177,17 +177,23 @@ class FakeNetwork:
 
 
 class FakeNetworkOnDisk:
+    lookup: dict[str, Any] | None = None  # A1111: networks.available_network_hash_lookup
+
     def __init__(self, name: str, filename: str) -> None:
         self.name, self.filename = name, filename
+        if self.lookup is not None:  # A1111's set_hash() registers every NetworkOnDisk
+            self.lookup[Path(filename).stem[:12]] = self
 
 
 class FakeLora:
     """A1111's Lora semantics, reduced to what weight integrity depends on."""
 
-    NetworkOnDisk = FakeNetworkOnDisk
-
     def __init__(self, sd_model: FakeSdModel) -> None:
         self.network = self  # A1111's networks.py imports its sibling module `network`
+        self.available_network_hash_lookup: dict[str, Any] = {"userlora1234": "user's"}
+        self.NetworkOnDisk = type(
+            "NetworkOnDisk", (FakeNetworkOnDisk,), {"lookup": self.available_network_hash_lookup}
+        )
         self.sd_model = sd_model
         self.loaded_networks: list[Any] = []
         self.loads = 0

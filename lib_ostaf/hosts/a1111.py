@@ -249,7 +249,16 @@ class A1111Applier:
         # the Lora extension's `network` module (its networks.py imports it)
         network = getattr(networks, "network", None) or sys.modules["network"]
         name = f"{NET_PREFIX}{planned.name}@{planned.short_hash}"
-        on_disk = network.NetworkOnDisk(name, str(planned.adapter.path))
+        # NetworkOnDisk registers itself in Lora's hash lookup (used to rewrite pasted
+        # <lora:…> tags); keep that table as it was so our files never hijack a paste.
+        lookup = getattr(networks, "available_network_hash_lookup", None)
+        saved = dict(lookup) if isinstance(lookup, dict) else None
+        try:
+            on_disk = network.NetworkOnDisk(name, str(planned.adapter.path))
+        finally:
+            if saved is not None:
+                lookup.clear()
+                lookup.update(saved)
         net = networks.load_network(name, on_disk)
         expected = sum(1 for k in planned.adapter.modules if k.startswith("lora_unet_"))
         if len(net.modules) < expected:
