@@ -82,3 +82,30 @@ def test_tab_trains_with_progress_bar_and_preview(fast_settings, tmp_path):
                 Path(shots).mkdir(parents=True, exist_ok=True)
                 (Path(shots) / png.name).write_bytes(png.read_bytes())
         browser.close()
+
+
+def test_card_click_inserts_the_tag():
+    names = [a["name"] for a in _get("/ostaf/v1/adapters")["adapters"] if not a["error"]]
+    if not names:
+        pytest.skip("no adapter in the server's folder yet (run test_a1111.py first)")
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(URL, timeout=5 * MINUTES)
+        tabs = page.locator("#txt2img_extra_tabs > .tab-nav > button")
+        tabs.filter(has_text=re.compile(r"^\s*OSTAF\s*$")).first.click(timeout=5 * MINUTES)
+        card = page.locator("#txt2img_ostaf_cards_html .card").first
+        card.wait_for(timeout=MINUTES)
+        assert "[attribute]" in card.inner_text() or "ostaf-badge" in card.inner_html()
+        card.click()
+        prompt = page.locator("#txt2img_prompt textarea").input_value()
+        assert re.search(r"<ostaf:[^:>]+:-?[0-9.]+>", prompt), prompt
+        browser.close()
+
+
+def _get(path: str) -> dict:
+    with urllib.request.urlopen(URL + path, timeout=60) as r:
+        return json.loads(r.read())
