@@ -9,7 +9,7 @@ The paper's three parts, by their names (our reconstruction of each: docs/method
   image tower → the class word's embedding (``class-word-fallback``, logged and recorded).
 * **class-characterizing regularization** — :func:`prior_preservation_loss` (adapted vs
   frozen base model on the class prompt, same x_t and t; image-free) +
-  :func:`anchor_loss` (each token near its class word).
+  :func:`anchor_loss` (each token no farther from its class word than it started).
 * **object-specific loss** — :func:`object_loss`: the diffusion loss weighted by the union
   of the masks of the objects named in the step's prompt; a random subset of objects per
   step ("a photo of <o1> and <o2>").
@@ -141,7 +141,7 @@ class ObjectConfig:
     lr: float = 1e-4  # LoRA factors
     embedding_lr: float = 5e-4  # token vectors (0 = keep the initialisation)
     class_weight: float = 1.0  # class-characterizing regularization; 0 disables it
-    anchor_weight: float = 0.01  # inside it: ‖e − e_class‖² / ‖e_class‖² vs prior preservation
+    anchor_weight: float = 0.01  # inside it: the token's drift from its class word (relative)
     background_weight: float = 0.0  # loss weight outside the objects' masks
     feather: float = 1.0  # soft mask halo, σ in latent cells
     flip: bool = True  # mirrored view (image and masks)
@@ -239,14 +239,26 @@ def prior_preservation_loss(adapted: torch.Tensor, base: torch.Tensor) -> torch.
     return F.mse_loss(adapted.float(), base.float().detach())
 
 
+def relative_distance(v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """‖v − c‖² / ‖c‖²: scale-free, so one weight fits every text encoder."""
+    c = c.to(v.device, torch.float32)
+    return (v.float() - c).pow(2).sum() / c.pow(2).sum().clamp_min(1e-12)
+
+
 def anchor_loss(
-    vectors: Sequence[torch.Tensor], class_vectors: Sequence[torch.Tensor]
+    vectors: Sequence[torch.Tensor],
+    class_vectors: Sequence[torch.Tensor],
+    margins: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """Mean over text encoders of ‖e − e_class‖² / ‖e_class‖² (scale-free; 0 at the class word)."""
-    terms = []
-    for v, c in zip(vectors, class_vectors, strict=True):
-        c = c.to(v.device, torch.float32)
-        terms.append((v.float() - c).pow(2).sum() / c.pow(2).sum().clamp_min(1e-12))
+    """Keep each token near its class word: mean over text encoders of
+    ``max(0, ‖e − e_class‖²/‖e_class‖² − margin)``. The margin is the distance the token
+    started at (its prototypical initialisation), so the anchor never undoes the prototype;
+    it only stops the token drifting farther from its class. 0 at the start."""
+    margins = margins if margins is not None else [0.0] * len(vectors)
+    terms = [
+        F.relu(relative_distance(v, c) - m)
+        for v, c, m in zip(vectors, class_vectors, margins, strict=True)
+    ]
     return torch.stack(terms).mean()
 
 
@@ -259,6 +271,7 @@ def class_regularization(
     vectors: Sequence[torch.Tensor],
     class_vectors: Sequence[torch.Tensor],
     anchor_weight: float,
+    margins: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(prior preservation, anchor) for one object: the base prediction with the offsets
     switched off (scale 0, no grad), the adapted one with them on, same x_t and t."""
@@ -271,7 +284,8 @@ def class_regularization(
         hooks.scale = scale
     adapted = host.predict_noise(x_t, t, class_cond)
     prior = prior_preservation_loss(adapted, base)
-    anchor = anchor_loss(vectors, class_vectors) if anchor_weight else prior.new_zeros(())
+    zero = prior.new_zeros(())
+    anchor = anchor_loss(vectors, class_vectors, margins) if anchor_weight else zero
     return prior, anchor
 
 
@@ -643,6 +657,10 @@ def train_objects(
         t: [torch.nn.Parameter(v.clone().to(host.device)) for v in initial[t]] for t in tokens
     }
     token_params = [p for t in tokens for p in vectors[t]]
+    margins = [
+        [float(relative_distance(v, c)) for v, c in zip(initial[t], class_vecs[k], strict=True)]
+        for k, t in enumerate(tokens)
+    ]
     for p in token_params:
         p.requires_grad_(config.embedding_lr > 0)
 
@@ -678,10 +696,10 @@ def train_objects(
             if state["lora"]:
                 prior, anchor = class_regularization(
                     host, hooks, x_t, t.to(host.device), class_conds[k],
-                    vectors[tokens[k]], class_vecs[k], config.anchor_weight,
+                    vectors[tokens[k]], class_vecs[k], config.anchor_weight, margins[k],
                 )  # fmt: skip
             elif config.anchor_weight:
-                anchor = anchor_loss(vectors[tokens[k]], class_vecs[k])
+                anchor = anchor_loss(vectors[tokens[k]], class_vecs[k], margins[k])
         terms["object"].append(float(loss.detach()))
         terms["prior"].append(float(prior.detach()))
         terms["anchor"].append(float(anchor.detach()))

@@ -32,6 +32,7 @@ from lib_ostaf.objects import (
     objects_from_lists,
     prototype_target,
     prototypical_embedding,
+    relative_distance,
     train_objects,
 )
 from lib_ostaf.offsets import OffsetHooks
@@ -138,6 +139,13 @@ def test_class_regularization_is_zero_for_a_zero_adapter(sd1_host):
     expected = 0.1**2 * class_vec[0].numel() / float(class_vec[0].pow(2).sum())
     assert abs(float(anchor) - expected) < 1e-4 * expected
     assert float(anchor_loss(class_vec, class_vec)) == 0.0
+    # with a margin (the prototype's own distance): 0 at the start and closer, > 0 beyond
+    start = [class_vec[0] + 0.1]
+    margin = [float(relative_distance(start[0], class_vec[0]))]
+    assert float(anchor_loss(start, class_vec, margin)) == 0.0
+    assert float(anchor_loss([class_vec[0] + 0.05], class_vec, margin)) == 0.0
+    farther = float(anchor_loss([class_vec[0] + 0.2], class_vec, margin))
+    assert abs(farther - 3 * expected) < 1e-3 * expected  # (0.2² − 0.1²)·D/‖c‖²
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
@@ -200,6 +208,7 @@ def test_two_objects_train_and_leave_the_model_as_found(sd1_host, trained):
         assert after < before, (label, before, after)
     assert len(result.losses) == 10 and all(np.isfinite(result.losses))
     assert max(result.terms["prior"]) > 0 and result.terms["prior"][:2] == [0.0, 0.0]
+    assert result.terms["anchor"][0] == 0.0  # the anchor starts at the prototype's distance
     # embeddings trained: moved away from their initialisation
     for t in TOKENS:
         assert not torch.equal(result.embeddings[t][0], result.initial_embeddings[t][0])
