@@ -21,6 +21,7 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .errors import IncompatibleModelError, InputError
@@ -294,9 +295,25 @@ def _config(unet: nn.Module, key: str) -> object:
     return getattr(cfg, key, None)
 
 
+def is_linear_like(m: object) -> bool:
+    """``m`` computes ``x @ Wᵀ + b``: a ``torch.nn.Linear``, or a WebUI's own class with
+    ``in_features``/``out_features`` and a 2-D ``weight`` (Forge's ``ForgeOperations.Linear``
+    is a plain ``nn.Module``, research/webui_api.md §8.1)."""
+    if isinstance(m, nn.Linear):
+        return True
+    weight = getattr(m, "weight", None)
+    return (
+        isinstance(m, nn.Module)
+        and isinstance(getattr(m, "in_features", None), int)
+        and isinstance(getattr(m, "out_features", None), int)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+    )
+
+
 def _is_linear(m: nn.Module | None) -> bool:
     # WebUIs and PEFT may wrap layers; look through a ``base_layer``.
-    return isinstance(m, nn.Linear) or isinstance(getattr(m, "base_layer", None), nn.Linear)
+    return is_linear_like(m) or is_linear_like(getattr(m, "base_layer", None))
 
 
 def _ldm_levels(unet: nn.Module) -> tuple[int, int]:
@@ -372,7 +389,7 @@ def inspect_unet(unet: nn.Module) -> UNetInfo:
         elif rest == "proj_in" and proj_in is None:
             proj_in = mod
         elif rest.endswith("attn2.to_k") and not context_dim:
-            lin = mod if isinstance(mod, nn.Linear) else getattr(mod, "base_layer", None)
+            lin = mod if is_linear_like(mod) else getattr(mod, "base_layer", None)
             context_dim = int(getattr(lin, "in_features", 0))
     if not depths or not context_dim:
         raise IncompatibleModelError(

@@ -20,6 +20,7 @@ from .naming import (
     block_part,
     block_sort_key,
     inspect_unet,
+    is_linear_like,
     kohya_name,
     split_block,
 )
@@ -141,7 +142,7 @@ def select_targets(unet: nn.Module, spec: TargetSpec, info: UNetInfo | None = No
             continue
         if m["attn"] not in spec.attn or m["proj"] not in spec.proj:
             continue
-        if not isinstance(mod, nn.Linear):
+        if not is_linear_like(mod):
             skipped += 1
             continue
         found.append(

@@ -1,0 +1,515 @@
+"""stable-diffusion-webui-forge host (Forge 2, and old Forge where noted).
+
+Forge replaces A1111's model objects (research/webui_api.md §8): ``shared.sd_model`` is a
+``backend.diffusion_engine`` object with ``forge_objects`` (UNet/CLIP/VAE *patchers*), no
+model is loaded at start, the batch loop runs under ``torch.inference_mode()``, layers are
+``ForgeOperations.Linear`` (no ``torch.nn.Linear``) and weights may be fp8/nf4/gguf.
+
+* :func:`is_forge` / :func:`forge_generation` — run-time host detection (§8.7).
+* :class:`ForgeHost` — training on the loaded model: the *unpatched* UNet
+  (``forge_objects_original``, loaded with the memory manager, so no LoRA of a previous
+  generation is merged), inference tensors of the engine cloned before autograd, refuses
+  quantised storage with a clear message.
+* :class:`ForgeApplier` — generation: the plan is remembered after the tags are activated;
+  ``process_before_every_sampling`` puts it on a ``clone()`` of ``forge_objects.unet`` with
+  ``add_patches`` (identifier includes the content hash, so a retrained file of the same name
+  is re-merged); composes with Forge's ``<lora:…>`` (its patches are already on the patcher we
+  clone). Object tokens are registered on every text engine (both for SDXL), because Forge
+  ignores ``bundle_emb`` keys.
+
+``modules.*`` / ``backend.*`` are imported lazily inside functions; tests pass fakes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..activation import PlannedAdapter
+from ..apply import UNET_PREFIX
+from ..embeddings import adapter_embeddings
+from ..errors import IncompatibleModelError, InputError, OstafError
+from ..images import square
+from ..jobs import Job, JobManager
+from ..naming import UNetInfo, inspect_unet, module_name_from_kohya
+from ..training_job import TrainRequest, preserve_module_state, run_training
+from .a1111 import NATIVE_RESOLUTION, StateReporter
+
+TRAINABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PATCH_PREFIX = "ostaf:"  # add_patches identifiers of ours
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection
+
+
+def _importable(name: str) -> bool:
+    if name in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def forge_generation() -> int:
+    """0: not Forge; 1: old Forge (``ldm_patched``, gradio 3); 2: Forge 2 (``backend``)."""
+    if not _importable("modules_forge"):
+        return 0
+    return 2 if _importable("backend.patcher.base") else 1
+
+
+def is_forge() -> bool:
+    return forge_generation() > 0
+
+
+def host_name() -> str:
+    return {0: "a1111", 1: "forge1", 2: "forge"}[forge_generation()]
+
+
+def model_family(sd_model: Any) -> str | None:
+    """sd1/sd2/sdxl from Forge's legacy flags; None for anything else (Flux, SD3, …)."""
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    if getattr(sd_model, "is_sd1", False):
+        return "sd1"
+    return None
+
+
+def text_engines(sd_model: Any) -> list[Any]:
+    """Forge's text-processing engines: SD1/SD2 one, SDXL CLIP-L then CLIP-G."""
+    one = getattr(sd_model, "text_processing_engine", None)
+    if one is not None:
+        return [one]
+    return [
+        e
+        for e in (
+            getattr(sd_model, "text_processing_engine_l", None),
+            getattr(sd_model, "text_processing_engine_g", None),
+        )
+        if e is not None
+    ]
+
+
+def clear_cond_cache() -> None:
+    """Forget the WebUI's cached prompt conditionings (class-level lists, cleared in place so
+    instances aliasing them see it): after retraining, the same prompt must be re-encoded."""
+    processing = sys.modules.get("modules.processing")
+    if processing is None:
+        return
+    for cls_name, attrs in (
+        ("StableDiffusionProcessing", ("cached_c", "cached_uc")),
+        ("StableDiffusionProcessingTxt2Img", ("cached_hr_c", "cached_hr_uc")),
+    ):
+        cls = getattr(processing, cls_name, None)
+        for attr in attrs:
+            cache = getattr(cls, attr, None)
+            if isinstance(cache, list):
+                cache[:] = [None] * len(cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training host
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A normal tensor from one made under inference mode (autograd refuses those)."""
+    with torch.inference_mode(False):
+        return t.clone() if t.is_inference() else t
+
+
+def _deinference_params(module: torch.nn.Module) -> int:
+    """Replace inference-tensor parameters/buffers by normal copies (Forge loads and merges
+    weights under ``inference_mode``; backward needs to save them). Returns how many."""
+    n = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_inference():
+                    m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+                    n += 1
+            for name, b in list(m._buffers.items()):
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.clone()
+                    n += 1
+    return n
+
+
+def _mode(posterior: Any) -> torch.Tensor:
+    return posterior.mode() if hasattr(posterior, "mode") else posterior.mean
+
+
+class ForgeHost:
+    """The loaded Forge model as a :class:`~lib_ostaf.hosts.base.Host`."""
+
+    def __init__(
+        self,
+        sd_model: Any,
+        *,
+        resolution: int | None = None,
+        device: torch.device | str | None = None,
+        load: Callable[[Any], None] | None = None,
+    ) -> None:
+        objects = getattr(sd_model, "forge_objects_original", None) or getattr(
+            sd_model, "forge_objects", None
+        )
+        patcher = getattr(objects, "unet", None)
+        kmodel = getattr(patcher, "model", None)
+        unet = getattr(kmodel, "diffusion_model", None)
+        family = model_family(sd_model)
+        if unet is None or family is None:
+            raise IncompatibleModelError(
+                "the loaded model is not an SD1/SD2/SDXL UNet model (Forge also runs Flux/SD3); "
+                "OSTAF trains SD1, SD2 and SDXL checkpoints"
+            )
+        if int(getattr(unet, "in_channels", 4) or 4) != 4:
+            raise IncompatibleModelError(
+                "the loaded checkpoint is an inpainting/instruct model; train on a regular "
+                "SD1/SD2/SDXL checkpoint (the adapter then works with inpainting too)"
+            )
+        storage = getattr(kmodel, "storage_dtype", None)
+        weights = {p.dtype for p in unet.parameters()}
+        if (storage is not None and storage not in TRAINABLE_DTYPES) or not weights <= set(
+            TRAINABLE_DTYPES
+        ):
+            shown = storage if storage is not None else sorted(map(str, weights))
+            raise IncompatibleModelError(
+                f"the UNet weights are stored as {shown} (fp8/nf4/gguf); training needs "
+                "fp16/bf16/fp32 weights: set 'Diffusion in Low Bits' to Automatic or float16 "
+                "(generation with an adapter works in any storage)"
+            )
+        predictor = getattr(kmodel, "predictor", None)
+        pred = getattr(predictor, "prediction_type", "epsilon")
+        if pred not in ("epsilon", "v_prediction"):
+            raise IncompatibleModelError(f"unsupported prediction type {pred!r} (eps or v only)")
+        self.sd_model = sd_model
+        self.patcher = patcher
+        self.unet: torch.nn.Module = unet
+        self.family = family
+        self.info: UNetInfo = inspect_unet(unet)
+        self.prediction_type = pred
+        acp = getattr(predictor, "alphas_cumprod", None)
+        if acp is None:
+            acp = sd_model.alphas_cumprod
+        self.alphas_cumprod = torch.as_tensor(_plain(acp)).detach().float().cpu()
+        first = next(unet.parameters())
+        self.device = torch.device(device) if device is not None else first.device
+        compute = getattr(kmodel, "computation_dtype", None)
+        self.dtype = compute if compute in TRAINABLE_DTYPES else first.dtype
+        self.resolution = int(resolution or NATIVE_RESOLUTION[family])
+        self.latent_channels = 4
+        self.latent_scale = 8
+        self.text_encoders: tuple[Any, ...] = ()  # object implantation training: not wired
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        self.base_model_name = str(getattr(info, "name_for_extra", "") or getattr(info, "name", ""))
+        self._load = load or (lambda patcher: None)
+
+    @classmethod
+    def from_webui(cls, *, resolution: int | None = None) -> ForgeHost:
+        """Load the selected checkpoint if Forge has not yet (nothing is loaded at start) and
+        put its *unpatched* UNet on the device. The caller holds ``queue_lock``."""
+        from backend import memory_management
+        from modules import sd_models, shared
+
+        sd_model = shared.sd_model
+        if getattr(sd_model, "forge_objects", None) is None:
+            sd_models.forge_model_reload()
+            sd_model = shared.sd_model
+        if getattr(sd_model, "forge_objects", None) is None:
+            raise InputError("no model is loaded; pick a checkpoint first")
+
+        def load(patcher: Any) -> None:
+            memory_management.load_model_gpu(patcher)
+
+        host = cls(
+            sd_model,
+            resolution=resolution,
+            device=memory_management.get_torch_device(),
+            load=load,
+        )
+        host.prepare()
+        return host
+
+    def prepare(self) -> None:
+        """Unpatched weights on the device, as normal (non-inference) tensors."""
+        self._load(self.patcher)  # LoraLoader.refresh: restores weights merged by a generation
+        refresh = getattr(self.patcher, "refresh_loras", None)
+        if callable(refresh) and not getattr(self.patcher, "lora_patches", None):
+            refresh()
+        _deinference_params(self.unet)
+
+    # -- Host protocol --------------------------------------------------------------------
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        image = square(image, self.resolution)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+        x = x.permute(2, 0, 1)[None]
+        vae = self.sd_model.forge_objects.vae
+        model = getattr(vae, "first_stage_model", None)
+        encode = getattr(model, "encode", None)
+        with torch.inference_mode():
+            if encode is not None and "regulation" in inspect.signature(encode).parameters:
+                if getattr(vae, "patcher", None) is not None:
+                    self._load(vae.patcher)
+                dev = getattr(vae, "device", self.device)
+                dtype = getattr(vae, "vae_dtype", torch.float32)
+                z = encode(x.to(dev, dtype), regulation=_mode).float()  # mode: deterministic
+                z = model.process_in(z) if hasattr(model, "process_in") else z
+            else:  # Forge's encode_first_stage samples the posterior: fix the noise
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    z = self.sd_model.encode_first_stage(x)
+        return _plain(z).to(self.device, self.dtype)
+
+    def encode_prompt(self, prompt: str, embeddings: Any = None) -> Any:
+        if embeddings:
+            raise NotImplementedError("object implantation training on Forge is not wired yet")
+        cond = self.sd_model.get_learned_conditioning([prompt])  # @inference_mode in Forge
+        if isinstance(cond, dict):  # SDXL: {"crossattn", "vector"}
+            return {k: _plain(v).detach() for k, v in cond.items()}
+        return _plain(cond).detach()
+
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        self._load(self.patcher)  # the text encoder / VAE may have pushed it off the device
+        _deinference_params(self.unet)  # a reload swaps parameters again (cheap when none)
+        batch = x_t.shape[0]
+        extra: dict[str, torch.Tensor] = {}
+        if isinstance(cond, dict):
+            context = cond["crossattn"]
+            extra["y"] = cond["vector"].expand(batch, -1).to(self.dtype)
+        else:
+            context = cond
+        context = context.expand(batch, *context.shape[1:]).to(self.dtype)
+        return self.unet(x_t.to(self.dtype), t.float(), context=context, **extra)
+
+    def decode_latents(self, latents: torch.Tensor) -> Image.Image:
+        with torch.no_grad():
+            x = self.sd_model.decode_first_stage(latents.to(self.device))
+        x = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu()
+        return Image.fromarray(x.numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def patch_id(planned: PlannedAdapter) -> str:
+    """``add_patches`` identifier: Forge re-merges only when identifiers change (§8.3), so
+    it names the file's content (path, size, mtime, hash), not just its name."""
+    return PATCH_PREFIX + "|".join(str(x) for x in (planned.name, *planned.identity))
+
+
+def add_patches(patcher: Any, filename: str, patches: Mapping[Any, Any], strength: float) -> set:
+    """Forge 2: keyword-only with ``filename``; old Forge: positional, no filename."""
+    params = inspect.signature(patcher.add_patches).parameters
+    if "filename" in params:
+        return set(patcher.add_patches(filename=filename, patches=patches, strength_patch=strength))
+    return set(patcher.add_patches(dict(patches), strength) or ())
+
+
+class _Embedding:
+    """Stand-in for ``backend.text_processing.textual_inversion.Embedding`` (same fields)."""
+
+    def __init__(self, vec: Any, name: str) -> None:
+        self.vec, self.name = vec, name
+        self.step = self.sd_checkpoint = self.sd_checkpoint_name = None
+        self.shape: int | None = None
+        self.vectors = 0
+
+
+def make_embedding(token: str, vectors: Sequence[torch.Tensor], family: str) -> Any:
+    """A Forge ``Embedding``: SD1/SD2 one ``[n, w]`` tensor, SDXL ``{"clip_l", "clip_g"}``
+    (each engine picks its key; expected shape 768+1280 = 2048)."""
+    try:
+        from backend.text_processing.textual_inversion import Embedding
+    except ImportError:
+        Embedding = _Embedding
+    vecs = [v.detach().float().cpu() for v in vectors]
+    if family == "sdxl":
+        if len(vecs) != 2:
+            raise IncompatibleModelError(f"{token}: SDXL needs a CLIP-L and a CLIP-G vector")
+        vec: Any = {"clip_l": vecs[0], "clip_g": vecs[1]}
+        shape = vecs[0].shape[-1] + vecs[1].shape[-1]
+    else:
+        vec = vecs[0]
+        shape = vecs[0].shape[-1]
+    emb = Embedding(vec, token)
+    emb.shape, emb.vectors = int(shape), int(vecs[0].shape[0])
+    return emb
+
+
+class ForgeApplier:
+    """Puts a :class:`~lib_ostaf.activation.Plan`'s adapters on Forge's patchers."""
+
+    def __init__(self) -> None:
+        self.mode = "forge"
+        self.pending: list[PlannedAdapter] = []
+        self._patches: dict[tuple[object, ...], dict[str, Any]] = {}  # identity → patches
+        self._info: tuple[int, UNetInfo] | None = None
+        self._tokens: dict[str, tuple[object, ...]] = {}  # registered token → identity key
+
+    # -- after the tags are activated (text side) -----------------------------------------
+    def apply(self, sd_model: Any, adapters: Sequence[PlannedAdapter]) -> list[str]:
+        """Remember the UNet side for :meth:`patch_unet`; register object tokens now (before
+        the conditionings are computed). Returns messages for skipped parts."""
+        self.pending = [a for a in adapters if a.weight != 0]
+        return self.register_embeddings(sd_model, adapters)
+
+    def register_embeddings(self, sd_model: Any, adapters: Sequence[PlannedAdapter]) -> list[str]:
+        engines = text_engines(sd_model)
+        family = model_family(sd_model) or "sd1"
+        messages: list[str] = []
+        wanted: dict[str, tuple[PlannedAdapter, Sequence[torch.Tensor]]] = {}
+        for planned in adapters:
+            try:
+                found = adapter_embeddings(planned.adapter, family)
+            except OstafError as e:
+                messages.append(f"OSTAF: {planned.name}: {e}; its tokens are not available.")
+                continue
+            for token, vectors in found.items():
+                wanted[token] = (planned, vectors)
+        dbs = tuple(id(getattr(e, "embeddings", None)) for e in engines)
+        changed = False
+        for token in [t for t in self._tokens if t not in wanted]:
+            for engine in engines:
+                engine.embeddings.register_embedding_by_name(None, token)
+            del self._tokens[token]
+            changed = True
+        if wanted and not engines:
+            messages.append("OSTAF: this Forge model has no text engine; object tokens skipped.")
+            return messages
+        for token, (planned, vectors) in wanted.items():
+            key = (*planned.identity, dbs)
+            if self._tokens.get(token) == key:
+                continue
+            try:
+                emb = make_embedding(token, vectors, family)
+            except OstafError as e:
+                messages.append(f"OSTAF: {planned.name}: {e}; token {token} skipped.")
+                continue
+            for engine in engines:
+                engine.embeddings.register_embedding(emb)
+            self._tokens[token] = key
+            changed = True
+        if changed:
+            clear_cond_cache()  # same prompt text, different vectors
+        return messages
+
+    # -- process_before_every_sampling (UNet side) ----------------------------------------
+    def patch_unet(self, p: Any) -> list[str]:
+        """``forge_objects.unet`` → a clone with our patches. Forge resets ``forge_objects``
+        before each call, and a repeated call only overwrites our identifiers: idempotent."""
+        if not self.pending:
+            return []
+        objects = p.sd_model.forge_objects
+        unet = objects.unet.clone()
+        messages: list[str] = []
+        for planned in self.pending:
+            try:
+                patches = self.unet_patches(planned, unet)
+            except OstafError as e:
+                messages.append(f"OSTAF: {planned.name}: {e}; skipped.")
+                continue
+            accepted = add_patches(unet, patch_id(planned), patches, float(planned.weight))
+            if len(accepted) < len(patches):
+                messages.append(
+                    f"OSTAF: {planned.name}: only {len(accepted)} of {len(patches)} layers fit "
+                    "the loaded model."
+                )
+        objects.unet = unet
+        return messages
+
+    def unet_patches(self, planned: PlannedAdapter, patcher: Any) -> dict[str, Any]:
+        """``{"diffusion_model.<ldm path>.weight": ("lora", (up, down, alpha, None, None))}``:
+        Forge merges ``strength · alpha/rank · up @ down`` = λ·ΔW (§8.3)."""
+        cached = self._patches.get(planned.identity)
+        if cached is not None:
+            return cached
+        unet = patcher.model.diffusion_model
+        if self._info is None or self._info[0] != id(unet):
+            self._info = (id(unet), inspect_unet(unet))
+        info = self._info[1]
+        family = planned.adapter.family
+        if family is not None and family != info.family:
+            raise IncompatibleModelError(f"made for {family}, the loaded model is {info.family}")
+        patches: dict[str, Any] = {}
+        for key, module in planned.adapter.modules.items():
+            if not key.startswith(UNET_PREFIX):
+                continue
+            name = module_name_from_kohya(key, info)
+            patches[f"diffusion_model.{name}.weight"] = (
+                "lora",
+                (module.up, module.down, float(module.alpha), None, None),
+            )
+        if not patches:
+            raise IncompatibleModelError("no UNet layers to apply")
+        for old in [k for k in self._patches if k[0] == planned.identity[0]]:
+            del self._patches[old]  # the same file, older content
+        self._patches[planned.identity] = patches
+        return patches
+
+    def reset(self, sd_model: Any = None) -> None:
+        """Forget the plan and unregister our tokens (patches die with Forge's reset)."""
+        self.pending = []
+        if sd_model is not None and self._tokens:
+            for engine in text_engines(sd_model):
+                for token in self._tokens:
+                    engine.embeddings.register_embedding_by_name(None, token)
+        self._tokens.clear()
+
+    def clear_for_training(self, sd_model: Any) -> None:
+        self.pending = []
+
+    def forget(self) -> None:
+        """After a checkpoint change: cached patches and token registrations are stale."""
+        self._patches.clear()
+        self._info = None
+        self._tokens.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training inside Forge
+
+
+def train_on_loaded_model(
+    jobs: JobManager,
+    job: Job,
+    request: TrainRequest,
+    out_dir: Path | str,
+    applier: Any,
+) -> dict[str, Any]:
+    """Train on Forge's loaded model (loaded here if needed); the caller holds the queue
+    lock. The UNet is trained unpatched; offsets live in forward hooks only."""
+    from modules import shared
+
+    request.validate(out_dir)
+    state = shared.state
+    jobs.start(job, request.steps)
+    state.job_count, state.job_no = 1, 0
+    state.sampling_steps, state.sampling_step = request.steps, 0
+    state.textinfo = "OSTAF: preparing"
+    reporter = StateReporter(jobs, job, state)
+    host = ForgeHost.from_webui(resolution=request.resolution or None)
+    applier.clear_for_training(host.sd_model)
+    try:
+        with preserve_module_state(host.unet):
+            outcome = run_training(host, request, out_dir, reporter)
+    finally:
+        with contextlib.suppress(Exception):
+            from backend import memory_management
+
+            memory_management.soft_empty_cache()
+    clear_cond_cache()
+    if outcome.sweep is not None:
+        job.images["sweep"] = outcome.sweep
+    return outcome.to_json()

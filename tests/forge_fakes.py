@@ -1,0 +1,341 @@
+"""Stand-ins for stable-diffusion-webui-forge 2 (research/webui_api.md §8), logic only.
+
+* :class:`ForgeLinear` — like ``ForgeOperations.Linear``: a plain ``nn.Module`` (not an
+  ``nn.Linear``) with ``in_features``/``out_features``/``weight``/``bias``.
+* :class:`FakeModelPatcher` — Forge's ``ModelPatcher`` semantics that matter here: ``clone``
+  shares the model and its single lora loader, copies ``lora_patches``; keyword-only
+  ``add_patches(filename=…)`` keyed by ``(filename, strength_patch, strength_model, online)``,
+  returning accepted keys; :class:`FakeLoraLoader` merges on ``refresh`` only when the list
+  of identifiers changes, restoring backups first and *swapping* parameter objects, under
+  ``inference_mode`` (as Forge does).
+* :class:`FakeForgeModel` — a ``StableDiffusion`` engine around the tiny ldm UNet:
+  ``forge_objects`` / ``_original`` / ``_after_applying_lora``, a text engine with an
+  ``EmbeddingDatabase``, ``@inference_mode`` conditioning and first-stage helpers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+import zlib
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .unets import CONTEXT_DIM, tiny_ldm_unet
+from .webui_fakes import FakeState
+
+
+class ForgeLinear(nn.Module):
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
+        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone(), False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def forgeify(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.Linear`` by :class:`ForgeLinear` (in place)."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, ForgeLinear(child))
+        else:
+            forgeify(child)
+    return module
+
+
+def _set_param(root: nn.Module, key: str, value: torch.Tensor) -> None:
+    *path, leaf = key.split(".")
+    m = root
+    for part in path:
+        m = getattr(m, part)
+    m._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def _get_param(root: nn.Module, key: str) -> torch.Tensor:
+    return dict(root.named_parameters())[key]
+
+
+class FakeLoraLoader:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.backup: dict[str, torch.Tensor] = {}
+        self.loaded_hash = str([])
+        self.merges = 0
+
+    @torch.inference_mode()
+    def refresh(self, lora_patches: dict[tuple, dict[str, list]]) -> None:
+        h = str(list(lora_patches.keys()))
+        if h == self.loaded_hash:
+            return
+        for key, w in self.backup.items():
+            _set_param(self.model, key, w)
+        self.backup.clear()
+        merged: dict[str, torch.Tensor] = {}
+        for patches in lora_patches.values():
+            for key, plist in patches.items():
+                if key not in merged:
+                    self.backup[key] = _get_param(self.model, key).detach().clone()
+                    merged[key] = self.backup[key].float().clone()
+                for strength, value, strength_model, _offset, _fn in plist:
+                    kind, (up, down, alpha, _mid, _dora) = value
+                    assert kind == "lora"
+                    w = merged[key] * strength_model
+                    scale = (alpha / down.shape[0]) if alpha is not None else 1.0
+                    diff = (up.flatten(1).float() @ down.flatten(1).float()).reshape(w.shape)
+                    merged[key] = w + strength * scale * diff
+        for key, w in merged.items():
+            _set_param(self.model, key, w.to(self.backup[key].dtype))
+        self.loaded_hash = h
+        self.merges += 1
+
+
+class FakeModelPatcher:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.lora_patches: dict[tuple, dict[str, list]] = {}
+        if not hasattr(model, "lora_loader"):
+            model.lora_loader = FakeLoraLoader(model)
+        self.lora_loader: FakeLoraLoader = model.lora_loader
+
+    def clone(self) -> FakeModelPatcher:
+        n = FakeModelPatcher(self.model)
+        n.lora_patches = self.lora_patches.copy()
+        return n
+
+    def add_patches(
+        self, *, filename, patches, strength_patch=1.0, strength_model=1.0, online_mode=False
+    ):
+        identifier = (filename, strength_patch, strength_model, online_mode)
+        keys = {k for k, _ in self.model.named_parameters()}
+        this: dict[str, list] = {}
+        accepted = set()
+        for k, v in patches.items():
+            if k in keys:
+                accepted.add(k)
+                this.setdefault(k, []).append([strength_patch, v, strength_model, None, None])
+        self.lora_patches[identifier] = this
+        return accepted
+
+    def refresh_loras(self) -> None:
+        self.lora_loader.refresh(self.lora_patches)
+
+
+class FakePredictor(nn.Module):
+    prediction_type = "epsilon"
+
+    def __init__(self) -> None:
+        super().__init__()
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float())
+
+
+class FakeKModel(nn.Module):
+    def __init__(self, unet: nn.Module, storage=torch.float32) -> None:
+        super().__init__()
+        self.diffusion_model = unet
+        self.predictor = FakePredictor()
+        self.storage_dtype, self.computation_dtype = storage, torch.float32
+
+
+class FakeEmbeddingDatabase:
+    def __init__(self) -> None:
+        self.word_embeddings: dict[str, Any] = {}
+
+    def register_embedding(self, embedding: Any) -> Any:
+        return self.register_embedding_by_name(embedding, embedding.name)
+
+    def register_embedding_by_name(self, embedding: Any, name: str) -> Any:
+        if embedding is None:
+            self.word_embeddings.pop(name, None)
+        else:
+            self.word_embeddings[name] = embedding
+        return embedding
+
+
+class FakeTextEngine:
+    def __init__(self, key: str) -> None:
+        self.embedding_key = key
+        self.embeddings = FakeEmbeddingDatabase()
+
+
+class _Posterior:
+    def __init__(self, mean: torch.Tensor) -> None:
+        self.mean = mean
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def sample(self) -> torch.Tensor:
+        return self.mean + torch.randn_like(self.mean)
+
+
+class FakeVaeModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(3, 4, 8, stride=8)
+        self.dec = nn.ConvTranspose2d(4, 3, 8, stride=8)
+
+    def encode(self, x, regulation=None):
+        post = _Posterior(self.enc(x))
+        return regulation(post) if regulation is not None else post.sample()
+
+    def process_in(self, z):
+        return 0.18215 * z
+
+    def process_out(self, z):
+        return z / 0.18215
+
+
+class FakeForgeObjects:
+    def __init__(self, unet, clip, vae, clipvision=None) -> None:
+        self.unet, self.clip, self.vae, self.clipvision = unet, clip, vae, clipvision
+
+    def shallow_copy(self) -> FakeForgeObjects:
+        return FakeForgeObjects(self.unet, self.clip, self.vae, self.clipvision)
+
+
+class FakeForgeModel:
+    """Forge's SD1 ``StableDiffusion`` engine, reduced (built under inference mode as
+    ``forge_model_reload`` does)."""
+
+    is_sd1, is_sd2, is_sdxl = True, False, False
+
+    @torch.inference_mode()
+    def __init__(self, seed: int = 0, storage=torch.float32) -> None:
+        unet = forgeify(tiny_ldm_unet("sd1", seed=seed))
+        unet = _inference_copy(unet)
+        patcher = FakeModelPatcher(FakeKModel(unet, storage))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            vae_model = FakeVaeModel()
+            self.token_table = nn.Embedding(4096, CONTEXT_DIM)
+        vae = types.SimpleNamespace(
+            first_stage_model=vae_model, device=torch.device("cpu"), vae_dtype=torch.float32
+        )
+        self.text_processing_engine = FakeTextEngine("clip_l")
+        self.forge_objects = FakeForgeObjects(patcher, types.SimpleNamespace(), vae)
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+        self.sd_checkpoint_info = types.SimpleNamespace(
+            name="fake.safetensors", name_for_extra="fake"
+        )
+        self.calls = {"cond": 0}
+
+    @torch.inference_mode()
+    def get_learned_conditioning(self, prompts: list[str]) -> torch.Tensor:
+        """Words → table rows; a registered embedding replaces its word with its vectors'
+        mean projected to the context width (enough to make a token matter)."""
+        self.calls["cond"] += 1
+        db = self.text_processing_engine.embeddings.word_embeddings
+        rows = []
+        for p in prompts:
+            vecs = []
+            for w in p.split()[:7]:
+                if w in db:
+                    v = db[w].vec
+                    v = v["clip_l"] if isinstance(v, dict) else v
+                    vecs.append(v.float().mean(0)[:CONTEXT_DIM])
+                else:
+                    vecs.append(self.token_table.weight[zlib.crc32(w.encode()) % 4000 + 1])
+            vecs += [self.token_table.weight[0]] * (7 - len(vecs))
+            rows.append(torch.stack(vecs))
+        return torch.stack(rows)
+
+    @torch.inference_mode()
+    def encode_first_stage(self, x):
+        vae = self.forge_objects.vae.first_stage_model
+        return vae.process_in(vae.encode(x))
+
+    @torch.inference_mode()
+    def decode_first_stage(self, z):
+        vae = self.forge_objects.vae.first_stage_model
+        return torch.tanh(vae.dec(vae.process_out(z)))
+
+    def sample_unet(self, x, t, cond) -> torch.Tensor:
+        """One UNet call the way sampling does it: load (refresh) the current patcher."""
+        patcher = self.forge_objects.unet
+        patcher.refresh_loras()
+        with torch.inference_mode():
+            return patcher.model.diffusion_model(x, t, context=cond)
+
+
+def _inference_copy(module: nn.Module) -> nn.Module:
+    """Make every parameter an inference tensor (Forge loads under inference_mode)."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+    return module
+
+
+@contextlib.contextmanager
+def fake_forge_modules(sd_model: Any):
+    """``modules`` (shared, sd_models, processing) and ``backend.memory_management`` fakes."""
+    shared = types.ModuleType("modules.shared")
+    shared.state = FakeState()
+    shared.cmd_opts = types.SimpleNamespace(lowvram=False, api_auth=None)
+    shared.opts = types.SimpleNamespace()
+    shared.sd_model = types.SimpleNamespace()  # FakeInitialModel: nothing loaded yet
+    sd_models = types.ModuleType("modules.sd_models")
+    sd_models.reloads = 0
+
+    def forge_model_reload():
+        sd_models.reloads += 1
+        shared.sd_model = sd_model
+
+    sd_models.forge_model_reload = forge_model_reload
+    processing = types.ModuleType("modules.processing")
+
+    class StableDiffusionProcessing:
+        cached_c: ClassVar[list] = [("key",), "cond", None]
+        cached_uc: ClassVar[list] = [("key",), "uncond", None]
+
+    class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+        cached_hr_c: ClassVar[list] = [("key",), "hr", None]
+        cached_hr_uc: ClassVar[list] = [("key",), "hru", None]
+
+    processing.StableDiffusionProcessing = StableDiffusionProcessing
+    processing.StableDiffusionProcessingTxt2Img = StableDiffusionProcessingTxt2Img
+    mm = types.ModuleType("backend.memory_management")
+    mm.loaded: list[Any] = []
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.soft_empty_cache = lambda: None
+
+    def load_model_gpu(patcher):
+        mm.loaded.append(patcher)
+        patcher.refresh_loras()
+
+    mm.load_model_gpu = load_model_gpu
+    pkg = types.ModuleType("modules")
+    pkg.__path__ = []
+    pkg.shared, pkg.sd_models, pkg.processing = shared, sd_models, processing
+    backend = types.ModuleType("backend")
+    backend.__path__ = []
+    backend.memory_management = mm
+    new = {
+        "modules": pkg,
+        "modules.shared": shared,
+        "modules.sd_models": sd_models,
+        "modules.processing": processing,
+        "backend": backend,
+        "backend.memory_management": mm,
+    }
+    saved = {k: sys.modules.get(k) for k in new}
+    sys.modules.update(new)
+    try:
+        yield types.SimpleNamespace(
+            shared=shared, sd_models=sd_models, processing=processing, mm=mm
+        )
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
