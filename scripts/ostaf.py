@@ -20,14 +20,16 @@ from modules import (
 from lib_ostaf import activation, cards, prompt_tags
 from lib_ostaf.api import PREFIX, ApiError, OstafApi, TrainBody, check_basic_auth
 from lib_ostaf.errors import OstafError
-from lib_ostaf.hosts import a1111
+from lib_ostaf.hosts import a1111, forge
 from lib_ostaf.naming import ATTN_NAMES, PROJ_NAMES
 from lib_ostaf.registry import resolve_adapters_dir
 from lib_ostaf.train import DEFAULT_PROMPTS
 from lib_ostaf.training_job import TrainRequest
 
 N_SLOTS = 3  # adapters the accordion can pick
-STATE = a1111.webui_state()  # survives "Reload UI" (lives in lib_ostaf, not in this file)
+FORGE = forge.is_forge()  # one codebase: Forge gets its own host/applier (research §8.7)
+HOST = forge if FORGE else a1111
+STATE = HOST.webui_state()  # survives "Reload UI" (lives in lib_ostaf, not in this file)
 
 
 # --------------------------------------------------------------------------- settings
@@ -217,15 +219,18 @@ class OstafScript(scripts.Script):
             xyz_lambda=getattr(p, "_ostaf_xyz_lambda", None),
         )
         sd_model = shared.sd_model
-        plan = activation.plan_generation(
-            requests, REGISTRY, a1111.model_family(sd_model), messages
-        )
+        plan = activation.plan_generation(requests, REGISTRY, HOST.model_family(sd_model), messages)
         messages = plan.messages + APPLIER.apply(sd_model, plan.adapters)
         _report(p, messages)
         if plan.adapters and _opt("ostaf_infotext", True):
             p.extra_generation_params[prompt_tags.INFOTEXT_KEY] = plan.infotext()
         else:
             p.extra_generation_params.pop(prompt_tags.INFOTEXT_KEY, None)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        # Forge only: patch a clone of forge_objects.unet (Forge resets it before each call)
+        if FORGE:
+            _report(p, APPLIER.patch_unet(p))
 
 
 def _report(p, messages):
@@ -336,7 +341,7 @@ def _train_ui(
         job = JOBS.begin("attribute")
     except (OstafError, ValueError, TypeError) as e:
         return [], "", cards.error_html(e)
-    JOBS.run(job, lambda j: a1111.train_on_loaded_model(JOBS, j, request, REGISTRY.root, APPLIER))
+    JOBS.run(job, lambda j: HOST.train_on_loaded_model(JOBS, j, request, REGISTRY.root, APPLIER))
     log = "\n".join(job.log)
     if job.status != "done":
         return [], log, cards.error_html(job.error, interrupted=job.status == "interrupted")
@@ -493,7 +498,7 @@ def _api_runner(job, request):
     with call_queue.queue_lock:
         shared.state.begin(job="ostaf_train")
         try:
-            return a1111.train_on_loaded_model(JOBS, job, request, REGISTRY.root, APPLIER)
+            return HOST.train_on_loaded_model(JOBS, job, request, REGISTRY.root, APPLIER)
         finally:
             shared.state.end()
 

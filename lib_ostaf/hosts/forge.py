@@ -513,3 +513,13 @@ def train_on_loaded_model(
     if outcome.sweep is not None:
         job.images["sweep"] = outcome.sweep
     return outcome.to_json()
+
+
+def webui_state() -> Any:
+    """The process-wide state of :mod:`lib_ostaf.hosts.a1111`, with Forge's applier."""
+    from .a1111 import webui_state as shared_state
+
+    state = shared_state()
+    if not isinstance(state.applier, ForgeApplier):
+        state.applier = ForgeApplier()
+    return state

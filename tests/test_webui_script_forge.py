@@ -1,0 +1,102 @@
+"""scripts/ostaf.py on a (fake) Forge 2: the same file picks the Forge host by detection;
+one generation patches a clone of ``forge_objects.unet`` in ``process_before_every_sampling``;
+the tab's Train button loads the model (nothing loaded at Forge start) and trains."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+from PIL import Image
+
+from lib_ostaf.adapter_file import load_adapter
+from lib_ostaf.hosts.forge import ForgeApplier
+from lib_ostaf.naming import inspect_unet, module_name_from_kohya
+
+from .forge_fakes import FakeForgeModel, fake_forge_modules
+from .test_webui_script import ROOT, _fake_modules, _p, _Params
+from .webui_fakes import make_adapter
+
+
+@pytest.fixture()
+def glue(tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    sd_model = FakeForgeModel()
+    fakes = _fake_modules(tmp_path, sd_model)
+    fakes.pop("xyz")
+    for name, mod in fakes.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setitem(sys.modules, "modules_forge", types.ModuleType("modules_forge"))
+    monkeypatch.setitem(sys.modules, "backend.patcher.base", types.ModuleType("base"))
+    with fake_forge_modules(sd_model) as forge_fakes:
+        # one `modules` package: the script's fakes plus Forge's sd_models/processing
+        pkg = sys.modules["modules"] = fakes["modules"]
+        for name in ("sd_models", "processing"):
+            setattr(pkg, name, getattr(forge_fakes, name))
+            sys.modules[f"modules.{name}"] = getattr(forge_fakes, name)
+        forge_fakes.shared = fakes["modules.shared"]
+        fakes["modules.shared"].sd_model = types.SimpleNamespace()  # nothing loaded yet
+
+        def reload():
+            forge_fakes.sd_models.reloads += 1
+            fakes["modules.shared"].sd_model = sd_model
+
+        forge_fakes.sd_models.forge_model_reload = reload
+        spec = importlib.util.spec_from_file_location("ostaf.py", ROOT / "scripts" / "ostaf.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield types.SimpleNamespace(
+            m=module, fakes=fakes, forge=forge_fakes, sd_model=sd_model, dir=tmp_path
+        )
+        module.APPLIER.reset(sd_model)
+    from lib_ostaf.hosts import a1111
+
+    a1111.webui_state().applier = a1111.A1111Applier()  # other tests expect A1111's
+    torch.set_num_threads(threads)
+
+
+def test_forge_is_detected_and_one_generation_patches_a_clone(glue):
+    assert glue.m.FORGE and isinstance(glue.m.APPLIER, ForgeApplier)
+    sd_model = glue.sd_model
+    glue.fakes["modules.shared"].sd_model = sd_model
+    unet = sd_model.forge_objects.unet.model.diffusion_model
+    make_adapter(glue.dir, "app", unet, seed=1)
+    base = {k: v.detach().clone() for k, v in unet.named_parameters()}
+    network, script = glue.m.ExtraNetworkOstaf(), glue.m.OstafScript()
+    p = _p()
+    p.sd_model = sd_model
+    script.process(p, False)
+    sd_model.forge_objects = sd_model.forge_objects_original.shallow_copy()
+    network.activate(p, [_Params(["app", "0.8"])])
+    sd_model.forge_objects = sd_model.forge_objects_after_applying_lora.shallow_copy()
+    script.after_extra_networks_activate(p)
+    assert p.extra_generation_params["OSTAF"].startswith("app:0.8 (")
+    script.process_before_every_sampling(p)
+    assert sd_model.forge_objects.unet is not sd_model.forge_objects_original.unet
+    sd_model.forge_objects.unet.refresh_loras()
+    info = inspect_unet(unet)
+    now = dict(unet.named_parameters())
+    adapter = load_adapter(glue.dir / "app.safetensors")
+    worst = 0.0
+    for key, m in adapter.modules.items():
+        w = module_name_from_kohya(key, info) + ".weight"
+        worst = max(worst, (now[w] - base[w] - 0.8 * m.delta()).abs().max().item())
+    assert worst < 1e-6
+    sd_model.forge_objects_original.unet.refresh_loras()  # next job without tags
+    assert all(torch.equal(dict(unet.named_parameters())[k], v) for k, v in base.items())
+
+
+def test_tab_train_button_on_forge_loads_the_model(glue):
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    args = ["task(x)", image, "appearance", "forge_run", "ostafv", "", 2, 2, 1e-2, 0]
+    args += ["hypernet", False, ["attn2"], ["to_k", "to_v"], "", 1.0, 64, 0, False]
+    glue.fakes["modules.shared"].opts.ostaf_sweep = "0, 1"
+    glue.fakes["modules.shared"].opts.ostaf_preview_steps = 1
+    images, log, card = glue.m._train_ui(*args)
+    assert "forge_run" in card and "wrote" in log, (log, card)
+    assert glue.forge.sd_models.reloads == 1 and len(images) == 1
+    assert (glue.dir / "forge_run.safetensors").is_file()
