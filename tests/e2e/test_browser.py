@@ -55,7 +55,8 @@ def test_tab_trains_with_progress_bar_and_preview(fast_settings, tmp_path):
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(URL, timeout=5 * MINUTES)
-        tabs = page.locator("#tabs > .tab-nav > button")  # gradio 3 tab buttons
+        # gradio 3 (A1111): .tab-nav buttons; gradio 4 (Forge): buttons with role=tab
+        tabs = page.locator("#tabs > .tab-nav > button, #tabs > div > button[role=tab]")
         tabs.filter(has_text=re.compile(r"^\s*OSTAF\s*$")).first.click(timeout=5 * MINUTES)
         page.locator("#ostaf_image input[type=file]").set_input_files(str(REFERENCE))
         page.locator("#ostaf_name textarea, #ostaf_name input").first.fill(name)
