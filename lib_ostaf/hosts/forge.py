@@ -290,7 +290,9 @@ class ForgeHost:
         else:
             context = cond
         context = context.expand(batch, *context.shape[1:]).to(self.dtype)
-        return self.unet(x_t.to(self.dtype), t.float(), context=context, **extra)
+        return self.unet(
+            x_t.to(self.dtype), t.float(), context=context, transformer_options={}, **extra
+        )
 
     def decode_latents(self, latents: torch.Tensor) -> Image.Image:
         with torch.no_grad():
