@@ -314,3 +314,29 @@ def test_fake_patcher_semantics():
     assert torch.allclose(root.lin.weight, w + 1.0)
     base.refresh_loras()
     assert torch.equal(root.lin.weight, w)
+
+
+def test_inplace_residuals_of_forge_blocks_train_with_the_hooks():
+    class Block(torch.nn.Module):  # Forge's BasicTransformerBlock pattern
+        def __init__(self):
+            super().__init__()
+            self.norm1, self.norm2 = torch.nn.LayerNorm(4), torch.nn.LayerNorm(4)
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            x = x * 1.0
+            x += self.lin(self.norm1(x))
+            x += self.lin(self.norm2(x))
+            return x
+
+    root = torch.nn.Module()
+    root.transformer_blocks = torch.nn.ModuleList([Block()])
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        root.transformer_blocks[0](x).sum().backward()
+    handles = forge.autograd_safe_hooks(root)
+    assert len(handles) == 2
+    root.transformer_blocks[0](x).sum().backward()
+    assert x.grad is not None
+    for h in handles:
+        h.remove()

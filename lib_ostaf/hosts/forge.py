@@ -146,6 +146,24 @@ def _deinference_params(module: torch.nn.Module) -> int:
     return n
 
 
+def _clone_input_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Any:
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+        return (x.clone(), *args[1:])
+    return None
+
+
+def autograd_safe_hooks(unet: torch.nn.Module) -> list[Any]:
+    """Forge's ``BasicTransformerBlock`` does ``x += attn(norm(x))`` in place (fine under
+    inference mode), which breaks backward: ``norm1``/``norm2`` saved ``x`` for their own
+    gradient. Pre-hooks hand those norms a copy while autograd records; returns handles."""
+    return [
+        m.register_forward_pre_hook(_clone_input_hook)
+        for name, m in unet.named_modules()
+        if "transformer_blocks." in name and name.rsplit(".", 1)[-1] in ("norm1", "norm2")
+    ]
+
+
 def _mode(posterior: Any) -> torch.Tensor:
     return posterior.mode() if hasattr(posterior, "mode") else posterior.mean
 
@@ -214,6 +232,7 @@ class ForgeHost:
         info = getattr(sd_model, "sd_checkpoint_info", None)
         self.base_model_name = str(getattr(info, "name_for_extra", "") or getattr(info, "name", ""))
         self._load = load or (lambda patcher: None)
+        self._hooks: list[Any] = []
 
     @classmethod
     def from_webui(cls, *, resolution: int | None = None) -> ForgeHost:
@@ -248,6 +267,14 @@ class ForgeHost:
         if callable(refresh) and not getattr(self.patcher, "lora_patches", None):
             refresh()
         _deinference_params(self.unet)
+        if not self._hooks:
+            self._hooks = autograd_safe_hooks(self.unet)
+
+    def close(self) -> None:
+        """Remove the training-only hooks of :meth:`prepare`."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     # -- Host protocol --------------------------------------------------------------------
     def encode_image(self, image: Image.Image) -> torch.Tensor:
@@ -507,6 +534,7 @@ def train_on_loaded_model(
         with preserve_module_state(host.unet):
             outcome = run_training(host, request, out_dir, reporter)
     finally:
+        host.close()
         with contextlib.suppress(Exception):
             from backend import memory_management
 
