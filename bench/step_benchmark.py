@@ -7,13 +7,16 @@ For each model (the embedded tiny SD1 model; an SD1.5-shaped UNet with random we
 * ``direct`` — ``DirectLoRA`` through the same hooks (isolates the hypernetwork's cost);
 * ``peft``   — peft LoRA injected into the same Linear layers (``unet.add_adapter``);
 
-this measures the training-step time (methods interleaved in one process, medians), the
-peak RSS (one fresh subprocess per method) and the exported file sizes. Targets are the
-``appearance`` attribute's (decoder attention q/k/v/out), rank 4, AdamW, the same latents,
-noise and timesteps for every method. Ratios are against peft in the same run; nothing is
-asserted. See docs/performance.md.
+and, timed only, ``ostaf_per_layer`` — OSTAF with the hypernetwork's forward as it was
+before each head ran once per width (two head calls per layer; :class:`PerLayerHeads`), so
+the report shows what that change bought, this measures the training-step time (methods
+interleaved in one process, medians), the peak RSS (one fresh subprocess per method) and
+the exported file sizes. Targets are the ``appearance`` attribute's (decoder attention
+q/k/v/out), rank 4, AdamW, the same latents, noise and timesteps for every method. Ratios
+are against peft in the same run; nothing is asserted. Linux (peak RSS is read from
+/proc). See docs/performance.md.
 
-    python bench/step_benchmark.py [--quick] [--models tiny,sd15] [--steps N]
+    python bench/step_benchmark.py [--quick] [--models tiny,sd15] [--steps N] [--threads N]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import datetime as dt
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -55,7 +59,14 @@ from lib_ostaf.targets import Target, find_module, select_targets  # noqa: E402
 from lib_ostaf.train import AttributeConfig, TrainResult, diffusion_loss, export  # noqa: E402
 
 METHODS = ("ostaf", "direct", "peft")
-LABELS = {"ostaf": "OSTAF (hypernet+hooks)", "direct": "DirectLoRA (hooks)", "peft": "peft LoRA"}
+# Timed only: OSTAF with the previous hypernetwork forward (one head call per layer).
+TIMED = (*METHODS, "ostaf_per_layer")
+LABELS = {
+    "ostaf": "OSTAF (hypernet+hooks)",
+    "direct": "DirectLoRA (hooks)",
+    "peft": "peft LoRA",
+    "ostaf_per_layer": "OSTAF, per-layer heads (before)",
+}
 MODELS = ("tiny", "sd15")
 CONFIG = AttributeConfig(attribute="appearance", rank=4)  # train_attribute's defaults
 GOAL_TIME, GOAL_RSS = 1.10, 1.05
@@ -76,8 +87,8 @@ SD15_UNET: dict[str, Any] = {
     "norm_num_groups": 32,
 }
 
-# (warm-up, timed) interleaved rounds, and steps per RSS subprocess, per model.
-DEFAULT_STEPS = {"tiny": (5, 40, 8), "sd15": (2, 5, 3)}
+# Per model: (warm-up rounds, timed rounds, steps in each RSS subprocess).
+DEFAULT_STEPS = {"tiny": (5, 60, 8), "sd15": (2, 6, 3)}
 QUICK_STEPS = {"tiny": (2, 8, 3), "sd15": (1, 2, 2)}
 
 
@@ -185,19 +196,44 @@ class Method:
         return sum(p.numel() for p in self.trainable)
 
 
+class PerLayerHeads(OstafHypernet):
+    """``OstafHypernet``'s forward as it was before each head ran once per width: both heads
+    are applied to every layer's feature separately (2 head calls per layer, 144 on SD1.5).
+    Same parameters and factors; the equality is tested in
+    ``tests/test_hypernet_offsets.py::test_batched_heads_equal_per_layer_heads``."""
+
+    def forward(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        r = self.config.rank
+        features = self.trunk(self.codes + self.kind_embedding(self.kind_ids))
+        factors = {}
+        for i, layer in enumerate(self.layers):
+            n_in, n_out = layer.in_features, layer.out_features
+            down = self.down_heads[str(n_in)](features[i]).view(r, n_in) / math.sqrt(n_in)
+            up = self.up_heads[str(n_out)](features[i]).view(n_out, r)
+            factors[layer.key] = (down, up)
+        return factors
+
+
+FACTOR_NETWORKS: dict[str, type[nn.Module]] = {
+    "ostaf": OstafHypernet,
+    "direct": DirectLoRA,
+    "ostaf_per_layer": PerLayerHeads,
+}
+
+
 class HookMethod(Method):
     """``train_attribute``'s step: factors from the network → OffsetHooks → loss → AdamW."""
 
-    def __init__(self, model: Model, unet: nn.Module, network: str) -> None:
+    def __init__(self, model: Model, unet: nn.Module, name: str) -> None:
         super().__init__(model, unet)
-        self.name = "ostaf" if network == "hypernet" else "direct"
+        self.name = name
         layers = [
             LayerShape(t.kohya, f"{t.attn}.{t.proj}", t.in_features, t.out_features)
             for t in model.targets
         ]
         cfg = HypernetConfig(rank=CONFIG.rank, code_dim=CONFIG.code_dim, hidden=CONFIG.hidden)
         torch.manual_seed(SEED)
-        self.network = (OstafHypernet if network == "hypernet" else DirectLoRA)(layers, cfg)
+        self.network = FACTOR_NETWORKS[name](layers, cfg)
         self.hooks = OffsetHooks({t.kohya: find_module(unet, t.name) for t in model.targets})
         self.trainable = list(self.network.parameters())
         self.optimizer = torch.optim.AdamW(self.trainable, lr=CONFIG.lr, weight_decay=0.0)
@@ -262,9 +298,7 @@ class PeftMethod(Method):
 
 
 def make_method(name: str, model: Model, unet: nn.Module) -> Method:
-    if name == "peft":
-        return PeftMethod(model, unet)
-    return HookMethod(model, unet, "hypernet" if name == "ostaf" else "lora")
+    return PeftMethod(model, unet) if name == "peft" else HookMethod(model, unet, name)
 
 
 # --------------------------------------------------------------------------- memory
@@ -308,7 +342,8 @@ def rss_worker(model_name: str, method: str, steps: int) -> dict[str, Any]:
 
 
 def measure_rss(model_name: str, method: str, steps: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--rss-worker", f"{model_name}:{method}:{steps}"]
+    job = f"{model_name}:{method}:{steps}:{torch.get_num_threads()}"
+    cmd = [sys.executable, __file__, "--rss-worker", job]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"RSS worker {model_name}/{method} failed:\n{proc.stderr[-3000:]}")
@@ -318,28 +353,50 @@ def measure_rss(model_name: str, method: str, steps: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- timing + files
 
 
-def time_steps(
-    model: Model, warmup: int, timed: int
-) -> tuple[dict[str, Method], dict[str, list[float]]]:
-    """Interleaved rounds (order rotated each round); seconds of the timed rounds per method.
+Times = dict[str, dict[str, list[float]]]  # method → {"wall": [s, …], "cpu": [s, …]}
+
+
+def time_steps(model: Model, warmup: int, timed: int) -> tuple[dict[str, Method], Times]:
+    """Interleaved rounds (order rotated each round): wall and CPU seconds per timed step.
 
     Each method gets its own UNet instance sharing the base weights, so hooks and peft's
     module replacement never see each other.
     """
-    runners = {m: make_method(m, model, model.twin()) for m in METHODS}
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    runners = {m: make_method(m, model, model.twin()) for m in TIMED}
+    times: Times = {m: {"wall": [], "cpu": []} for m in TIMED}
     for k in range(warmup + timed):
         noise, t = model.samples[k]
-        shift = k % len(METHODS)
-        for m in METHODS[shift:] + METHODS[:shift]:
-            start = time.perf_counter()
+        shift = k % len(TIMED)
+        for m in TIMED[shift:] + TIMED[:shift]:
+            wall, cpu = time.perf_counter(), time.process_time()
             loss = runners[m].step(noise, t)
-            elapsed = time.perf_counter() - start
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             if not loss == loss:  # NaN would mean a broken setup, not a slow one
                 raise RuntimeError(f"{m}: loss is NaN at round {k}")
             if k >= warmup:
-                times[m].append(elapsed)
+                times[m]["wall"].append(wall)
+                times[m]["cpu"].append(cpu)
     return runners, times
+
+
+def factor_network_times(runners: dict[str, Method], reps: int = 20) -> dict[str, dict[str, float]]:
+    """Median wall and CPU seconds of each factor network alone (forward + backward of every
+    factor with unit output gradients), networks interleaved. The CPU time is the steadier
+    number on a shared machine: a few-ms job is often preempted part-way."""
+    networks = {r.name: r.network for r in runners.values() if isinstance(r, HookMethod)}
+    with torch.no_grad():
+        grads = [torch.ones_like(t) for pair in networks["ostaf"]().values() for t in pair]
+    times: Times = {name: {"wall": [], "cpu": []} for name in networks}
+    for _ in range(reps):
+        for name, net in networks.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            outputs = [t for pair in net().values() for t in pair]
+            torch.autograd.backward(outputs, grads)
+            times[name]["wall"].append(time.perf_counter() - wall)
+            times[name]["cpu"].append(time.process_time() - cpu)
+    for net in networks.values():
+        net.zero_grad(set_to_none=True)
+    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
 
 
 def file_sizes(model: Model, runners: dict[str, Method], steps_done: int) -> dict[str, int]:
@@ -379,7 +436,7 @@ def file_sizes(model: Model, runners: dict[str, Method], steps_done: int) -> dic
         )
         peft_kohya = save_adapter(out / "peft.safetensors", peft_runner.lora_modules(), metadata)
         sizes["peft_kohya"] = peft_kohya.stat().st_size
-        native = out / "peft_native.safetensors"  # what diffusers' save_lora_weights stores
+        native = out / "peft_native.safetensors"  # peft's own state dict (diffusers layout)
         safetensors.torch.save_file(get_peft_model_state_dict(peft_runner.unet), str(native))
         sizes["peft_native"] = native.stat().st_size
         for key, modules in (("ostaf", ostaf.lora_modules()), ("peft", peft_runner.lora_modules())):
@@ -393,7 +450,15 @@ def file_sizes(model: Model, runners: dict[str, Method], steps_done: int) -> dic
 
 
 def _mib(kib: float) -> str:
-    return f"{kib / 1024:,.0f}"
+    return f"{kib / 1024:,.0f} MiB"
+
+
+def _ms(seconds: float, digits: int = 1) -> str:
+    return f"{seconds * 1e3:,.{digits}f} ms"
+
+
+def _net(times: dict[str, float] | None) -> str:
+    return f"{_ms(times['wall'])} / {_ms(times['cpu'])}" if times else "—"
 
 
 def _kib(n: int) -> str:
@@ -404,7 +469,14 @@ def _ok(value: float, goal: float) -> str:
     return f"{value:.3f} ({'met' if value <= goal else 'NOT met'})"
 
 
+def _shared(load: list[float], threads: int) -> bool:
+    """Whether other processes loaded the machine (the end value includes our own threads)."""
+    half = 0.5 * (os.cpu_count() or 1)
+    return load[0] > half or load[1] > threads + half
+
+
 def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    load = meta["loadavg_1min"]
     lines = [
         "# OSTAF training step vs peft LoRA",
         "",
@@ -417,53 +489,88 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "latents (128 px), same latents/noise/timesteps for every method. Ratios are against "
         "peft in the same run.",
         "",
-        "## Step time (median of interleaved steps; min–max in brackets)",
+        *(
+            [
+                f"**Shared machine**: 1-min load average {load[0]:.1f} → {load[1]:.1f} on "
+                f"{os.cpu_count()} CPUs, so other processes competed for them; absolute times "
+                "are inflated and ratios noisier than on an idle machine.",
+                "",
+            ]
+            if _shared(load, meta["threads"])
+            else []
+        ),
+        "## Step time",
         "",
-        "| model | layers | steps (warm-up + timed) | "
-        + " | ".join(LABELS[m] for m in METHODS)
-        + f" | OSTAF / peft (goal ≤ {GOAL_TIME:.2f}) | hooks / peft | OSTAF / DirectLoRA |",
-        "|---|---:|---:|" + "---:|" * len(METHODS) + "---:|---:|---:|",
+        "Median of the timed steps (methods interleaved, order rotated every round; min–max "
+        "in brackets). `paired` = median over rounds of the step-time ratio within the round "
+        "(neighbouring steps see similar machine load). CPU = process CPU time (all threads), "
+        "less sensitive to other processes than wall time. `factor net` = the factor network "
+        "alone (forward + backward, median of 20 interleaved runs; wall / CPU), part of every "
+        "hook-method step. "
+        "`per-layer heads (before)` = OSTAF with the hypernetwork forward it had before each "
+        "head ran once per width (`PerLayerHeads` in `bench/step_benchmark.py`): the same "
+        "parameters and factors, two head calls per layer.",
+        "",
+        "| model | method | trainable params | wall | CPU | wall ÷ peft | paired ÷ peft "
+        "| CPU ÷ peft | factor net (wall / CPU) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    verdicts = []
     for r in results:
-        med = {m: statistics.median(r["times"][m]) for m in METHODS}
-        cells = [
-            f"{med[m] * 1e3:,.1f} ms [{min(r['times'][m]) * 1e3:,.0f}–"
-            f"{max(r['times'][m]) * 1e3:,.0f}]"
-            for m in METHODS
-        ]
-        lines.append(
-            f"| {r['model']} | {r['layers']} | {r['warmup']} + {r['timed']} | "
-            + " | ".join(cells)
-            + f" | {_ok(med['ostaf'] / med['peft'], GOAL_TIME)} | {med['direct'] / med['peft']:.3f}"
-            f" | {med['ostaf'] / med['direct']:.3f} |"
+        times, net = r["times"], r["network_s"]
+        wall = {m: statistics.median(times[m]["wall"]) for m in TIMED}
+        cpu = {m: statistics.median(times[m]["cpu"]) for m in TIMED}
+        paired_ratio: dict[str, float] = {}
+        for m in TIMED:
+            w = times[m]["wall"]
+            paired = statistics.median(a / b for a, b in zip(w, times["peft"]["wall"], strict=True))
+            paired_ratio[m] = paired
+            lines.append(
+                f"| {r['model']} ({r['warmup']}+{r['timed']} steps) | {LABELS[m]} "
+                f"| {r['params'][m]:,} | {_ms(wall[m])} [{_ms(min(w), 0)}–{_ms(max(w), 0)}] "
+                f"| {_ms(cpu[m])} | {wall[m] / wall['peft']:.3f} | {paired:.3f} "
+                f"| {cpu[m] / cpu['peft']:.3f} | {_net(net.get(m))} |"
+            )
+        verdicts.append(
+            f"- {r['model']}: OSTAF ÷ peft step time {_ok(wall['ostaf'] / wall['peft'], GOAL_TIME)}"
+            f" against the goal ≤ {GOAL_TIME:.2f} (wall-time medians; paired "
+            f"{paired_ratio['ostaf']:.3f}, CPU {cpu['ostaf'] / cpu['peft']:.3f}); with the "
+            f"previous per-layer head calls {wall['ostaf_per_layer'] / wall['peft']:.3f} "
+            f"(paired {paired_ratio['ostaf_per_layer']:.3f}, "
+            f"CPU {cpu['ostaf_per_layer'] / cpu['peft']:.3f})."
         )
+    lines += ["", *verdicts]
     lines += [
         "",
-        "## Peak RSS (one fresh process per method; MiB)",
+        "## Peak RSS",
         "",
-        "`peak` = peak RSS of the process from just after the model is loaded through adapter "
-        "setup and the training steps (the kernel's peak counter is reset after loading), "
-        "base model included; `Δ` = peak − RSS with only the model loaded.",
+        "One fresh process per method. `after load` = RSS with the model loaded; the kernel's "
+        "peak counter is then reset, so `peak` = peak RSS from there through adapter setup and "
+        "the training steps (base model included) and `Δ` = peak − after load.",
         "",
-        "| model | steps | "
-        + " | ".join(f"{LABELS[m]} peak (Δ)" for m in METHODS)
-        + f" | peak OSTAF / peft (goal ≤ {GOAL_RSS:.2f}) | Δ OSTAF / Δ peft |",
-        "|---|---:|" + "---:|" * len(METHODS) + "---:|---:|",
+        "| model | method | after load | peak | Δ | peak ÷ peft | Δ ÷ peft |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
+    verdicts = []
     for r in results:
         rss = r["rss"]
-        delta = {m: rss[m]["peak_kib"] - rss[m]["rss_loaded_kib"] for m in METHODS}
-        cells = [f"{_mib(rss[m]['peak_kib'])} ({_mib(delta[m])})" for m in METHODS]
-        ratio = rss["ostaf"]["peak_kib"] / rss["peft"]["peak_kib"]
-        dratio = f"{delta['ostaf'] / delta['peft']:.2f}" if delta["peft"] > 0 else "n/a"
-        lines.append(
-            f"| {r['model']} | {rss['ostaf']['steps']} | "
-            + " | ".join(cells)
-            + f" | {_ok(ratio, GOAL_RSS)} | {dratio} |"
+        peak = {m: rss[m]["peak_kib"] for m in METHODS}
+        delta = {m: peak[m] - rss[m]["rss_loaded_kib"] for m in METHODS}
+        for m in METHODS:
+            dratio = f"{delta[m] / delta['peft']:.2f}" if delta["peft"] > 0 else "n/a"
+            lines.append(
+                f"| {r['model']} ({rss[m]['steps']} steps) | {LABELS[m]} "
+                f"| {_mib(rss[m]['rss_loaded_kib'])} | {_mib(peak[m])} | {_mib(delta[m])} "
+                f"| {peak[m] / peak['peft']:.3f} | {dratio} |"
+            )
+        verdicts.append(
+            f"- {r['model']}: OSTAF ÷ peft peak RSS {_ok(peak['ostaf'] / peak['peft'], GOAL_RSS)}"
+            f" against the goal ≤ {GOAL_RSS:.2f}"
         )
+    lines += ["", *verdicts]
     lines += [
         "",
-        "## Trainable parameters and files",
+        "## Files",
         "",
         "kohya file = `.safetensors` that WebUIs load; OSTAF's is written by "
         "`lib_ostaf.train.export`, peft's by `save_adapter` on its A/B under the same keys. "
@@ -471,17 +578,17 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "(OSTAF's adds `ostaf.*` keys such as the target list). peft native = "
         "`get_peft_model_state_dict` as safetensors (diffusers layout, no alpha).",
         "",
-        "| model | OSTAF hypernet params | LoRA params (peft = DirectLoRA) | OSTAF kohya file | "
-        "peft kohya file | tensor payload (both) | OSTAF `.ostaf-state` | peft native |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | OSTAF kohya file | peft kohya file | tensor payload (each) "
+        "| OSTAF `.ostaf-state` | peft native |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        s, p = r["sizes"], r["params"]
+        s = r["sizes"]
         payload = _kib(s["ostaf_tensor_bytes"])
         if s["ostaf_tensor_bytes"] != s["peft_tensor_bytes"]:
             payload += f" vs {_kib(s['peft_tensor_bytes'])}"
         lines.append(
-            f"| {r['model']} | {p['ostaf']:,} | {p['peft']:,} | {_kib(s['ostaf_kohya'])} | "
+            f"| {r['model']} | {_kib(s['ostaf_kohya'])} | "
             f"{_kib(s['peft_kohya'])} | {payload} | {_kib(s['ostaf_state'])} | "
             f"{_kib(s['peft_native'])} |"
         )
@@ -495,8 +602,9 @@ def run_model(name: str, warmup: int, timed: int, rss_steps: int, log: Callable)
     log(f"[{name}] loaded in {time.perf_counter() - t0:.1f}s; {layers} target layers")
     runners, times = time_steps(model, warmup, timed)
     log(f"[{name}] timed {warmup}+{timed} interleaved rounds")
+    network_s = factor_network_times(runners)
     sizes = file_sizes(model, runners, warmup + timed)
-    params = {m: runners[m].num_parameters() for m in METHODS}
+    params = {m: runners[m].num_parameters() for m in TIMED}
     if params["direct"] != params["peft"]:
         raise RuntimeError(f"LoRA parameter counts differ: {params}")
     del runners, model
@@ -504,13 +612,14 @@ def run_model(name: str, warmup: int, timed: int, rss_steps: int, log: Callable)
     rss = {}
     for m in METHODS:
         rss[m] = measure_rss(name, m, rss_steps)
-        log(f"[{name}] RSS {m}: peak {_mib(rss[m]['peak_kib'])} MiB")
+        log(f"[{name}] RSS {m}: peak {_mib(rss[m]['peak_kib'])}")
     return {
         "model": name,
         "layers": layers,
         "warmup": warmup,
         "timed": timed,
         "times": times,
+        "network_s": network_s,
         "rss": rss,
         "sizes": sizes,
         "params": params,
@@ -531,13 +640,17 @@ def main(argv: list[str] | None = None) -> None:
         help="Markdown report (default bench/results/step_benchmark.md; --quick: none); "
         "raw numbers go next to it as .json",
     )
-    parser.add_argument("--rss-worker", help=argparse.SUPPRESS)  # model:method:steps
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--rss-worker", help=argparse.SUPPRESS)  # model:method:steps:threads
     args = parser.parse_args(argv)
 
     if args.rss_worker:
-        model_name, method, steps = args.rss_worker.split(":")
+        model_name, method, steps, threads = args.rss_worker.split(":")
+        torch.set_num_threads(int(threads))
         print(json.dumps(rss_worker(model_name, method, int(steps))))
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     models = (args.models or ("tiny" if args.quick else ",".join(MODELS))).split(",")
     for m in models:
