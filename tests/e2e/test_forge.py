@@ -24,22 +24,11 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .test_a1111 import URL, call, png_b64, txt2img, wait_job
-
-
-def _is_forge() -> bool:
-    if not URL:
-        return False
-    try:
-        options = call("/sdapi/v1/options")
-    except OSError:
-        return False
-    return any(k.startswith("forge_") for k in options)
-
+from .test_a1111 import call, png_b64, server_is_forge, txt2img, wait_job
 
 pytestmark = [
     pytest.mark.webui,
-    pytest.mark.skipif(not _is_forge(), reason="OSTAF_WEBUI_URL is not a Forge server"),
+    pytest.mark.skipif(not server_is_forge(), reason="OSTAF_WEBUI_URL is not a Forge server"),
 ]
 PROMPT = "a photo of a cat"
 
