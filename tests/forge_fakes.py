@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unets import CONTEXT_DIM, tiny_ldm_unet
+from .unets import ADM_IN_CHANNELS, CONTEXT_DIM, tiny_ldm_unet
 from .webui_fakes import FakeState
 
 
@@ -208,8 +208,9 @@ class FakeForgeModel:
     is_sd1, is_sd2, is_sdxl = True, False, False
 
     @torch.inference_mode()
-    def __init__(self, seed: int = 0, storage=torch.float32) -> None:
-        unet = forgeify(tiny_ldm_unet("sd1", seed=seed))
+    def __init__(self, seed: int = 0, storage=torch.float32, family: str = "sd1") -> None:
+        self.is_sd1, self.is_sdxl = family == "sd1", family == "sdxl"
+        unet = forgeify(tiny_ldm_unet(family, seed=seed))
         unet = _inference_copy(unet)
         patcher = FakeModelPatcher(FakeKModel(unet, storage))
         with torch.random.fork_rng(devices=[]):
@@ -219,7 +220,11 @@ class FakeForgeModel:
         vae = types.SimpleNamespace(
             first_stage_model=vae_model, device=torch.device("cpu"), vae_dtype=torch.float32
         )
-        self.text_processing_engine = FakeTextEngine("clip_l")
+        if self.is_sdxl:  # SDXL: two engines, no single one
+            self.text_processing_engine_l = FakeTextEngine("clip_l")
+            self.text_processing_engine_g = FakeTextEngine("clip_g")
+        else:
+            self.text_processing_engine = FakeTextEngine("clip_l")
         self.forge_objects = FakeForgeObjects(patcher, types.SimpleNamespace(), vae)
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
@@ -233,7 +238,14 @@ class FakeForgeModel:
         """Words → table rows; a registered embedding replaces its word with its vectors'
         mean projected to the context width (enough to make a token matter)."""
         self.calls["cond"] += 1
-        db = self.text_processing_engine.embeddings.word_embeddings
+        if self.is_sdxl:
+            crossattn = self._words(prompts, self.text_processing_engine_l.embeddings)
+            vector = crossattn.mean(1).repeat(1, ADM_IN_CHANNELS // CONTEXT_DIM + 1)
+            return {"crossattn": crossattn, "vector": vector[:, :ADM_IN_CHANNELS]}
+        return self._words(prompts, self.text_processing_engine.embeddings)
+
+    def _words(self, prompts: list[str], embeddings: Any) -> torch.Tensor:
+        db = embeddings.word_embeddings
         rows = []
         for p in prompts:
             vecs = []

@@ -340,3 +340,34 @@ def test_inplace_residuals_of_forge_blocks_train_with_the_hooks():
     assert x.grad is not None
     for h in handles:
         h.remove()
+
+
+def test_sdxl_host_and_tokens_on_both_engines(tmp_path):
+    sd_model = FakeForgeModel(family="sdxl")
+    host = ForgeHost(sd_model, resolution=64)
+    assert host.family == "sdxl"
+    host.prepare()
+    cond = host.encode_prompt("a photo")
+    assert set(cond) == {"crossattn", "vector"} and not cond["vector"].is_inference()
+    x = torch.zeros(2, 4, 8, 8, requires_grad=True)
+    out = host.predict_noise(x, torch.tensor([10, 20]), cond)  # y = the pooled vector
+    out.sum().backward()
+    assert out.shape == (2, 4, 8, 8) and x.grad is not None
+    host.close()
+    make_adapter(tmp_path, "xlapp", _unet(sd_model), family="sdxl", seed=1)
+    path = tmp_path / "xlapp.safetensors"
+    with safetensors.safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    state = safetensors.torch.load_file(str(path))
+    state["bundle_emb.<cup>.clip_l"] = torch.randn(1, 768)
+    state["bundle_emb.<cup>.clip_g"] = torch.randn(1, 1280)
+    metadata["ostaf.method"] = "object"
+    safetensors.torch.save_file(state, str(path), metadata)
+    registry = AdapterRegistry(lambda: tmp_path)
+    requests, _ = requests_for([["xlapp", "1"]])
+    plan = plan_generation(requests, registry, "sdxl")
+    assert _generate(ForgeApplier(), sd_model, plan) == []
+    for engine in (sd_model.text_processing_engine_l, sd_model.text_processing_engine_g):
+        emb = engine.embeddings.word_embeddings["<cup>"]
+        assert set(emb.vec) == {"clip_l", "clip_g"} and emb.shape == 2048
+    assert len(sd_model.forge_objects.unet.lora_patches) == 1
