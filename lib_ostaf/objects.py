@@ -77,7 +77,7 @@ from .masks import (
 from .naming import UNetInfo, block_part, inspect_unet
 from .offsets import OffsetHooks, check_lambda
 from .targets import PARTS, Target, TargetSpec, available_blocks, find_module, select_targets
-from .train import Callbacks, factors_to_modules, frozen, noisy_latents, run_steps
+from .train import Callbacks, detached_factors, factors_to_modules, frozen, noisy_latents, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -516,11 +516,7 @@ class ObjectResult:
         return PROTOTYPE if all(p.method == PROTOTYPE for p in self.prototypes) else FALLBACK
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        with torch.no_grad():
-            return {
-                k: (a.detach().float().cpu(), b.detach().float().cpu())
-                for k, (a, b) in self.network().items()
-            }
+        return detached_factors(self.network)
 
     def lora_modules(self) -> dict[str, LoraModule]:
         return factors_to_modules(self.factors())

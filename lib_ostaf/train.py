@@ -144,15 +144,20 @@ class TrainResult:
     host_meta: dict[str, Any] = field(default_factory=dict)
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        with torch.no_grad():
-            return {
-                k: (a.detach().float().cpu(), b.detach().float().cpu())
-                for k, (a, b) in self.network().items()
-            }
+        return detached_factors(self.network)
 
     def lora_modules(self) -> dict[str, LoraModule]:
         """The exact ΔW = B·A of every layer as kohya modules (alpha = rank → scale 1)."""
         return factors_to_modules(self.factors())
+
+
+def detached_factors(network: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The network's current factors ``{key: (A, B)}`` as float32 CPU tensors, no graph."""
+    with torch.no_grad():
+        return {
+            k: (a.detach().float().cpu(), b.detach().float().cpu())
+            for k, (a, b) in network().items()
+        }
 
 
 def factors_to_modules(

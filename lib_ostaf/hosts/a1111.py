@@ -311,6 +311,15 @@ class StateReporter(Reporter):
     def __init__(self, jobs: JobManager, job: Job, state: Any) -> None:
         self.jobs, self.job, self.state = jobs, job, state
 
+    @classmethod
+    def begin(cls, jobs: JobManager, job: Job, steps: int, state: Any) -> StateReporter:
+        """Start ``job`` and put the WebUI's progress bar at step 0 of ``steps``."""
+        jobs.start(job, steps)
+        state.job_count, state.job_no = 1, 0
+        state.sampling_steps, state.sampling_step = steps, 0
+        state.textinfo = "OSTAF: preparing"
+        return cls(jobs, job, state)
+
     def progress(self, step: int, total: int, loss: float) -> None:
         self.jobs.update(self.job, step, total, loss)
         self.state.sampling_step, self.state.sampling_steps = step, total
@@ -347,11 +356,7 @@ def train_on_loaded_model(
 
     request.validate(out_dir)  # refuse bad input before touching the model
     state = shared.state
-    jobs.start(job, request.steps)
-    state.job_count, state.job_no = 1, 0
-    state.sampling_steps, state.sampling_step = request.steps, 0
-    state.textinfo = "OSTAF: preparing"
-    reporter = StateReporter(jobs, job, state)
+    reporter = StateReporter.begin(jobs, job, request.steps, state)
     host = A1111Host.from_webui(resolution=request.resolution or None)
     applier.clear_for_training(host.sd_model)
     try:

@@ -523,11 +523,7 @@ def train_on_loaded_model(
 
     request.validate(out_dir)
     state = shared.state
-    jobs.start(job, request.steps)
-    state.job_count, state.job_no = 1, 0
-    state.sampling_steps, state.sampling_step = request.steps, 0
-    state.textinfo = "OSTAF: preparing"
-    reporter = StateReporter(jobs, job, state)
+    reporter = StateReporter.begin(jobs, job, request.steps, state)
     host = ForgeHost.from_webui(resolution=request.resolution or None)
     applier.clear_for_training(host.sd_model)
     try:
