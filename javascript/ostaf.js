@@ -11,3 +11,15 @@ function ostaf_start_training() {
     res[0] = id;
     return res;
 }
+
+// The same for the Object implantation sub-tab (its own log, gallery and text box).
+function ostaf_start_implant() {
+    var id = randomId();
+    var info = gradioApp().getElementById('ostaf_obj_textinfo');
+    requestProgress(id, gradioApp().getElementById('ostaf_obj_log'), gradioApp().getElementById('ostaf_obj_gallery'), function() {}, function(progress) {
+        if (info) info.innerHTML = progress.textinfo || '';
+    });
+    var res = Array.from(arguments);
+    res[0] = id;
+    return res;
+}

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from .errors import OstafError
 from .jobs import Job, JobBusy, JobManager
+from .object_job import MAX_OBJECTS, ObjectRequest
 from .registry import AdapterRegistry
 from .training_job import TrainRequest
 
@@ -54,6 +55,39 @@ class TrainBody(BaseModel):
     blocks: list[str] | None = None
     default_lambda: float = 1.0
     n_views: int = Field(8, ge=1, le=64)
+    resolution: int = Field(0, ge=0, le=4096, description="0 = the model's native size")
+    overwrite: bool = False
+    preview_every: int = Field(0, ge=0)
+    preview_steps: int = Field(12, ge=1, le=150)
+    preview_size: int = Field(0, ge=0, le=4096)
+    guidance: float = 5.0
+    sweep: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5])
+
+
+class ObjectBody(BaseModel):
+    """One object of POST /ostaf/v1/implant: a new token, its class word, and a mask (base64
+    PNG, white = the object) — give a mask for every object or for none (automatic)."""
+
+    token: str = Field(..., description="new word, e.g. <mug1>")
+    class_name: str = Field(..., description="what it is, e.g. mug")
+    mask: str | None = Field(None, description="base64 mask image; omit for automatic masks")
+
+
+class ImplantBody(BaseModel):
+    """POST /ostaf/v1/implant: object implantation from one image."""
+
+    image: str = Field(..., description="image with the object(s), base64 (data URL accepted)")
+    name: str = Field(..., description="output adapter name (file stem)")
+    objects: list[ObjectBody] = Field(..., min_length=1, max_length=MAX_OBJECTS)
+    steps: int = Field(400, ge=1, le=100_000)
+    embedding_steps: int = Field(100, ge=0, le=100_000)
+    rank: int = Field(4, ge=1, le=256)
+    lr: float = Field(1e-4, gt=0, lt=1)
+    embedding_lr: float = Field(5e-4, ge=0, lt=1)
+    class_weight: float = Field(1.0, ge=0)
+    background_weight: float = Field(0.0, ge=0, le=1)
+    seed: int = 0
+    default_lambda: float = 1.0
     resolution: int = Field(0, ge=0, le=4096, description="0 = the model's native size")
     overwrite: bool = False
     preview_every: int = Field(0, ge=0)
@@ -111,7 +145,7 @@ def check_basic_auth(api_auth: str | None, username: str, password: str) -> bool
     return False
 
 
-Runner = Callable[[Job, TrainRequest], dict[str, Any]]
+Runner = Callable[[Job, TrainRequest | ObjectRequest], dict[str, Any]]
 
 
 class OstafApi:
@@ -152,8 +186,29 @@ class OstafApi:
             self.registry.path_for(request.name)  # inside the folder, or refused
         except OstafError as e:
             raise ApiError(422, str(e)) from None
+        return self._start("attribute", request)
+
+    def implant(self, body: ImplantBody) -> dict[str, Any]:
+        fields = model_fields(body)
+        fields["image"] = decode_image(body.image)
+        objects = fields.pop("objects")
+        if not 1 <= len(objects) <= MAX_OBJECTS:  # pydantic v1 ignores min/max_length
+            raise ApiError(422, f"objects: give 1…{MAX_OBJECTS} objects")
+        fields["tokens"] = [o["token"] for o in objects]
+        fields["classes"] = [o["class_name"] for o in objects]
+        fields["masks"] = [decode_image(o["mask"]) if o["mask"] else None for o in objects]
+        fields["sweep"] = tuple(fields["sweep"])
         try:
-            job = self.jobs.begin("attribute")
+            request = ObjectRequest.from_dict(fields)
+            request.validate(self.registry.root)
+            self.registry.path_for(request.name)
+        except OstafError as e:
+            raise ApiError(422, str(e)) from None
+        return self._start("objects", request)
+
+    def _start(self, kind: str, request: TrainRequest | ObjectRequest) -> dict[str, Any]:
+        try:
+            job = self.jobs.begin(kind)
         except JobBusy as e:
             raise ApiError(409, str(e)) from None
         self.jobs.run_in_thread(job, lambda j: self.runner(j, request))

@@ -273,3 +273,58 @@ def _clean(fg: np.ndarray) -> np.ndarray:
     cv2.floodFill(flood, fill, (0, 0), 1)
     holes = flood[1:-1, 1:-1] == 0
     return (fg.astype(bool) | holes).astype(np.uint8)
+
+
+def mask_from_editor(value: object) -> Image.Image | np.ndarray | None:
+    """What a gradio mask input returns → a mask source, or None when nothing was given.
+
+    * an image or array (an uploaded mask file): as it is;
+    * gradio 3 ``tool="sketch"`` → ``{"image", "mask"}``: the drawn ``mask``;
+    * gradio 4 ``ImageEditor`` → ``{"background", "layers", "composite"}``: every painted
+      pixel of every layer (its alpha), whatever the brush colour.
+    A drawing with no painted pixel counts as no mask.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (Image.Image, np.ndarray)):
+        return value
+    if not isinstance(value, dict):
+        raise InputError(f"unexpected mask input of type {type(value).__name__}")
+    if "layers" in value:
+        painted = None
+        for layer in value.get("layers") or []:
+            if layer is None:
+                continue
+            alpha = np.asarray(_pil(layer).convert("RGBA"))[..., 3] > 0
+            painted = alpha if painted is None else painted | alpha
+        if painted is None or not painted.any():
+            return None
+        return Image.fromarray(painted.astype(np.uint8) * 255)
+    mask = value.get("mask")
+    if mask is None:
+        return None
+    grey = np.asarray(_pil(mask).convert("L"))
+    return Image.fromarray(grey) if grey.max() > 0 else None
+
+
+def _pil(value: object) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, np.ndarray):
+        return Image.fromarray(value)
+    if isinstance(value, (str, Path)):
+        with Image.open(value) as im:
+            im.load()
+            return im.copy()
+    raise InputError(f"unexpected image value of type {type(value).__name__}")
+
+
+def mask_overlay(image: Image.Image, mask: np.ndarray) -> tuple[Image.Image, Image.Image]:
+    """(the image with the mask tinted red, the mask as a white-on-black image)."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image.size)) > 127
+    tinted = rgb.copy()
+    tinted[m] = 0.5 * rgb[m] + 0.5 * np.array([255.0, 0.0, 0.0])
+    return Image.fromarray(tinted.round().astype(np.uint8)), Image.fromarray(
+        m.astype(np.uint8) * 255
+    )

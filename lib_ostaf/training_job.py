@@ -163,6 +163,7 @@ class TrainOutcome:
             "loss_after": round(self.loss_after, 6),
             "steps": self.steps,
             "sweep_lambdas": list(self.sweep_lambdas),
+            **self.extra,
         }
 
 

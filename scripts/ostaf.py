@@ -18,15 +18,19 @@ from modules import (
 )
 
 from lib_ostaf import activation, cards, prompt_tags
-from lib_ostaf.api import PREFIX, ApiError, OstafApi, TrainBody, check_basic_auth
-from lib_ostaf.errors import OstafError
+from lib_ostaf.api import PREFIX, ApiError, ImplantBody, OstafApi, TrainBody, check_basic_auth
+from lib_ostaf.errors import InputError, OstafError
 from lib_ostaf.hosts import a1111, forge
+from lib_ostaf.masks import auto_masks, mask_from_editor, mask_overlay
 from lib_ostaf.naming import ATTN_NAMES, PROJ_NAMES
+from lib_ostaf.object_job import ObjectRequest
 from lib_ostaf.registry import resolve_adapters_dir
 from lib_ostaf.train import DEFAULT_PROMPTS
 from lib_ostaf.training_job import TrainRequest
 
 N_SLOTS = 3  # adapters the accordion can pick
+OBJECT_SLOTS = 3  # objects the Object implantation sub-tab offers (lib_ostaf allows 4)
+GRADIO4 = int(str(getattr(gr, "__version__", "3")).split(".")[0]) >= 4
 FORGE = forge.is_forge()  # one codebase: Forge gets its own host/applier (research §8.7)
 HOST = forge if FORGE else a1111
 STATE = HOST.webui_state()  # survives "Reload UI" (lives in lib_ostaf, not in this file)
@@ -337,8 +341,16 @@ def _train_ui(
             preview_size=int(_opt("ostaf_preview_size", 0) or 0),
             sweep=_sweep_lambdas(),
         )
+    except (OstafError, ValueError, TypeError) as e:
+        return [], "", cards.error_html(e)
+    return _run_job("attribute", request)
+
+
+def _run_job(kind, request):
+    """Run a validated request on the loaded model: (gallery, log, result card)."""
+    try:
         request.validate(REGISTRY.root)
-        job = JOBS.begin("attribute")
+        job = JOBS.begin(kind)
     except (OstafError, ValueError, TypeError) as e:
         return [], "", cards.error_html(e)
     JOBS.run(job, lambda j: HOST.train_on_loaded_model(JOBS, j, request, REGISTRY.root, APPLIER))
@@ -354,11 +366,182 @@ def _interrupt_ui():
     shared.state.interrupt()
 
 
+def _object_ui(id_task, image, name, *values):
+    """The Object implantation sub-tab's Train: one (token, class, drawing, file) per slot."""
+    slots, rest = values[: 4 * OBJECT_SLOTS], values[4 * OBJECT_SLOTS :]
+    (steps, embedding_steps, rank, lr, embedding_lr, class_weight, background_weight) = rest[:7]
+    seed, default_lambda, resolution, preview_every, overwrite = rest[7:]
+    try:
+        tokens, classes, masks = [], [], []
+        for i in range(OBJECT_SLOTS):
+            token, cls, drawn, upload = slots[4 * i : 4 * i + 4]
+            if not (token or "").strip() and not (cls or "").strip():
+                continue  # an unused slot
+            tokens.append((token or "").strip())
+            classes.append((cls or "").strip())
+            masks.append(upload if upload is not None else mask_from_editor(drawn))
+        request = ObjectRequest(
+            image=image,
+            name=(name or "").strip(),
+            tokens=tokens,
+            classes=classes,
+            masks=masks if any(m is not None for m in masks) else [],
+            steps=int(steps),
+            embedding_steps=int(embedding_steps),
+            rank=int(rank),
+            lr=float(lr),
+            embedding_lr=float(embedding_lr),
+            class_weight=float(class_weight),
+            background_weight=float(background_weight),
+            seed=int(seed),
+            default_lambda=float(default_lambda),
+            resolution=int(resolution or 0),
+            overwrite=bool(overwrite),
+            preview_every=int(preview_every or 0),
+            preview_steps=int(_opt("ostaf_preview_steps", 12)),
+            preview_size=int(_opt("ostaf_preview_size", 0) or 0),
+            sweep=_sweep_lambdas(),
+        )
+    except (OstafError, ValueError, TypeError) as e:
+        return [], "", cards.error_html(e)
+    return _run_job("objects", request)
+
+
+def _auto_masks_ui(image, *tokens):
+    """Automatic masks for the filled slots: overlays to check, masks into the file slots."""
+    used = sum(1 for t in tokens if (t or "").strip()) or 1
+    try:
+        if image is None:
+            raise InputError("upload the image first")
+        found = [mask_overlay(image, m) for m in auto_masks(image.convert("RGB"), used)]
+    except OstafError as e:
+        return [[], cards.error_html(e)] + [gr.update()] * OBJECT_SLOTS
+    files = [gr.update(value=m) for _, m in found]
+    files += [gr.update()] * (OBJECT_SLOTS - len(files))
+    note = "Automatic masks: check them; replace a wrong one by drawing or uploading."
+    return [[o for o, _ in found], html.escape(note), *files]
+
+
+def _mask_editor(label, elem_id):
+    """A mask drawn over the image: gradio 4 ImageEditor (Forge), gradio 3 sketch (A1111)."""
+    if GRADIO4:
+        return gr.ImageEditor(
+            label=label,
+            type="pil",
+            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+            eraser=gr.Eraser(),
+            sources=["upload"],
+            elem_id=elem_id,
+        )
+    return gr.Image(
+        label=label, type="pil", tool="sketch", source="upload", brush_color="#ffffff",
+        elem_id=elem_id,
+    )  # fmt: skip
+
+
 def _object_tab():
-    # OBJECT IMPLANTATION SUB-TAB — lands with lib_ostaf.objects (issue: object implantation).
-    # Wire it here: image + per-object mask/class/token inputs → lib_ostaf.objects trainer,
-    # with the same Train/Interrupt/progress plumbing as the attribute tab.
-    gr.Markdown("Object implantation is not available in this version yet.")
+    dummy = gr.Textbox(visible=False, elem_id="ostaf_obj_dummy")
+    slots, editors, files, tokens = [], [], [], []
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            image = gr.Image(
+                label="Image with the object(s)", type="pil", elem_id="ostaf_obj_image"
+            )
+            name = gr.Textbox(label="Adapter name", placeholder="my_mug", elem_id="ostaf_obj_name")
+            for i in range(OBJECT_SLOTS):
+                with gr.Accordion(f"Object {i + 1}", open=i == 0, elem_id=f"ostaf_obj_{i}"):
+                    with gr.Row():
+                        token = gr.Textbox(
+                            value="<obj1>" if i == 0 else "",
+                            label="New token",
+                            placeholder=f"<obj{i + 1}>",
+                            elem_id=f"ostaf_obj_token_{i}",
+                        )
+                        cls = gr.Textbox(
+                            label="Class (what it is)",
+                            placeholder="mug",
+                            elem_id=f"ostaf_obj_class_{i}",
+                        )
+                    with gr.Row():
+                        drawn = _mask_editor("Draw the mask (white)", f"ostaf_obj_draw_{i}")
+                        upload = gr.Image(
+                            label="…or a mask file (white = object)",
+                            type="pil",
+                            image_mode="L",
+                            elem_id=f"ostaf_obj_mask_{i}",
+                        )
+                slots += [token, cls, drawn, upload]
+                editors.append(drawn)
+                files.append(upload)
+                tokens.append(token)
+            auto = gr.Button("Automatic masks (to check)", elem_id="ostaf_obj_auto")
+            with gr.Row():
+                steps = gr.Number(value=400, precision=0, label="Steps", elem_id="ostaf_obj_steps")
+                embedding_steps = gr.Number(
+                    value=100,
+                    precision=0,
+                    label="Token-only steps first",
+                    elem_id="ostaf_obj_esteps",
+                )
+                rank = gr.Number(value=4, precision=0, label="Rank", elem_id="ostaf_obj_rank")
+                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="ostaf_obj_seed")
+            with gr.Accordion("Method weights", open=False, elem_id="ostaf_obj_advanced"):
+                with gr.Row():
+                    lr = gr.Number(value=1e-4, label="LoRA learning rate", elem_id="ostaf_obj_lr")
+                    embedding_lr = gr.Number(
+                        value=5e-4, label="Token learning rate", elem_id="ostaf_obj_elr"
+                    )
+                with gr.Row():
+                    class_weight = gr.Number(
+                        value=1.0,
+                        label="Class-characterizing regularization",
+                        elem_id="ostaf_obj_class_weight",
+                    )
+                    background_weight = gr.Slider(
+                        0.0, 1.0, value=0.0, step=0.05,
+                        label="Loss weight outside the masks", elem_id="ostaf_obj_bg",
+                    )  # fmt: skip
+                with gr.Row():
+                    default_lambda = gr.Number(
+                        value=1.0, label="Preferred λ", elem_id="ostaf_obj_default_lambda"
+                    )
+                    resolution = gr.Number(
+                        value=0, precision=0, label="Training size (0 = native)",
+                        elem_id="ostaf_obj_resolution",
+                    )  # fmt: skip
+                    preview_every = gr.Number(
+                        value=int(_opt("ostaf_preview_every", 50)), precision=0,
+                        label="Preview every N steps (0 = off)", elem_id="ostaf_obj_preview_every",
+                    )  # fmt: skip
+                overwrite = gr.Checkbox(
+                    False,
+                    label="Overwrite an adapter of the same name",
+                    elem_id="ostaf_obj_overwrite",
+                )
+            with gr.Row():
+                interrupt = gr.Button("Interrupt", elem_id="ostaf_obj_interrupt")
+                train = gr.Button("Train", variant="primary", elem_id="ostaf_obj_train")
+        with gr.Column():
+            gr.HTML(elem_id="ostaf_obj_textinfo")
+            gallery = gr.Gallery(
+                label="Preview", show_label=False, elem_id="ostaf_obj_gallery", columns=1
+            )
+            log = gr.Textbox(label="Log", lines=6, interactive=False, elem_id="ostaf_obj_log")
+            result = gr.HTML(elem_id="ostaf_obj_result")
+    # the drawing canvases start from the uploaded image: only the strokes need drawing
+    image.change(fn=lambda im: [im] * OBJECT_SLOTS, inputs=[image], outputs=editors)
+    auto.click(fn=_auto_masks_ui, inputs=[image, *tokens], outputs=[gallery, result, *files])
+    train.click(
+        fn=call_queue.wrap_gradio_gpu_call(_object_ui, extra_outputs=[[], ""]),
+        _js="ostaf_start_implant",
+        inputs=[
+            dummy, image, name, *slots, steps, embedding_steps, rank, lr, embedding_lr,
+            class_weight, background_weight, seed, default_lambda, resolution, preview_every,
+            overwrite,
+        ],
+        outputs=[gallery, log, result],
+    )  # fmt: skip
+    interrupt.click(fn=_interrupt_ui, inputs=[], outputs=[])
 
 
 def _ui_tab():
@@ -540,6 +723,9 @@ def _add_routes(_demo, app):
     def train(body: TrainBody):
         return call(api.train, body)
 
+    def implant(body: ImplantBody):
+        return call(api.implant, body)
+
     def progress(job_id: str = "", preview: bool = False):
         return call(api.progress, job_id or None, preview)
 
@@ -555,6 +741,7 @@ def _add_routes(_demo, app):
         ("/adapters", adapters, "GET"),
         ("/adapter", adapter, "GET"),
         ("/train", train, "POST"),
+        ("/implant", implant, "POST"),
         ("/progress", progress, "GET"),
         ("/interrupt", interrupt, "POST"),
         ("/refresh", refresh, "POST"),

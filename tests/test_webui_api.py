@@ -11,7 +11,14 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from lib_ostaf.api import ApiError, OstafApi, TrainBody, check_basic_auth, decode_image
+from lib_ostaf.api import (
+    ApiError,
+    ImplantBody,
+    OstafApi,
+    TrainBody,
+    check_basic_auth,
+    decode_image,
+)
 from lib_ostaf.errors import Interrupted
 from lib_ostaf.jobs import JobBusy, JobManager
 from lib_ostaf.registry import AdapterRegistry
@@ -157,3 +164,38 @@ def test_basic_auth():
     assert check_basic_auth("u:p", "u", "p")
     assert not check_basic_auth("u:p", "u", "x")
     assert not check_basic_auth("u:p", "", "")
+
+
+def _mask_png(left: bool) -> str:
+    im = Image.new("L", (16, 16), 0)
+    im.paste(255, (0, 0, 8, 16) if left else (8, 0, 16, 16))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_implant_route_validates_before_starting(tmp_path):
+    api, calls = _api(tmp_path)
+    one = {"token": "<mug1>", "class_name": "mug", "mask": _mask_png(True)}
+    two = {"token": "<cup2>", "class_name": "cup", "mask": _mask_png(False)}
+    for fields, status in (
+        ({"name": "../escape", "objects": [one]}, 422),
+        ({"name": "ok", "objects": [one, {**two, "mask": None}]}, 422),  # a mask for one only
+        ({"name": "ok", "objects": [{**one, "token": "a b"}]}, 422),
+        ({"name": "ok", "objects": [{**one, "mask": "nope"}]}, 422),
+        ({"name": "ok", "objects": [one, {**two, "token": "<MUG1>"}]}, 422),  # duplicate
+        ({"name": "ok", "objects": [one], "image": "nope"}, 422),
+    ):
+        body = ImplantBody(**({"image": _png()} | fields))
+        with pytest.raises(ApiError) as e:
+            api.implant(body)
+        assert e.value.status == status, fields
+    with pytest.raises(ValueError):  # pydantic: 1…4 objects
+        ImplantBody(image=_png(), name="ok", objects=[])
+    assert calls == [] and api.jobs.current is None and list(tmp_path.iterdir()) == []
+    out = api.implant(ImplantBody(image=_png(), name="pair", objects=[one, two], steps=3))
+    _wait(api.jobs.current)
+    assert api.progress(out["job_id"])["status"] == "done"
+    request = calls[0]
+    assert request.tokens == ["<mug1>", "<cup2>"] and request.classes == ["mug", "cup"]
+    assert [m.getpixel((2, 2)) for m in request.masks] == [(255, 255, 255), (0, 0, 0)]

@@ -148,9 +148,15 @@ def _fake_modules(tmp_path: Path, sd_model) -> dict[str, types.ModuleType]:
     paths = types.ModuleType("modules.paths")
     paths.models_path = str(tmp_path / "models")
 
+    sd_hijack = types.ModuleType("modules.sd_hijack")
+    sd_hijack.model_hijack = types.SimpleNamespace(
+        embedding_db=getattr(sd_model, "embedding_db", None)
+    )
+
     pkg = types.ModuleType("modules")
     pkg.__path__ = []
     mods = {
+        "sd_hijack": sd_hijack,
         "shared": shared,
         "devices": devices,
         "extra_networks": extra_networks,
@@ -308,3 +314,53 @@ def test_tab_train_button(glue):
     bad = list(args)
     bad[1] = None
     assert "no reference image" in glue.m._train_ui(*bad)[2]
+
+
+def _object_args(name, slot0, slot1=("", "", None, None)):
+    empty = ("", "", None, None)
+    # steps, token-only steps, rank, lr, token lr, class weight, background, seed, λ,
+    # size, preview every, overwrite
+    rest = [2, 1, 2, 1e-2, 1e-2, 1.0, 0.0, 0, 1.0, 64, 0, False]
+    return ["task(x)", _disc(), name, *slot0, *slot1, *empty, *rest]
+
+
+def _disc() -> Image.Image:
+    import numpy as np
+
+    y, x = np.mgrid[:64, :64]
+    img = np.full((64, 64, 3), 225, np.uint8)
+    img[(x - 30) ** 2 + (y - 34) ** 2 < 15**2] = (200, 30, 30)
+    return Image.fromarray(img)
+
+
+def test_object_tab_train_button(glue):
+    glue.fakes["modules.shared"].opts.ostaf_sweep = "0, 1"
+    glue.fakes["modules.shared"].opts.ostaf_preview_steps = 1
+    before = pristine(glue.sd_model)
+    left = Image.new("L", (64, 64), 0)
+    left.paste(255, (0, 0, 32, 64))
+    drawn = {"image": _disc(), "mask": left.convert("RGBA")}  # gradio 3 sketch payload
+    images, log, card = glue.m._object_ui(*_object_args("objs", ("<mug1>", "mug", drawn, None)))
+    assert "objs" in card and "KiB" in card and "<mug1>" in log, (log, card)
+    assert len(images) == 1 and (glue.dir / "objs.safetensors").is_file()
+    assert (glue.dir / "objs.embeddings" / "mug1.safetensors").is_file()
+    assert not (glue.dir / "objs.mask-mug1.png").exists()  # the drawn mask was used
+    assert same_weights(glue.sd_model, before)
+    assert glue.sd_model.embedding_db.word_embeddings == {}
+
+    # an empty drawing + no file = automatic mask; a mask for only one of two = refused
+    empty = {"image": _disc(), "mask": Image.new("RGBA", (64, 64))}
+    args = _object_args("two", ("<mug1>", "mug", drawn, None), ("<cup2>", "cup", empty, None))
+    out = glue.m._object_ui(*args)
+    assert out[0] == [] and "no mask for &lt;cup2&gt;" in out[2]
+    assert not (glue.dir / "two.safetensors").exists()
+    out = glue.m._object_ui(*_object_args("objs", ("<mug1>", "mug", None, None)))
+    assert "already exist" in out[2]  # same name, no overwrite: refused before training
+
+
+def test_auto_masks_button(glue):
+    overlays, note, first, *_ = glue.m._auto_masks_ui(_disc(), "<mug1>", "", "")
+    assert len(overlays) == 1 and "check" in note
+    mask = first["value"]
+    assert mask.size == (64, 64) and mask.getpixel((30, 34)) == 255 and mask.getpixel((2, 2)) == 0
+    assert "upload the image first" in glue.m._auto_masks_ui(None, "<mug1>", "", "")[1]

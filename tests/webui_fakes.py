@@ -27,7 +27,7 @@ from lib_ostaf.adapter_file import LoraModule, build_metadata, save_adapter, wri
 from lib_ostaf.naming import inspect_unet, module_name_from_kohya
 from lib_ostaf.targets import TargetSpec, select_targets
 
-from .unets import CONTEXT_DIM, tiny_ldm_unet
+from .unets import ADM_IN_CHANNELS, CONTEXT_DIM, tiny_ldm_unet
 
 
 class _Wrapper(nn.Module):
@@ -54,6 +54,88 @@ class _Posterior:
         return self.mean + torch.randn_like(self.mean)
 
 
+class FakeEmbeddingDb:
+    """A1111's ``EmbeddingDatabase`` lookup (``register_embedding_by_name`` copied in
+    behaviour): name → embedding, first token id → [(ids, embedding)] longest first."""
+
+    def __init__(self) -> None:
+        self.word_embeddings: dict[str, Any] = {}
+        self.ids_lookup: dict[int, list[tuple[list[int], Any]]] = {}
+
+    def register_embedding_by_name(self, embedding, model, name):
+        ids = model.cond_stage_model.tokenize([name])[0]
+        first = ids[0]
+        lookup = [x for x in self.ids_lookup.get(first, []) if x[1].name != name]
+        if embedding is not None:
+            lookup.append((ids, embedding))
+        self.ids_lookup[first] = sorted(lookup, key=lambda x: len(x[0]), reverse=True)
+        if embedding is None:
+            self.word_embeddings.pop(name, None)
+            if not self.ids_lookup[first]:
+                del self.ids_lookup[first]
+            return None
+        self.word_embeddings[name] = embedding
+        return embedding
+
+    def find_embedding_at_position(self, tokens, offset):
+        for ids, embedding in self.ids_lookup.get(tokens[offset], []):
+            if tokens[offset : offset + len(ids)] == ids:
+                return embedding, len(ids)
+        return None, None
+
+
+class FakeClipEmbedder(nn.Module):
+    """A1111's hijacked CLIP embedder, reduced: words → ids (a word of ≤ 4 characters is
+    one vocabulary entry, longer ones split into 3-character pieces), registered
+    embeddings spliced in at their positions (``EmbeddingsWithFixes``), a linear mix over
+    positions so every token affects the output. ``textual_inversion_key`` picks the
+    SDXL key of a dict vector."""
+
+    LENGTH = 7
+
+    def __init__(self, db: FakeEmbeddingDb, width: int, out: int, key: str = "clip_l"):
+        super().__init__()
+        self.db, self.key = db, key
+        self.token_embedding = nn.Embedding(4096, width)
+        self.mix = nn.Linear(width, out)
+        self.is_trainable = False  # sgm embedders: False → the conditioner uses no_grad
+
+    def tokenize(self, texts):
+        out = []
+        for text in texts:
+            ids = []
+            for w in text.lower().split():
+                pieces = [w] if len(w) <= 4 else [w[i : i + 3] for i in range(0, len(w), 3)]
+                ids += [zlib.crc32(piece.encode()) % 4000 + 1 for piece in pieces]
+            out.append(ids)
+        return out
+
+    def encode_embedding_init_text(self, text, nvpt):
+        ids = self.tokenize([text])[0][:nvpt]
+        return self.token_embedding(torch.tensor(ids, dtype=torch.long))
+
+    def forward(self, texts):
+        rows = []
+        for ids in self.tokenize(texts):
+            vecs, i = [], 0
+            while i < len(ids):
+                emb, n = self.db.find_embedding_at_position(ids, i)
+                if emb is None:
+                    vecs.append(self.token_embedding(torch.tensor([ids[i]])))
+                    i += 1
+                    continue
+                vec = emb.vec[self.key] if isinstance(emb.vec, dict) else emb.vec
+                vecs.append(vec.to(self.token_embedding.weight.dtype))
+                i += n
+            x = torch.cat(vecs) if vecs else self.token_embedding.weight[:0]
+            x = torch.cat(
+                [x[: self.LENGTH], self.token_embedding.weight[:1].expand(self.LENGTH, -1)]
+            )
+            x = x[: self.LENGTH]
+            rows.append(self.mix(x + x.mean(0, keepdim=True)))
+        return torch.stack(rows)
+
+
 class FakeSdModel(nn.Module):
     """An SD1-shaped A1111 model (eps prediction, 8× VAE) built around a tiny ldm UNet."""
 
@@ -74,7 +156,8 @@ class FakeSdModel(nn.Module):
                     "dec": nn.ConvTranspose2d(4, 3, 8, stride=8),
                 }
             )
-            self.cond_stage_model = nn.Embedding(4096, CONTEXT_DIM)
+            self.embedding_db = FakeEmbeddingDb()
+            self.cond_stage_model = FakeClipEmbedder(self.embedding_db, 24, CONTEXT_DIM)
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
         self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float())
         self.sd_checkpoint_info = types.SimpleNamespace(
@@ -98,9 +181,67 @@ class FakeSdModel(nn.Module):
 
     def get_learned_conditioning(self, prompts):
         self.calls["cond"] += 1
-        ids = [[zlib.crc32(w.encode()) % 4000 + 1 for w in p.split()][:7] for p in prompts]
-        ids = [row + [0] * (7 - len(row)) for row in ids]
-        return self.cond_stage_model(torch.tensor(ids))
+        return self.cond_stage_model(prompts)
+
+
+class _XLWrapper(_Wrapper):
+    conditioning_key = "crossattn"
+
+    def forward(self, x, t, c_crossattn=None, y=None):
+        return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1), y=y)
+
+
+class _Conditioner(nn.Module):
+    """sgm's ``GeneralConditioner``: each embedder runs under ``no_grad`` unless
+    ``is_trainable``; crossattn = CLIP-L ‖ CLIP-G, vector = pooled CLIP-G (padded)."""
+
+    def __init__(self, db: FakeEmbeddingDb) -> None:
+        super().__init__()
+        half = CONTEXT_DIM // 2
+        self.embedders = nn.ModuleList(
+            [
+                FakeClipEmbedder(db, 24, half, key="clip_l"),
+                FakeClipEmbedder(db, 20, half, key="clip_g"),
+                nn.Identity(),  # stands for the size/crop ConcatTimestepEmbedderND
+            ]
+        )
+
+    def tokenize(self, texts):  # sd_models_xl: the first embedder that can
+        return self.embedders[0].tokenize(texts)
+
+    def forward(self, texts):
+        outs = []
+        for e in self.embedders[:2]:
+            with contextlib.nullcontext() if e.is_trainable else torch.no_grad():
+                outs.append(e(texts))
+        pooled = outs[1].mean(1)
+        vector = torch.cat(
+            [pooled, pooled.new_zeros(len(texts), ADM_IN_CHANNELS - pooled.shape[1])], 1
+        )
+        return {"crossattn": torch.cat(outs, 2), "vector": vector}
+
+
+class FakeSdxlModel(FakeSdModel):
+    """An SDXL-shaped A1111 model: two text embedders in a conditioner, dict conditioning."""
+
+    is_sdxl = True
+    is_sd1 = False
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.model = _XLWrapper(tiny_ldm_unet("sdxl", seed=seed))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 2)
+            self.conditioner = _Conditioner(self.embedding_db)
+        self.cond_stage_model = self.conditioner  # A1111's hijack aliases it
+
+    def apply_model(self, x, t, cond):
+        self.calls["apply_model"] += 1
+        return self.model(x, t, c_crossattn=[cond["crossattn"]], y=cond["vector"])
+
+    def get_learned_conditioning(self, prompts):
+        self.calls["cond"] += 1
+        return self.conditioner(prompts)
 
 
 class FakeState:
@@ -135,12 +276,20 @@ def fake_modules(sd_model: Any, *, lowvram: bool = False, lora: FakeLora | None 
     devices.dtype_unet = torch.float32
     devices.autocast = contextlib.nullcontext
     devices.torch_gc = lambda: None
+    hijack = types.ModuleType("modules.sd_hijack")
+    hijack.model_hijack = types.SimpleNamespace(
+        embedding_db=getattr(sd_model, "embedding_db", None)
+    )
     pkg = types.ModuleType("modules")
     pkg.__path__ = []
-    pkg.shared, pkg.devices = shared, devices
-    saved = {k: sys.modules.get(k) for k in ("modules", "modules.shared", "modules.devices")}
+    pkg.shared, pkg.devices, pkg.sd_hijack = shared, devices, hijack
+    names = ("modules", "modules.shared", "modules.devices", "modules.sd_hijack")
+    saved = {k: sys.modules.get(k) for k in names}
     saved |= {k: sys.modules.get(k) for k in ("networks", "network")}
-    sys.modules.update({"modules": pkg, "modules.shared": shared, "modules.devices": devices})
+    sys.modules.update(
+        {"modules": pkg, "modules.shared": shared, "modules.devices": devices}
+        | {"modules.sd_hijack": hijack}
+    )
     if lora is not None:
         sys.modules["networks"] = lora  # type: ignore[assignment]
         sys.modules["network"] = lora  # NetworkOnDisk lives there in A1111

@@ -29,16 +29,59 @@ from PIL import Image
 
 from ..activation import PlannedAdapter
 from ..apply import unet_deltas
-from ..errors import IncompatibleModelError, InputError
+from ..embeddings import adapter_embeddings
+from ..errors import IncompatibleModelError, InputError, OstafError
 from ..images import square
 from ..jobs import Job, JobManager
 from ..naming import UNetInfo, inspect_unet
+from ..object_job import ObjectRequest, run_object_training
 from ..offsets import WeightPatcher
 from ..registry import AdapterRegistry
 from ..training_job import Reporter, TrainRequest, preserve_module_state, run_training
+from .webui import clear_cond_cache, embedding_class, make_embedding
 
 NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 NET_PREFIX = "ostaf:"  # names of our networks in Lora's loaded set
+EMBEDDING_MODULE = "modules.textual_inversion.textual_inversion"
+MAX_INIT_TOKENS = 75
+
+
+def embedding_db() -> Any | None:
+    """A1111's textual-inversion database (``sd_hijack.model_hijack.embedding_db``)."""
+    hijack = sys.modules.get("modules.sd_hijack")
+    return getattr(getattr(hijack, "model_hijack", None), "embedding_db", None)
+
+
+class A1111Text:
+    """One of A1111's (hijacked) CLIP embedders as a ``TextEncoder``: token rows through its
+    own ``encode_embedding_init_text``, the vocabulary through its ``tokenize``. New tokens
+    reach it through the embedding database (:meth:`A1111Host.encode_prompt`)."""
+
+    def __init__(self, embedder: Any, key: str) -> None:
+        self.model = embedder  # frozen by the trainer
+        self.key = key
+        self.width = int(embedder.encode_embedding_init_text(",", 1).shape[-1])
+        self.projection_dim: int | None = None  # no CLIP image tower in a WebUI
+
+    def has_token(self, token: str) -> bool:
+        return len(self.model.tokenize([token])[0]) == 1
+
+    def word_vectors(self, text: str) -> torch.Tensor:
+        rows = self.model.encode_embedding_init_text(text, MAX_INIT_TOKENS)
+        if rows.shape[0] == 0:
+            raise InputError(f"{text!r} has no tokens")
+        return rows.detach().float().cpu()
+
+    def pooled(self, prompt: str, vectors: Any = None, *, project: bool = True) -> torch.Tensor:
+        raise NotImplementedError("the WebUI path has no pooled CLIP feature (no image tower)")
+
+
+def text_embedders(sd_model: Any) -> list[Any]:
+    """SD1/SD2: ``cond_stage_model``; SDXL: the conditioner's CLIP-L then OpenCLIP-G."""
+    conditioner = getattr(sd_model, "conditioner", None)
+    if conditioner is not None:
+        return [e for e in conditioner.embedders if hasattr(e, "encode_embedding_init_text")]
+    return [sd_model.cond_stage_model]
 
 
 def model_family(sd_model: Any) -> str:
@@ -91,10 +134,23 @@ class A1111Host:
         self.resolution = int(resolution or NATIVE_RESOLUTION[self.family])
         self.latent_channels = int(getattr(sd_model, "latent_channels", 4) or 4)
         self.latent_scale = 8
-        self.text_encoders: tuple[Any, ...] = ()  # object implantation: not wired on A1111 yet
+        self._text: tuple[A1111Text, ...] | None = None
+        self._embedding_db: Any = None
+        self._embedding_cls: type = embedding_class(EMBEDDING_MODULE)
         info = getattr(sd_model, "sd_checkpoint_info", None)
         self.base_model_name = str(getattr(info, "name_for_extra", "") or getattr(info, "name", ""))
         self._autocast = autocast or contextlib.nullcontext
+
+    @property
+    def text_encoders(self) -> tuple[A1111Text, ...]:
+        """Object implantation only (built on first use: it runs the token embedding)."""
+        if self._text is None:
+            keys = ("clip_l", "clip_g") if self.family == "sdxl" else ("clip_l",)
+            if self.family == "sd2":
+                keys = ("clip_h",)
+            embedders = text_embedders(self.sd_model)
+            self._text = tuple(A1111Text(e, k) for e, k in zip(embedders, keys, strict=False))
+        return self._text
 
     @classmethod
     def from_webui(cls, *, resolution: int | None = None) -> A1111Host:
@@ -131,15 +187,49 @@ class A1111Host:
             latents = self.sd_model.get_first_stage_encoding(posterior)
         return latents.to(self.dtype)
 
-    @torch.no_grad()
     def encode_prompt(self, prompt: str, embeddings: Any = None) -> Any:
-        if embeddings:
-            raise NotImplementedError("object implantation on A1111 is not wired yet")
-        with self._autocast():
-            cond = self.sd_model.get_learned_conditioning([prompt])
-        if isinstance(cond, dict):  # SDXL: {"crossattn", "vector"}
-            return {k: v.detach().clone() for k, v in cond.items()}
-        return cond.detach().clone()
+        """``get_learned_conditioning``; with ``embeddings`` the new tokens are registered in
+        the embedding database for this call only (A1111's own textual-inversion path) and
+        the result is differentiable in their vectors."""
+        if not embeddings:
+            with torch.no_grad(), self._autocast():
+                cond = self.sd_model.get_learned_conditioning([prompt])
+            if isinstance(cond, dict):  # SDXL: {"crossattn", "vector"}
+                return {k: v.detach().clone() for k, v in cond.items()}
+            return cond.detach().clone()
+        with self._tokens(embeddings), self._trainable_text(), self._autocast():
+            return self.sd_model.get_learned_conditioning([prompt])
+
+    @contextlib.contextmanager
+    def _tokens(self, embeddings: Any) -> Any:
+        db = self._embedding_db or embedding_db()
+        if db is None:
+            raise IncompatibleModelError("the WebUI's embedding database is not available")
+        before = {t: db.word_embeddings.get(t) for t in embeddings}
+        try:
+            for token, vectors in embeddings.items():
+                emb = make_embedding(token, vectors, self.family, self._embedding_cls, live=True)
+                db.register_embedding_by_name(emb, self.sd_model, token)
+            yield
+        finally:
+            for token, old in before.items():
+                db.register_embedding_by_name(None, self.sd_model, token)
+                if old is not None:
+                    db.register_embedding_by_name(old, self.sd_model, token)
+
+    @contextlib.contextmanager
+    def _trainable_text(self) -> Any:
+        """sgm's conditioner runs embedders that are not ``is_trainable`` under no_grad."""
+        embedders = [e.model for e in self.text_encoders if hasattr(e.model, "is_trainable")]
+        saved = [e.is_trainable for e in embedders]
+        try:
+            for e in embedders:
+                e.is_trainable = True
+            with torch.enable_grad():
+                yield
+        finally:
+            for e, flag in zip(embedders, saved, strict=True):
+                e.is_trainable = flag
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         batch = x_t.shape[0]
@@ -175,8 +265,10 @@ def lora_networks() -> Any | None:
 class A1111Applier:
     """Puts a :class:`~lib_ostaf.activation.Plan`'s adapters on the loaded model."""
 
-    def __init__(self, networks: Any = None) -> None:
+    def __init__(self, networks: Any = None, embeddings: Any = None) -> None:
         self._networks = networks  # injected by tests; else looked up on each call
+        self._embedding_db = embeddings  # likewise (A1111's textual-inversion database)
+        self._tokens: dict[str, tuple[tuple[object, ...], Any]] = {}  # token → (identity, emb)
         self._nets: dict[tuple[object, ...], Any] = {}  # file identity → Lora Network
         self._patcher: WeightPatcher | None = None
         self._patcher_unet: int | None = None
@@ -188,13 +280,62 @@ class A1111Applier:
 
     def apply(self, sd_model: Any, adapters: Sequence[PlannedAdapter]) -> list[str]:
         """Make exactly ``adapters`` active (``[]`` = none); returns messages for skipped ones."""
+        messages = self.register_embeddings(sd_model, adapters)
         networks = self.networks()
         if networks is not None and getattr(sd_model, "network_layer_mapping", None) is not None:
             self.mode = "lora"
             self._restore_patcher()
-            return self._apply_lora(networks, adapters)
+            return messages + self._apply_lora(networks, adapters)
         self.mode = "fallback"
-        return self._apply_fallback(sd_model, adapters)
+        return messages + self._apply_fallback(sd_model, adapters)
+
+    def database(self) -> Any | None:
+        return self._embedding_db if self._embedding_db is not None else embedding_db()
+
+    def register_embeddings(self, sd_model: Any, adapters: Sequence[PlannedAdapter]) -> list[str]:
+        """Make exactly the object tokens of ``adapters`` known to the embedding database
+        (before the prompts are encoded); a token of an adapter no longer active is removed."""
+        db = self.database()
+        family = model_family(sd_model)
+        messages: list[str] = []
+        wanted: dict[str, tuple[PlannedAdapter, Any]] = {}
+        for planned in adapters:
+            try:
+                found = adapter_embeddings(planned.adapter, family)
+            except OstafError as e:
+                messages.append(f"OSTAF: {planned.name}: {e}; its tokens are not available.")
+                continue
+            for token, vectors in found.items():
+                wanted[token] = (planned, vectors)
+        if db is None:
+            if wanted:
+                messages.append("OSTAF: no embedding database in this WebUI; tokens skipped.")
+            return messages
+        changed = False
+        for token in [t for t in self._tokens if t not in wanted]:
+            if db.word_embeddings.get(token) is self._tokens[token][1]:
+                db.register_embedding_by_name(None, sd_model, token)
+            del self._tokens[token]
+            changed = True
+        device = getattr(sys.modules.get("modules.devices"), "device", None)  # as A1111's TI
+        for token, (planned, vectors) in wanted.items():
+            known = self._tokens.get(token)
+            if known and known[0] == planned.identity and db.word_embeddings.get(token) is known[1]:
+                continue  # registered and still there (a TI reload clears the database)
+            try:
+                emb = make_embedding(
+                    token, vectors, family, embedding_class(EMBEDDING_MODULE), device=device
+                )
+            except OstafError as e:
+                messages.append(f"OSTAF: {planned.name}: {e}; token {token} skipped.")
+                continue
+            emb.filename = str(planned.adapter.path)
+            db.register_embedding_by_name(emb, sd_model, token)
+            self._tokens[token] = (planned.identity, emb)
+            changed = True
+        if changed:
+            clear_cond_cache()  # same prompt text, different vectors
+        return messages
 
     def reset(self, sd_model: Any = None) -> None:
         """Remove our adapters (Lora path: from its loaded set; fallback: restore weights)."""
@@ -204,6 +345,11 @@ class A1111Applier:
                 n for n in networks.loaded_networks if not getattr(n, "ostaf", False)
             ]
         self._restore_patcher()
+        db = self.database()
+        for token, (_, emb) in list(self._tokens.items()):
+            if db is not None and sd_model is not None and db.word_embeddings.get(token) is emb:
+                db.register_embedding_by_name(None, sd_model, token)
+        self._tokens.clear()
 
     def clear_for_training(self, sd_model: Any) -> None:
         """Put every weight back to the checkpoint's: no Lora or OSTAF delta merged."""
@@ -345,23 +491,29 @@ class StateReporter(Reporter):
 def train_on_loaded_model(
     jobs: JobManager,
     job: Job,
-    request: TrainRequest,
+    request: TrainRequest | ObjectRequest,
     out_dir: Path | str,
     applier: A1111Applier,
 ) -> dict[str, Any]:
-    """Train on ``shared.sd_model``; the caller holds the queue lock. The model is left
-    exactly as found: merged Lora/OSTAF deltas are cleared first (weights = checkpoint),
-    offsets live only in forward hooks, and requires_grad / train-eval modes are restored."""
+    """Train (attribute or objects) on ``shared.sd_model``; the caller holds the queue lock.
+    The model is left exactly as found: merged Lora/OSTAF deltas are cleared first (weights =
+    checkpoint), offsets live only in forward hooks, object tokens only in the embedding
+    database during each call, and requires_grad / train-eval modes are restored."""
     from modules import devices, shared
 
     request.validate(out_dir)  # refuse bad input before touching the model
+    objects = isinstance(request, ObjectRequest)
+    total = request.total_steps if objects else request.steps
     state = shared.state
-    reporter = StateReporter.begin(jobs, job, request.steps, state)
+    reporter = StateReporter.begin(jobs, job, total, state)
     host = A1111Host.from_webui(resolution=request.resolution or None)
     applier.clear_for_training(host.sd_model)
     try:
         with preserve_module_state(host.sd_model):
-            outcome = run_training(host, request, out_dir, reporter)
+            if objects:
+                outcome = run_object_training(host, request, out_dir, reporter)
+            else:
+                outcome = run_training(host, request, out_dir, reporter)
     finally:
         with contextlib.suppress(Exception):
             devices.torch_gc()

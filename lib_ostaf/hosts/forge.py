@@ -42,7 +42,9 @@ from ..images import square
 from ..jobs import Job, JobManager
 from ..naming import UNetInfo, inspect_unet, module_name_from_kohya
 from ..training_job import TrainRequest, preserve_module_state, run_training
+from . import webui
 from .a1111 import NATIVE_RESOLUTION, StateReporter
+from .webui import clear_cond_cache, embedding_class
 
 TRAINABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PATCH_PREFIX = "ostaf:"  # add_patches identifiers of ours
@@ -100,23 +102,6 @@ def text_engines(sd_model: Any) -> list[Any]:
         )
         if e is not None
     ]
-
-
-def clear_cond_cache() -> None:
-    """Forget the WebUI's cached prompt conditionings (class-level lists, cleared in place so
-    instances aliasing them see it): after retraining, the same prompt must be re-encoded."""
-    processing = sys.modules.get("modules.processing")
-    if processing is None:
-        return
-    for cls_name, attrs in (
-        ("StableDiffusionProcessing", ("cached_c", "cached_uc")),
-        ("StableDiffusionProcessingTxt2Img", ("cached_hr_c", "cached_hr_uc")),
-    ):
-        cls = getattr(processing, cls_name, None)
-        for attr in attrs:
-            cache = getattr(cls, attr, None)
-            if isinstance(cache, list):
-                cache[:] = [None] * len(cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,35 +331,10 @@ def add_patches(patcher: Any, filename: str, patches: Mapping[Any, Any], strengt
     return set(patcher.add_patches(dict(patches), strength) or ())
 
 
-class _Embedding:
-    """Stand-in for ``backend.text_processing.textual_inversion.Embedding`` (same fields)."""
-
-    def __init__(self, vec: Any, name: str) -> None:
-        self.vec, self.name = vec, name
-        self.step = self.sd_checkpoint = self.sd_checkpoint_name = None
-        self.shape: int | None = None
-        self.vectors = 0
-
-
 def make_embedding(token: str, vectors: Sequence[torch.Tensor], family: str) -> Any:
-    """A Forge ``Embedding``: SD1/SD2 one ``[n, w]`` tensor, SDXL ``{"clip_l", "clip_g"}``
-    (each engine picks its key; expected shape 768+1280 = 2048)."""
-    try:
-        from backend.text_processing.textual_inversion import Embedding
-    except ImportError:
-        Embedding = _Embedding
-    vecs = [v.detach().float().cpu() for v in vectors]
-    if family == "sdxl":
-        if len(vecs) != 2:
-            raise IncompatibleModelError(f"{token}: SDXL needs a CLIP-L and a CLIP-G vector")
-        vec: Any = {"clip_l": vecs[0], "clip_g": vecs[1]}
-        shape = vecs[0].shape[-1] + vecs[1].shape[-1]
-    else:
-        vec = vecs[0]
-        shape = vecs[0].shape[-1]
-    emb = Embedding(vec, token)
-    emb.shape, emb.vectors = int(shape), int(vecs[0].shape[0])
-    return emb
+    """A Forge ``Embedding`` (detached CPU copies; each engine picks its SDXL key)."""
+    cls = embedding_class("backend.text_processing.textual_inversion")
+    return webui.make_embedding(token, vectors, family, cls)
 
 
 class ForgeApplier:

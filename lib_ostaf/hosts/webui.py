@@ -1,0 +1,85 @@
+"""What the A1111 and Forge glue share: WebUI textual-inversion ``Embedding`` objects for
+object tokens, and clearing the WebUI's cached prompt conditionings.
+
+Both WebUIs splice an ``Embedding``'s ``vec`` into the text encoder's input where its name
+occurs in a prompt (``EmbeddingsWithFixes``); SDXL ``vec`` is ``{"clip_l", "clip_g"}`` and
+each encoder picks its key. Nothing here imports a WebUI module at import time.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..errors import IncompatibleModelError
+
+
+class StandInEmbedding:
+    """The fields of the WebUIs' ``Embedding`` class (used when it cannot be imported)."""
+
+    def __init__(self, vec: Any, name: str, step: int | None = None) -> None:
+        self.vec, self.name, self.step = vec, name, step
+        self.sd_checkpoint = self.sd_checkpoint_name = None
+        self.shape: int | None = None
+        self.vectors = 0
+        self.cached_checksum: str | None = None
+        self.filename: str | None = None
+        self.hash = self.shorthash = None
+        self.optimizer_state_dict = None
+
+
+def embedding_class(module: str) -> type:
+    """The WebUI's ``Embedding`` class from ``module``, or :class:`StandInEmbedding`."""
+    try:
+        return __import__(module, fromlist=["Embedding"]).Embedding
+    except (ImportError, AttributeError):
+        return StandInEmbedding
+
+
+def make_embedding(
+    token: str,
+    vectors: Sequence[torch.Tensor],
+    family: str,
+    cls: type = StandInEmbedding,
+    *,
+    live: bool = False,
+    device: torch.device | str | None = None,
+) -> Any:
+    """An ``Embedding`` named ``token``: SD1/SD2 one ``[n, w]`` tensor, SDXL
+    ``{"clip_l", "clip_g"}``. ``live`` keeps the tensors as given (training: gradients flow
+    into them); otherwise detached float32 copies on ``device`` (CPU by default)."""
+    vecs = list(vectors) if live else [v.detach().float().to(device or "cpu") for v in vectors]
+    if family == "sdxl":
+        if len(vecs) != 2:
+            raise IncompatibleModelError(f"{token}: SDXL needs a CLIP-L and a CLIP-G vector")
+        vec: Any = {"clip_l": vecs[0], "clip_g": vecs[1]}
+        shape = vecs[0].shape[-1] + vecs[1].shape[-1]
+    else:
+        if len(vecs) != 1:
+            raise IncompatibleModelError(f"{token}: SD1/SD2 needs one vector per token")
+        vec = vecs[0]
+        shape = vecs[0].shape[-1]
+    emb = cls(vec, token)
+    emb.shape, emb.vectors = int(shape), int(vecs[0].shape[0])
+    emb.cached_checksum = "0000"  # never hash a live tensor (A1111's checksum walks it)
+    return emb
+
+
+def clear_cond_cache() -> None:
+    """Forget the WebUI's cached prompt conditionings (class-level lists, cleared in place so
+    instances aliasing them see it): after retraining, the same prompt must be re-encoded."""
+    processing = sys.modules.get("modules.processing")
+    if processing is None:
+        return
+    for cls_name, attrs in (
+        ("StableDiffusionProcessing", ("cached_c", "cached_uc")),
+        ("StableDiffusionProcessingTxt2Img", ("cached_hr_c", "cached_hr_uc")),
+    ):
+        cls = getattr(processing, cls_name, None)
+        for attr in attrs:
+            cache = getattr(cls, attr, None)
+            if isinstance(cache, list):
+                cache[:] = [None] * len(cache)

@@ -1,0 +1,265 @@
+"""An object implantation as a WebUI starts it: validate, train, preview, sweep, export.
+
+The object counterpart of :mod:`lib_ostaf.training_job` (same :class:`Reporter` and
+:class:`TrainOutcome`): the tab or the API sends one image, one token + class per object
+and a mask per object (or none: automatic masks, written next to the adapter for
+correction). Every check that needs no model runs before the first step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .adapter_file import file_hashes, validate_name
+from .embeddings import check_new_tokens
+from .errors import InputError
+from .hosts.base import Host
+from .images import load_image
+from .masks import MaskSource, load_mask
+from .objects import (
+    ObjectConfig,
+    ObjectResult,
+    ObjectSpec,
+    export_objects,
+    objects_from_lists,
+    planned_files,
+    refuse_existing,
+    train_objects,
+    with_overrides,
+)
+from .offsets import OffsetHooks, check_lambda
+from .preview import lambda_strip, render
+from .targets import find_module
+from .train import Callbacks
+from .training_job import MAX_STEPS, MAX_SWEEP, Reporter, TrainOutcome
+
+MAX_OBJECTS = 4
+
+
+@dataclass
+class ObjectRequest:
+    """What the tab or the API asks for: parallel lists, one entry per object.
+
+    ``masks`` is empty (automatic masks) or one mask per object. ``clip`` is "none" in a
+    WebUI by default: the prototypical initialisation needs a CLIP image tower, which a
+    WebUI does not load (the class word is used instead, and the card says so).
+    """
+
+    image: Image.Image | str | Path | None
+    name: str
+    tokens: Sequence[str] = ()
+    classes: Sequence[str] = ()
+    masks: Sequence[MaskSource | None] = ()
+    steps: int = 400
+    embedding_steps: int = 100
+    rank: int = 4
+    lr: float = 1e-4
+    embedding_lr: float = 5e-4
+    class_weight: float = 1.0
+    background_weight: float = 0.0
+    seed: int = 0
+    clip: str = "none"
+    default_lambda: float = 1.0
+    resolution: int = 0
+    overwrite: bool = False
+    preview_every: int = 0
+    preview_steps: int = 12
+    preview_size: int = 0
+    guidance: float = 5.0
+    sweep: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ObjectRequest:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InputError(f"unknown object settings: {', '.join(unknown)}")
+        return cls(**data)
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.steps) + (int(self.embedding_steps) if self.embedding_lr else 0)
+
+    def objects(self, image: Image.Image) -> list[ObjectSpec]:
+        """The objects, masks checked against ``image`` (a missing mask = automatic)."""
+        tokens = [str(t).strip() for t in self.tokens]
+        classes = [str(c).strip() for c in self.classes]
+        if len(tokens) > MAX_OBJECTS:
+            raise InputError(f"at most {MAX_OBJECTS} objects per image, got {len(tokens)}")
+        check_new_tokens(tokens, ())  # well-formed and distinct; the vocabulary: at training
+        masks = list(self.masks)
+        given = [m is not None for m in masks]
+        if any(given) and not all(given):
+            missing = [tokens[i] for i, g in enumerate(given) if not g and i < len(tokens)]
+            raise InputError(
+                f"no mask for {', '.join(missing) or 'some objects'}: draw or upload a mask for "
+                "every object, or for none (automatic masks)"
+            )
+        specs = objects_from_lists(tokens, classes, masks if any(given) else ())
+        for spec in specs:
+            if spec.mask is not None:
+                load_mask(spec.mask, image.size, label=f"mask of {spec.token}")
+        return specs
+
+    def config(self) -> ObjectConfig:
+        if int(self.steps) > MAX_STEPS or int(self.embedding_steps) > MAX_STEPS:
+            raise InputError(f"steps must be at most {MAX_STEPS}")
+        return with_overrides(
+            ObjectConfig(),
+            steps=int(self.steps),
+            embedding_steps=int(self.embedding_steps),
+            rank=int(self.rank),
+            lr=float(self.lr),
+            embedding_lr=float(self.embedding_lr),
+            class_weight=float(self.class_weight),
+            background_weight=float(self.background_weight),
+            seed=int(self.seed),
+            clip=self.clip,
+            default_lambda=check_lambda(self.default_lambda),
+            preview_every=max(0, int(self.preview_every)),
+        )
+
+    def validate(self, out_dir: Path | str) -> tuple[ObjectConfig, Image.Image, list[ObjectSpec]]:
+        """All checks that need no model: name, image, objects and masks, settings, files."""
+        validate_name(self.name)
+        if self.image is None:
+            raise InputError("no image: upload the image that shows the object(s)")
+        image = load_image(self.image)
+        specs = self.objects(image)
+        config = self.config()
+        if isinstance(self.resolution, bool) or not 0 <= int(self.resolution) <= 4096:
+            raise InputError(f"resolution must be 0 (native) or 64…4096, got {self.resolution!r}")
+        if self.resolution and (int(self.resolution) < 64 or int(self.resolution) % 8):
+            raise InputError(f"resolution must be a multiple of 8 and ≥ 64, got {self.resolution}")
+        if not 1 <= int(self.preview_steps) <= 150:
+            raise InputError("preview steps must be in 1…150")
+        if len(self.sweep) > MAX_SWEEP:
+            raise InputError(f"at most {MAX_SWEEP} λ values in the sweep")
+        for lam in self.sweep:
+            check_lambda(lam)
+        if not self.overwrite:
+            refuse_existing(self.files(out_dir, specs))
+        return config, image, specs
+
+    def files(self, out_dir: Path | str, specs: Sequence[ObjectSpec]) -> Any:
+        auto = [s.mask is None for s in specs]
+        return planned_files(out_dir, self.name, [s.token for s in specs], auto, preview=True)
+
+
+def run_object_training(
+    host: Host,
+    request: ObjectRequest,
+    out_dir: Path | str,
+    reporter: Reporter | None = None,
+) -> TrainOutcome:
+    """Implant on ``host``'s loaded model and write the files into ``out_dir``."""
+    reporter = reporter or Reporter()
+    config, image, specs = request.validate(out_dir)
+    tokens = [s.token for s in specs]
+    prompt = config.prompt_for(tokens)
+    preview_size = int(request.preview_size or host.resolution)
+    callbacks = Callbacks(progress=reporter.progress, should_stop=reporter.should_stop)
+
+    def sample(embeddings: Mapping[str, Sequence[torch.Tensor]] | None) -> Image.Image:
+        with torch.no_grad():
+            cond = host.encode_prompt(prompt, _on(host, embeddings))
+            uncond = host.encode_prompt("") if request.guidance != 1.0 else None
+            return render(
+                host,
+                cond,
+                uncond,
+                steps=request.preview_steps,
+                seed=request.seed,
+                size=preview_size,
+                guidance=request.guidance,
+            )
+
+    if config.preview_every:
+        callbacks.preview = lambda step: reporter.preview(
+            step, sample(callbacks.preview_embeddings)
+        )
+    reporter.log(
+        f"implanting {', '.join(f'{s.token} ({s.class_name})' for s in specs)} as {request.name!r}:"
+        f" {request.total_steps} steps, rank {config.rank}"
+        + ("" if specs[0].mask is not None else "; automatic masks")
+    )
+    with torch.inference_mode(False), torch.enable_grad():
+        result = train_objects(host, image, specs, config, callbacks)
+        for p in result.prototypes:
+            if p.cos_prototype is not None:
+                reporter.log(
+                    f"{p.token}: prototypical embedding ({p.encoder}), cosine to the prototype "
+                    f"{p.cos_class_word:.3f} → {p.cos_prototype:.3f}"
+                )
+            else:
+                reporter.log(f"{p.token}: starts from its class word ({p.note or p.method})")
+        for label, (before, after) in result.probe.items():
+            reporter.log(f"object loss '{label}': {before:.4f} → {after:.4f}")
+        sweep_images: list[Image.Image] = []
+        card_preview = None
+        if request.sweep:
+            reporter.log("rendering the λ sweep")
+            sweep_images = _sweep(host, result, request.sweep, sample)
+            lam = config.default_lambda
+            card_preview = (
+                sweep_images[list(request.sweep).index(lam)]
+                if lam in request.sweep
+                else _sweep(host, result, (lam,), sample)[0]
+            )
+    files = export_objects(
+        result, out_dir, request.name, overwrite=request.overwrite, preview=card_preview
+    )
+    size = files.lora.stat().st_size
+    for path in files.all():
+        reporter.log(f"wrote {path}")
+    before = sum(b for b, _ in result.probe.values()) / max(1, len(result.probe))
+    after = sum(a for _, a in result.probe.values()) / max(1, len(result.probe))
+    return TrainOutcome(
+        path=files.lora,
+        size=size,
+        short_hash=file_hashes(files.lora)["short"],
+        seconds=result.seconds,
+        layers=len(result.targets),
+        loss_before=before,
+        loss_after=after,
+        steps=len(result.losses),
+        sweep=lambda_strip(sweep_images, [f"lambda {x:g}" for x in request.sweep])
+        if sweep_images
+        else None,
+        sweep_lambdas=tuple(request.sweep),
+        preview=card_preview,
+        extra={
+            "tokens": tokens,
+            "classes": [s.class_name for s in specs],
+            "embeddings": {t: str(p) for t, p in files.embeddings.items()},
+            "masks": {t: str(p) for t, p in files.masks.items()},
+        },
+    )
+
+
+def _on(host: Host, embeddings: Mapping[str, Sequence[torch.Tensor]] | None) -> Any:
+    if not embeddings:
+        return None
+    return {t: [v.to(host.device) for v in vs] for t, vs in embeddings.items()}
+
+
+def _sweep(
+    host: Host, result: ObjectResult, lambdas: Sequence[float], sample: Any
+) -> list[Image.Image]:
+    """The trained tokens at each λ of the LoRA (forward hooks; weights never written)."""
+    modules = {t.kohya: find_module(host.unet, t.name) for t in result.targets}
+    images = []
+    with torch.no_grad(), OffsetHooks(modules) as hooks:
+        hooks.factors = {
+            k: (a.to(host.device), b.to(host.device)) for k, (a, b) in result.factors().items()
+        }
+        for lam in lambdas:
+            hooks.scale = float(lam)
+            images.append(sample(result.embeddings))
+    return images

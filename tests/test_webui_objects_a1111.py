@@ -1,0 +1,198 @@
+"""Object implantation inside A1111 (fakes of the WebUI with its embedding-database
+semantics): new tokens reach the conditioning through A1111's own textual-inversion path,
+gradients reach their vectors, training leaves model and database as found, and an active
+object adapter makes its tokens available (and only while it is active)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lib_ostaf.activation import plan_generation, requests_for
+from lib_ostaf.embeddings import load_embedding
+from lib_ostaf.errors import InputError
+from lib_ostaf.hosts.a1111 import A1111Applier, A1111Host, train_on_loaded_model
+from lib_ostaf.jobs import JobManager
+from lib_ostaf.object_job import ObjectRequest
+from lib_ostaf.registry import AdapterRegistry
+
+from .conftest import pristine, same_weights
+from .webui_fakes import FakeSdModel, FakeSdxlModel, fake_modules
+
+FAST = {
+    "steps": 3,
+    "embedding_steps": 2,
+    "lr": 1e-2,
+    "embedding_lr": 1e-2,
+    "resolution": 64,
+    "sweep": (0.0, 1.0),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _image() -> Image.Image:
+    g = torch.Generator().manual_seed(3)
+    return Image.fromarray((torch.rand(64, 64, 3, generator=g) * 255).byte().numpy())
+
+
+def _disc() -> Image.Image:
+    """A red disc on a pale background: one object the automatic mask can find."""
+    y, x = np.mgrid[:64, :64]
+    img = np.full((64, 64, 3), 225, np.uint8)
+    img[(x - 30) ** 2 + (y - 34) ** 2 < 15**2] = (200, 30, 30)
+    return Image.fromarray(img)
+
+
+def _halves() -> list[Image.Image]:
+    left = np.zeros((64, 64), np.uint8)
+    left[:, :32] = 255
+    return [Image.fromarray(left), Image.fromarray(255 - left)]
+
+
+def _host(sd_model) -> A1111Host:
+    host = A1111Host(sd_model, resolution=64)
+    host._embedding_db = sd_model.embedding_db
+    return host
+
+
+@pytest.mark.parametrize("model_cls", [FakeSdModel, FakeSdxlModel])
+def test_token_vectors_reach_the_conditioning_with_gradients(model_cls):
+    sd_model = model_cls()
+    host = _host(sd_model)
+    widths = [e.width for e in host.text_encoders]
+    assert widths == ([24] if model_cls is FakeSdModel else [24, 20])
+    assert host.text_encoders[0].has_token("dog") and not host.text_encoders[0].has_token("<mug1>")
+    table = sd_model.cond_stage_model.token_embedding if model_cls is FakeSdModel else None
+    if table is not None:
+        rows = host.text_encoders[0].word_vectors("dog")
+        ids = sd_model.cond_stage_model.tokenize(["dog"])[0]
+        assert torch.equal(rows, table.weight[ids].detach())
+
+    vecs = [torch.nn.Parameter(torch.randn(1, w)) for w in widths]
+    plain = host.encode_prompt("a photo of <mug1>")
+    cond = host.encode_prompt("a photo of <mug1>", {"<mug1>": vecs})
+    cross = cond["crossattn"] if isinstance(cond, dict) else cond
+    plain_cross = plain["crossattn"] if isinstance(plain, dict) else plain
+    assert not torch.allclose(cross, plain_cross)  # the vectors, not the token's pieces
+    cross.square().sum().backward()
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in vecs)  # each encoder
+    assert sd_model.embedding_db.word_embeddings == {}  # registered for the call only
+    if model_cls is FakeSdxlModel:  # sgm's no_grad switch is back
+        assert not any(e.is_trainable for e in sd_model.conditioner.embedders[:2])
+    # a user's embedding of the same name comes back after the call
+    mine = type("E", (), {"vec": torch.zeros(1, 24), "name": "<mug1>"})()
+    sd_model.embedding_db.register_embedding_by_name(mine, sd_model, "<mug1>")
+    host.encode_prompt("a photo of <mug1>", {"<mug1>": vecs})
+    assert sd_model.embedding_db.word_embeddings["<mug1>"] is mine
+
+
+@pytest.mark.parametrize("model_cls", [FakeSdModel, FakeSdxlModel])
+def test_object_training_in_the_webui_leaves_model_and_database_as_found(tmp_path, model_cls):
+    sd_model = model_cls()
+    before = pristine(sd_model)
+    flags = {n: p.requires_grad for n, p in sd_model.named_parameters()}
+    jobs = JobManager()
+    request = ObjectRequest(
+        image=_image(),
+        name="pair",
+        tokens=["<mug1>", "<cup2>"],
+        classes=["mug", "cup"],
+        masks=_halves(),
+        **FAST,
+    )
+    with fake_modules(sd_model) as shared:
+        job = jobs.begin("objects")
+        jobs.run(job, lambda j: train_on_loaded_model(jobs, j, request, tmp_path, A1111Applier()))
+    assert job.status == "done", job.error
+    result = job.result
+    assert result["tokens"] == ["<mug1>", "<cup2>"] and result["steps"] == 5
+    assert shared.state.sampling_steps == 5  # the WebUI's progress bar saw every step
+    assert same_weights(sd_model, before)  # UNet and text encoders bit-identical
+    assert {n: p.requires_grad for n, p in sd_model.named_parameters()} == flags
+    assert sd_model.embedding_db.word_embeddings == {}
+    assert "sweep" in job.images and job.images["sweep"].size[0] == 2 * 64
+    lora = tmp_path / "pair.safetensors"
+    assert lora.exists() and (tmp_path / "pair.preview.png").exists()
+    family = "sdxl" if model_cls is FakeSdxlModel else "sd1"
+    for token in ("<mug1>", "<cup2>"):
+        _, vectors = load_embedding(result["embeddings"][token], family)
+        assert len(vectors) == (2 if family == "sdxl" else 1)
+        word = "mug" if token == "<mug1>" else "cup"
+        start = _host(sd_model).text_encoders[0].word_vectors(word).mean(0, keepdim=True)
+        assert not torch.allclose(vectors[0], start)  # the vectors were trained
+
+
+def test_active_object_adapter_makes_its_tokens_available(tmp_path):
+    sd_model = FakeSdModel()
+    jobs = JobManager()
+    request = ObjectRequest(image=_disc(), name="mug", tokens=["<mug1>"], classes=["mug"], **FAST)
+    applier = A1111Applier(embeddings=sd_model.embedding_db)
+    with fake_modules(sd_model):
+        job = jobs.begin("objects")
+        jobs.run(job, lambda j: train_on_loaded_model(jobs, j, request, tmp_path, applier))
+        assert job.status == "done", job.error
+        assert (tmp_path / "mug.mask-mug1.png").exists()  # the automatic mask, for correction
+        registry = AdapterRegistry(tmp_path)
+        assert registry.names() == ["mug"]  # embeddings and masks are not adapters
+        host = _host(sd_model)
+        _, trained = load_embedding(job.result["embeddings"]["<mug1>"], "sd1")
+        want = host.encode_prompt("a photo of <mug1>", {"<mug1>": trained})
+        without = host.encode_prompt("a photo of <mug1>")
+
+        reqs, msgs = requests_for([["mug", "1"]], [])
+        plan = plan_generation(reqs, registry, "sd1", msgs)
+        assert applier.apply(sd_model, plan.adapters) == []
+        assert "<mug1>" in sd_model.embedding_db.word_embeddings
+        assert torch.allclose(host.encode_prompt("a photo of <mug1>"), want, atol=1e-6)
+
+        applier.apply(sd_model, [])  # the next generation has no tag: the token is gone
+        assert sd_model.embedding_db.word_embeddings == {}
+        assert torch.equal(host.encode_prompt("a photo of <mug1>"), without)
+        applier.apply(sd_model, plan.adapters)
+        applier.reset(sd_model)
+        assert sd_model.embedding_db.word_embeddings == {}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"image": None}, "no image"),
+        ({"masks": [_halves()[0], None]}, "no mask for <cup2>"),
+        ({"tokens": ["<a1>"] * 5, "classes": ["a"] * 5, "masks": []}, "at most 4"),
+        ({"tokens": ["a b", "<cup2>"]}, "one word"),
+        ({"classes": ["mug"]}, "class name"),
+        ({"name": "../escape"}, "name"),
+        ({"steps": 0}, "steps"),
+        ({"sweep": (0.0, float("nan"))}, "λ"),
+        ({"masks": [Image.new("L", (64, 64), 0), Image.new("L", (64, 64), 255)]}, "empty"),
+    ],
+)
+def test_bad_object_requests_are_refused_before_training(tmp_path, change, message):
+    data = {
+        "image": _image(),
+        "name": "pair",
+        "tokens": ["<mug1>", "<cup2>"],
+        "classes": ["mug", "cup"],
+        "masks": _halves(),
+        **FAST,
+    } | change
+    with pytest.raises(InputError, match=message):
+        ObjectRequest(**data).validate(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_files_are_refused_and_kept(tmp_path):
+    (tmp_path / "pair.safetensors").write_bytes(b"mine")
+    request = ObjectRequest(image=_image(), name="pair", tokens=["<mug1>"], classes=["mug"], **FAST)
+    with pytest.raises(InputError, match="already exist"):
+        request.validate(tmp_path)
+    assert (tmp_path / "pair.safetensors").read_bytes() == b"mine"
