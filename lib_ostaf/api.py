@@ -78,7 +78,7 @@ class ImplantBody(BaseModel):
 
     image: str = Field(..., description="image with the object(s), base64 (data URL accepted)")
     name: str = Field(..., description="output adapter name (file stem)")
-    objects: list[ObjectBody] = Field(..., min_length=1, max_length=MAX_OBJECTS)
+    objects: list[ObjectBody] = Field(..., description=f"1…{MAX_OBJECTS} objects")
     steps: int = Field(400, ge=1, le=100_000)
     embedding_steps: int = Field(100, ge=0, le=100_000)
     rank: int = Field(4, ge=1, le=256)

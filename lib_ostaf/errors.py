@@ -19,3 +19,8 @@ class IncompatibleModelError(OstafError):
 
 class Interrupted(OstafError):
     """Training was interrupted by the user; nothing was written."""
+
+
+class TrainingDiverged(OstafError):
+    """The loss or the gradients stopped being finite (learning rate too high, fp16
+    overflow); nothing was written."""

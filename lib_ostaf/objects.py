@@ -61,7 +61,7 @@ from .embeddings import (
     portable_keys,
     save_embedding,
 )
-from .errors import IncompatibleModelError, InputError
+from .errors import IncompatibleModelError, InputError, TrainingDiverged
 from .hosts.base import Host
 from .hypernet import OFFSET_NETWORKS, HypernetConfig, LayerShape
 from .images import load_image, square
@@ -77,7 +77,17 @@ from .masks import (
 from .naming import UNetInfo, block_part, inspect_unet
 from .offsets import OffsetHooks, check_lambda
 from .targets import PARTS, Target, TargetSpec, available_blocks, find_module, select_targets
-from .train import Callbacks, detached_factors, factors_to_modules, frozen, noisy_latents, run_steps
+from .train import (
+    Callbacks,
+    check_finite_factors,
+    check_finite_probe,
+    detached_factors,
+    factors_to_modules,
+    finite,
+    frozen,
+    noisy_latents,
+    run_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -740,9 +750,16 @@ def train_objects(
             )  # fmt: skip
             with torch.no_grad():
                 factors = network()
+            check_finite_factors(factors)
+            if not finite(*token_params):
+                raise TrainingDiverged(
+                    "training diverged: the token vectors are not finite; lower the token "
+                    "learning rate. Nothing was written."
+                )
             after = _probe(
                 host, hooks, factors, probe_sets, latents, weights, tokens, vectors, config
             )
+            check_finite_probe(after.values())
     finally:
         for opt in optimizers:
             opt.state.clear()

@@ -11,9 +11,11 @@ implantation (:func:`lib_ostaf.objects.train_objects`): one loop, two step funct
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,7 +38,7 @@ from .adapter_file import (
     write_preview,
 )
 from .augment import ATTRIBUTES, make_views
-from .errors import InputError, Interrupted
+from .errors import InputError, Interrupted, TrainingDiverged
 from .hosts.base import Host
 from .hypernet import OFFSET_NETWORKS, HypernetConfig, LayerShape
 from .images import load_image, square
@@ -220,6 +222,34 @@ def frozen(*modules: torch.nn.Module) -> Iterator[None]:
             m.train(was_training)
 
 
+log = logging.getLogger(__name__)
+MAX_SKIPPED = 3  # non-finite steps tolerated (or a tenth of the steps, if more)
+
+
+def finite(*tensors: torch.Tensor) -> bool:
+    """Whether every value of every tensor is finite (one sync for all of them)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def check_finite_factors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """TrainingDiverged if a trained offset is not finite (never written to a file)."""
+    if not finite(*(t for pair in factors.values() for t in pair)):
+        raise TrainingDiverged(
+            "training diverged: the learned offsets are not finite; lower the learning rate. "
+            "Nothing was written."
+        )
+
+
+def check_finite_probe(losses: Iterable[float]) -> None:
+    """TrainingDiverged if the trained adapter makes the model's prediction non-finite."""
+    if not all(math.isfinite(x) for x in losses):
+        raise TrainingDiverged(
+            "training diverged: with the learned offsets the model's prediction is not finite "
+            "at some noise levels; lower the learning rate(s). Nothing was written."
+        )
+
+
 def run_steps(
     steps: int,
     step_loss: Callable[[int], torch.Tensor],
@@ -236,9 +266,13 @@ def run_steps(
     ``step_loss(step)`` samples and returns the step's loss (it sets any offsets itself).
     Progress is reported as ``first + step + 1`` of ``total`` (phases share one count);
     ``should_stop`` is checked before every step, previews run every ``preview_every``.
+    A step whose loss or gradients are not finite is skipped (like a loss scaler would);
+    more than :data:`MAX_SKIPPED` of them stop the run with :class:`TrainingDiverged`.
     """
     total = first + steps if total is None else total
     losses: list[float] = []
+    skipped = 0
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     for step in range(steps):
         done = first + step
         if callbacks.should_stop and callbacks.should_stop():
@@ -246,7 +280,16 @@ def run_steps(
         loss = step_loss(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        if finite(loss, *(p.grad for p in params if p.grad is not None)):
+            optimizer.step()
+        else:
+            skipped += 1
+            log.warning("step %d: non-finite loss or gradients; step skipped", done + 1)
+            if skipped > max(MAX_SKIPPED, steps // 10):
+                raise TrainingDiverged(
+                    f"training diverged: {skipped} steps with non-finite loss or gradients "
+                    f"by step {done + 1}; lower the learning rate. Nothing was written."
+                )
         losses.append(float(loss.detach()))
         if callbacks.progress:
             callbacks.progress(done + 1, total, losses[-1])
@@ -316,7 +359,10 @@ def train_attribute(
                 preview_every=config.preview_every,
                 before_preview=set_factors,
             )
+            with torch.no_grad():
+                check_finite_factors(network())
             after = _probe_loss(host, network, hooks, probe, cond)
+            check_finite_probe([after])
     finally:
         optimizer.state.clear()
     return TrainResult(

@@ -145,24 +145,98 @@ class FakeKModel(nn.Module):
 
 
 class FakeEmbeddingDatabase:
-    def __init__(self) -> None:
+    """Forge's ``EmbeddingDatabase``: names tokenized by the engine's own tokenizer."""
+
+    def __init__(self, tokenize: Any = None) -> None:
         self.word_embeddings: dict[str, Any] = {}
+        self.ids_lookup: dict[int, list[tuple[list[int], Any]]] = {}
+        self._tokenize = tokenize or (
+            lambda texts: [[zlib.crc32(t.encode()) % 4000 + 1] for t in texts]
+        )
 
     def register_embedding(self, embedding: Any) -> Any:
         return self.register_embedding_by_name(embedding, embedding.name)
 
     def register_embedding_by_name(self, embedding: Any, name: str) -> Any:
+        ids = self._tokenize([name])[0]
+        lookup = [x for x in self.ids_lookup.get(ids[0], []) if x[1].name != name]
+        if embedding is not None:
+            lookup.append((ids, embedding))
+        self.ids_lookup[ids[0]] = sorted(lookup, key=lambda x: len(x[0]), reverse=True)
         if embedding is None:
             self.word_embeddings.pop(name, None)
-        else:
-            self.word_embeddings[name] = embedding
+            return None
+        self.word_embeddings[name] = embedding
         return embedding
+
+    def find_embedding_at_position(self, tokens, offset):
+        for ids, embedding in self.ids_lookup.get(tokens[offset], []):
+            if tokens[offset : offset + len(ids)] == ids:
+                return embedding, len(ids)
+        return None, None
+
+
+class _TokenEmbedding(nn.Module):
+    """``CLIPEmbeddingForTextualInversion``: ``wrapped`` is the model's own table."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.wrapped = nn.Embedding(4096, width)
 
 
 class FakeTextEngine:
-    def __init__(self, key: str) -> None:
+    """Forge's ``ClassicTextProcessingEngine``, reduced: its tokenizer (a word of ≤ 4
+    characters is one id, longer ones 3-character pieces), registered embeddings spliced
+    at their positions, a linear mix over positions; the CLIP-G engine also returns a
+    pooled vector. ``text_encoder.transformer.text_model.embeddings.token_embedding`` is
+    where Forge keeps the table."""
+
+    LENGTH = 7
+
+    def __init__(self, key: str, width: int = 24, out: int = CONTEXT_DIM) -> None:
         self.embedding_key = key
-        self.embeddings = FakeEmbeddingDatabase()
+        self.embeddings = FakeEmbeddingDatabase(self.tokenize)
+        self.return_pooled = key == "clip_g"
+        token_embedding = _TokenEmbedding(width)
+        mix = nn.Linear(width, out)
+        embeddings = nn.Module()
+        embeddings.token_embedding = token_embedding
+        text_model = nn.Module()
+        text_model.embeddings, text_model.mix = embeddings, mix
+        transformer = nn.Module()
+        transformer.text_model = text_model
+        self.text_encoder = nn.Module()
+        self.text_encoder.transformer = transformer
+
+    def tokenize(self, texts):
+        out = []
+        for text in texts:
+            ids = []
+            for w in text.lower().split():
+                pieces = [w] if len(w) <= 4 else [w[i : i + 3] for i in range(0, len(w), 3)]
+                ids += [zlib.crc32(piece.encode()) % 4000 + 1 for piece in pieces]
+            out.append(ids)
+        return out
+
+    def __call__(self, texts):
+        model = self.text_encoder.transformer.text_model
+        table = model.embeddings.token_embedding.wrapped
+        rows = []
+        for ids in self.tokenize(texts):
+            vecs, i = [], 0
+            while i < len(ids):
+                emb, n = self.embeddings.find_embedding_at_position(ids, i)
+                if emb is None:
+                    vecs.append(table(torch.tensor([ids[i]])))
+                    i += 1
+                    continue
+                vec = emb.vec[self.embedding_key] if isinstance(emb.vec, dict) else emb.vec
+                vecs.append(vec.to(table.weight))
+                i += n
+            x = torch.cat([*vecs, table.weight[:1].expand(self.LENGTH, -1)])[: self.LENGTH]
+            rows.append(model.mix(x + x.mean(0, keepdim=True)))
+        z = torch.stack(rows)
+        return (z, z.mean(1)) if self.return_pooled else z
 
 
 class _Posterior:
@@ -216,15 +290,17 @@ class FakeForgeModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             vae_model = FakeVaeModel()
-            self.token_table = nn.Embedding(4096, CONTEXT_DIM)
+            if self.is_sdxl:  # SDXL: two engines, no single one
+                half = CONTEXT_DIM // 2
+                self.text_processing_engine_l = FakeTextEngine("clip_l", 768, half)
+                self.text_processing_engine_g = FakeTextEngine("clip_g", 1280, half)
+            else:
+                self.text_processing_engine = FakeTextEngine("clip_l", 768)
+            for engine in self.engines():
+                _inference_copy(engine.text_encoder)
         vae = types.SimpleNamespace(
             first_stage_model=vae_model, device=torch.device("cpu"), vae_dtype=torch.float32
         )
-        if self.is_sdxl:  # SDXL: two engines, no single one
-            self.text_processing_engine_l = FakeTextEngine("clip_l")
-            self.text_processing_engine_g = FakeTextEngine("clip_g")
-        else:
-            self.text_processing_engine = FakeTextEngine("clip_l")
         self.forge_objects = FakeForgeObjects(patcher, types.SimpleNamespace(), vae)
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
@@ -233,32 +309,25 @@ class FakeForgeModel:
         )
         self.calls = {"cond": 0}
 
+    def engines(self) -> list[FakeTextEngine]:
+        if self.is_sdxl:
+            return [self.text_processing_engine_l, self.text_processing_engine_g]
+        return [self.text_processing_engine]
+
     @torch.inference_mode()
-    def get_learned_conditioning(self, prompts: list[str]) -> torch.Tensor:
-        """Words → table rows; a registered embedding replaces its word with its vectors'
-        mean projected to the context width (enough to make a token matter)."""
+    def get_learned_conditioning(self, prompts: list[str]) -> Any:
+        """As Forge's engines: SD1 one engine; SDXL CLIP-L ‖ CLIP-G and the pooled CLIP-G
+        vector followed by the size embedding (here: constant ones)."""
         self.calls["cond"] += 1
         if self.is_sdxl:
-            crossattn = self._words(prompts, self.text_processing_engine_l.embeddings)
-            vector = crossattn.mean(1).repeat(1, ADM_IN_CHANNELS // CONTEXT_DIM + 1)
-            return {"crossattn": crossattn, "vector": vector[:, :ADM_IN_CHANNELS]}
-        return self._words(prompts, self.text_processing_engine.embeddings)
-
-    def _words(self, prompts: list[str], embeddings: Any) -> torch.Tensor:
-        db = embeddings.word_embeddings
-        rows = []
-        for p in prompts:
-            vecs = []
-            for w in p.split()[:7]:
-                if w in db:
-                    v = db[w].vec
-                    v = v["clip_l"] if isinstance(v, dict) else v
-                    vecs.append(v.float().mean(0)[:CONTEXT_DIM])
-                else:
-                    vecs.append(self.token_table.weight[zlib.crc32(w.encode()) % 4000 + 1])
-            vecs += [self.token_table.weight[0]] * (7 - len(vecs))
-            rows.append(torch.stack(vecs))
-        return torch.stack(rows)
+            cond_l = self.text_processing_engine_l(prompts)
+            cond_g, pooled = self.text_processing_engine_g(prompts)
+            flat = torch.ones(len(prompts), ADM_IN_CHANNELS - pooled.shape[1])
+            return {
+                "crossattn": torch.cat([cond_l, cond_g], 2),
+                "vector": torch.cat([pooled, flat], 1),
+            }
+        return self.text_processing_engine(prompts)
 
     @torch.inference_mode()
     def encode_first_stage(self, x):

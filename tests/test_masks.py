@@ -168,3 +168,26 @@ def test_auto_masks_two_objects_left_to_right():
 def test_auto_mask_of_a_blank_image_fails_clearly():
     with pytest.raises(InputError):
         auto_masks(Image.new("RGB", (64, 64), (200, 200, 200)))
+
+
+def test_mask_from_editor_payloads():
+    from lib_ostaf.masks import mask_from_editor
+
+    bg = Image.new("RGB", (32, 32), (90, 90, 90))
+    layer = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (4, 4, 12, 12))
+    other = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    other.paste((10, 200, 10, 128), (20, 20, 24, 24))  # any colour, half alpha: painted
+    g4 = mask_from_editor({"background": bg, "layers": [layer, other], "composite": bg})
+    m = np.asarray(g4) > 127
+    assert m.sum() == 8 * 8 + 4 * 4 and m[5, 5] and m[21, 21] and not m[0, 0]
+    empty = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    assert mask_from_editor({"background": bg, "layers": [empty], "composite": bg}) is None
+    sketch = Image.new("RGBA", (32, 32), (0, 0, 0, 255))
+    sketch.paste((255, 255, 255, 255), (0, 0, 16, 32))
+    g3 = np.asarray(mask_from_editor({"image": bg, "mask": sketch}))
+    assert (g3[:, :16] == 255).all() and (g3[:, 16:] == 0).all()
+    assert mask_from_editor({"image": bg, "mask": Image.new("RGBA", (32, 32))}) is None
+    assert mask_from_editor(None) is None and mask_from_editor(bg) is bg
+    with pytest.raises(InputError):
+        mask_from_editor("not an image payload")

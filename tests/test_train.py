@@ -191,3 +191,29 @@ def test_bad_image(sd1_host, tmp_path):
     bad.write_text("not an image")
     with pytest.raises(InputError, match="cannot read"):
         train_attribute(sd1_host, bad, AttributeConfig(steps=1))
+
+
+def test_non_finite_steps_are_skipped_then_training_stops():
+    from lib_ostaf.errors import TrainingDiverged
+    from lib_ostaf.train import Callbacks, run_steps
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    bad = {1, 3}
+
+    def step_loss(step):
+        scale = float("inf") if step in bad else 1.0
+        return (w * scale).square().sum()
+
+    before = []
+
+    def progress(step, total, loss):
+        before.append(w.detach().clone())
+
+    losses = run_steps(5, step_loss, opt, Callbacks(progress=progress))
+    assert len(losses) == 5 and torch.isfinite(w).all()
+    assert torch.equal(before[1], before[0]) and torch.equal(before[3], before[2])  # skipped
+    assert not torch.equal(before[2], before[1])  # a finite step moves the weights
+    with pytest.raises(TrainingDiverged, match="lower the learning rate"):
+        run_steps(10, lambda step: (w * float("nan")).sum(), opt, Callbacks())
+    assert torch.isfinite(w).all()

@@ -41,6 +41,7 @@ from ..errors import IncompatibleModelError, InputError, OstafError
 from ..images import square
 from ..jobs import Job, JobManager
 from ..naming import UNetInfo, inspect_unet, module_name_from_kohya
+from ..object_job import ObjectRequest, run_object_training
 from ..training_job import TrainRequest, preserve_module_state, run_training
 from . import webui
 from .a1111 import NATIVE_RESOLUTION, StateReporter
@@ -213,11 +214,18 @@ class ForgeHost:
         self.resolution = int(resolution or NATIVE_RESOLUTION[family])
         self.latent_channels = 4
         self.latent_scale = 8
-        self.text_encoders: tuple[Any, ...] = ()  # object implantation training: not wired
+        self._text: tuple[ForgeText, ...] | None = None
         info = getattr(sd_model, "sd_checkpoint_info", None)
         self.base_model_name = str(getattr(info, "name_for_extra", "") or getattr(info, "name", ""))
         self._load = load or (lambda patcher: None)
         self._hooks: list[Any] = []
+
+    @property
+    def text_encoders(self) -> tuple[ForgeText, ...]:
+        """Object implantation: Forge's text engines (SDXL: CLIP-L, CLIP-G)."""
+        if self._text is None:
+            self._text = tuple(ForgeText(e) for e in text_engines(self.sd_model))
+        return self._text
 
     @classmethod
     def from_webui(cls, *, resolution: int | None = None) -> ForgeHost:
@@ -284,12 +292,46 @@ class ForgeHost:
         return _plain(z).to(self.device, self.dtype)
 
     def encode_prompt(self, prompt: str, embeddings: Any = None) -> Any:
+        """``get_learned_conditioning`` (``@inference_mode`` in Forge). With ``embeddings``
+        the text engines are called directly, outside inference mode, with the new tokens
+        registered in their databases for this call: differentiable in the vectors."""
         if embeddings:
-            raise NotImplementedError("object implantation training on Forge is not wired yet")
-        cond = self.sd_model.get_learned_conditioning([prompt])  # @inference_mode in Forge
+            return self._encode_live(prompt, embeddings)
+        cond = self.sd_model.get_learned_conditioning([prompt])
         if isinstance(cond, dict):  # SDXL: {"crossattn", "vector"}
             return {k: _plain(v).detach() for k, v in cond.items()}
         return _plain(cond).detach()
+
+    def _encode_live(self, prompt: str, embeddings: Any) -> Any:
+        engines = [t.engine for t in self.text_encoders]
+        clip = getattr(getattr(self.sd_model, "forge_objects", None), "clip", None)
+        if getattr(clip, "patcher", None) is not None:
+            self._load(clip.patcher)
+        for engine in engines:
+            _deinference_params(engine.text_encoder)  # loaded under inference_mode
+        before = [{t: e.embeddings.word_embeddings.get(t) for t in embeddings} for e in engines]
+        try:
+            for token, vectors in embeddings.items():
+                emb = make_embedding_live(token, vectors, self.family)
+                for engine in engines:
+                    engine.embeddings.register_embedding_by_name(emb, token)
+            with torch.inference_mode(False), torch.enable_grad():
+                if self.family != "sdxl":
+                    return engines[0]([prompt])
+                base = self.sd_model.get_learned_conditioning([prompt])  # the size embedding
+                cond_l = engines[0]([prompt])
+                cond_g, pooled = engines[1]([prompt])
+                tail = _plain(base["vector"])[:, pooled.shape[-1] :].to(pooled)
+                return {
+                    "crossattn": torch.cat([cond_l, cond_g], 2),
+                    "vector": torch.cat([pooled, tail], 1),
+                }
+        finally:
+            for engine, saved in zip(engines, before, strict=True):
+                for token, old in saved.items():
+                    engine.embeddings.register_embedding_by_name(None, token)
+                    if old is not None:
+                        engine.embeddings.register_embedding_by_name(old, token)
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         self._load(self.patcher)  # the text encoder / VAE may have pushed it off the device
@@ -329,6 +371,40 @@ def add_patches(patcher: Any, filename: str, patches: Mapping[Any, Any], strengt
     if "filename" in params:
         return set(patcher.add_patches(filename=filename, patches=patches, strength_patch=strength))
     return set(patcher.add_patches(dict(patches), strength) or ())
+
+
+class ForgeText:
+    """One Forge text engine as a ``TextEncoder``: its tokenizer, its token table."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.model = engine.text_encoder  # frozen by the trainer
+        self.key = str(getattr(engine, "embedding_key", "clip_l"))
+        self.width = int(self._table().shape[-1])
+        self.projection_dim: int | None = None  # no CLIP image tower in a WebUI
+
+    def _table(self) -> torch.Tensor:
+        emb = self.model.transformer.text_model.embeddings.token_embedding
+        return getattr(emb, "wrapped", emb).weight
+
+    def has_token(self, token: str) -> bool:
+        return len(self.engine.tokenize([token])[0]) == 1
+
+    def word_vectors(self, text: str) -> torch.Tensor:
+        ids = self.engine.tokenize([text])[0]
+        if not ids:
+            raise InputError(f"{text!r} has no tokens")
+        table = self._table()
+        return _plain(table[torch.tensor(ids, device=table.device)]).detach().float().cpu()
+
+    def pooled(self, prompt: str, vectors: Any = None, *, project: bool = True) -> torch.Tensor:
+        raise NotImplementedError("the WebUI path has no pooled CLIP feature (no image tower)")
+
+
+def make_embedding_live(token: str, vectors: Sequence[torch.Tensor], family: str) -> Any:
+    """A Forge ``Embedding`` around the live (trainable) vectors."""
+    cls = embedding_class("backend.text_processing.textual_inversion")
+    return webui.make_embedding(token, vectors, family, cls, live=True)
 
 
 def make_embedding(token: str, vectors: Sequence[torch.Tensor], family: str) -> Any:
@@ -473,22 +549,31 @@ class ForgeApplier:
 def train_on_loaded_model(
     jobs: JobManager,
     job: Job,
-    request: TrainRequest,
+    request: TrainRequest | ObjectRequest,
     out_dir: Path | str,
     applier: Any,
 ) -> dict[str, Any]:
-    """Train on Forge's loaded model (loaded here if needed); the caller holds the queue
-    lock. The UNet is trained unpatched; offsets live in forward hooks only."""
+    """Train (attribute or objects) on Forge's loaded model (loaded here if needed); the
+    caller holds the queue lock. The UNet is trained unpatched; offsets live in forward
+    hooks only, object tokens in the engines' databases during each call only."""
     from modules import shared
 
     request.validate(out_dir)
+    objects = isinstance(request, ObjectRequest)
     state = shared.state
-    reporter = StateReporter.begin(jobs, job, request.steps, state)
+    total = request.total_steps if objects else request.steps
+    reporter = StateReporter.begin(jobs, job, total, state)
     host = ForgeHost.from_webui(resolution=request.resolution or None)
     applier.clear_for_training(host.sd_model)
     try:
-        with preserve_module_state(host.unet):
-            outcome = run_training(host, request, out_dir, reporter)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(preserve_module_state(host.unet))
+            if objects:
+                for text in host.text_encoders:
+                    stack.enter_context(preserve_module_state(text.model))
+                outcome = run_object_training(host, request, out_dir, reporter)
+            else:
+                outcome = run_training(host, request, out_dir, reporter)
     finally:
         host.close()
         with contextlib.suppress(Exception):

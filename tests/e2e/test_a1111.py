@@ -299,6 +299,63 @@ def test_hires_batch_and_img2img(baseline, adapter):
     assert floor < 2.0
 
 
+def test_object_implantation_via_api(baseline):
+    """Implant an object (a drawn mask) on the loaded model; its token works only while the
+    adapter is active, and generation without the tag is untouched."""
+    name = f"e2e_obj_{uuid.uuid4().hex[:8]}"
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    buf = io.BytesIO()
+    mask.save(buf, "PNG")
+    body = {
+        "image": png_b64(),
+        "name": name,
+        "objects": [
+            {
+                "token": "<e2eobj>",
+                "class_name": "toy",
+                "mask": base64.b64encode(buf.getvalue()).decode(),
+            }
+        ],
+        "steps": 2,
+        "embedding_steps": 1,
+        "lr": 0.001,
+        "embedding_lr": 0.01,
+        "resolution": 64,
+        "sweep": [0, 1],
+        "preview_every": 1,
+        "preview_steps": 2,
+        "guidance": 1.0,
+    }
+    # The random test checkpoint's CLIP has a zero final LayerNorm bias, so A1111's
+    # "Original" emphasis divides mean(z) by mean(z) ≈ 0 and can give NaN for any new
+    # vector; real CLIP weights have a bias. "No norm" skips that division.
+    emphasis = call("/sdapi/v1/options").get("emphasis", "Original")
+    call("/sdapi/v1/options", {"emphasis": "No norm"})
+    try:
+        _implant_and_generate(body, name)
+    finally:
+        call("/sdapi/v1/options", {"emphasis": emphasis})
+    assert np.array_equal(txt2img("a photo of a cat")[0], baseline)
+
+
+def _implant_and_generate(body: dict, name: str) -> None:
+    status, bad = status_of(
+        "/ostaf/v1/implant", body | {"objects": [{"token": "a b", "class_name": "toy"}]}
+    )
+    assert status == 422 and "one word" in bad["detail"]
+    job = wait_job(call("/ostaf/v1/implant", body)["job_id"])
+    assert job["status"] == "done", job
+    assert job["result"]["tokens"] == ["<e2eobj>"] and job["preview_id"] == 3
+    plain, _ = txt2img("a photo of <e2eobj>")
+    tagged, info = txt2img(f"a photo of <e2eobj> <ostaf:{name}:1>")
+    assert np.abs(tagged.astype(int) - plain).mean() > 0.5 and name in info
+    token_only, _ = txt2img(f"a photo of <e2eobj> <ostaf:{name}:0>")  # λ 0: tokens, no LoRA
+    assert not np.array_equal(token_only, plain)
+    again, _ = txt2img("a photo of <e2eobj>")  # the token is gone with the tag
+    assert np.array_equal(again, plain)
+
+
 def test_zz_weights_restored_after_everything(baseline):
     image, info = txt2img("a photo of a cat")
     assert np.array_equal(image, baseline)
