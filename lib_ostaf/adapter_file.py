@@ -421,6 +421,36 @@ def _refuse_existing(path: Path) -> None:
         )
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or unknown: keep its file
+    return True
+
+
+def sweep_stale_temps(path: Path) -> list[Path]:
+    """Remove temp files of ``path`` left by a process that was killed (SIGKILL, power
+    loss) while writing: ``.<name>.<pid>.*.tmp`` whose pid is no longer running."""
+    removed = []
+    prefix = f".{path.name}."
+    with contextlib.suppress(OSError):
+        for p in path.parent.iterdir():
+            if not (p.name.startswith(prefix) and p.name.endswith(TEMP_SUFFIX)):
+                continue
+            pid = p.name[len(prefix) :].split(".", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
+
+
 def atomic_write(path: str | Path, data: bytes, *, overwrite: bool) -> Path:
     """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename.
 
@@ -438,9 +468,12 @@ def atomic_write(path: str | Path, data: bytes, *, overwrite: bool) -> Path:
     except OSError as e:
         raise AdapterFileError(f"Cannot create folder {path.parent}: {e}") from e
 
+    sweep_stale_temps(path)
     tmp: str | None = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX
+        )
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
