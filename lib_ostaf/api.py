@@ -62,6 +62,8 @@ class TrainBody(BaseModel):
     preview_size: int = Field(0, ge=0, le=4096)
     guidance: float = 5.0
     sweep: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5])
+    precision: str = Field("auto", description="auto | fp32 | bf16 | fp16")
+    gradient_checkpointing: str = Field("auto", description="auto | on | off")
 
 
 class ObjectBody(BaseModel):
@@ -95,6 +97,8 @@ class ImplantBody(BaseModel):
     preview_size: int = Field(0, ge=0, le=4096)
     guidance: float = 5.0
     sweep: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5])
+    precision: str = Field("auto", description="auto | fp32 | bf16 | fp16")
+    gradient_checkpointing: str = Field("auto", description="auto | on | off")
 
 
 class JobRef(BaseModel):

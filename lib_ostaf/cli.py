@@ -16,6 +16,7 @@ from .adapter_file import ADAPTER_SUFFIX, AdapterFile, load_adapter
 from .augment import ATTRIBUTES
 from .embeddings import adapter_embeddings, load_embedding, validate_token
 from .errors import InputError, OstafError
+from .memory import CHECKPOINTING, PRECISIONS
 from .offsets import check_lambda
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -92,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
             help="diffusers folder or .safetensors checkpoint; default: the embedded tiny model",
         )
 
+    def memory_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--precision", choices=PRECISIONS, default=None, help="default auto")
+        p.add_argument(
+            "--gradient-checkpointing", choices=CHECKPOINTING, default=None, help="default auto"
+        )
+
     t = sub.add_parser("train", help="train an OSTAF adapter from one reference image")
     t.add_argument("--image", required=True, type=Path)
     t.add_argument("--attribute", required=True, choices=ATTRIBUTES)
@@ -110,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--default-lambda", type=float, default=None)
     t.add_argument("--overwrite", action="store_true")
+    memory_args(t)
     model_arg(t)
 
     o = sub.add_parser(
@@ -155,6 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=None)
     o.add_argument("--default-lambda", type=float, default=None)
     o.add_argument("--overwrite", action="store_true")
+    memory_args(o)
     model_arg(o)
 
     g = sub.add_parser("generate", help="generate with adapters applied")
@@ -230,6 +239,8 @@ def _run(args: argparse.Namespace) -> int:
             include_mid=args.include_mid,
             blocks=tuple(b.strip() for b in args.blocks.split(",")) if args.blocks else None,
             default_lambda=args.default_lambda,
+            precision=args.precision,
+            gradient_checkpointing=args.gradient_checkpointing,
         )
         host = DiffusersHost.load(args.model)
         result = train_attribute(host, args.image, config, Callbacks(progress=_print_progress))
@@ -356,6 +367,8 @@ def _implant(args: argparse.Namespace) -> int:
         seed=args.seed,
         clip=args.clip,
         default_lambda=args.default_lambda,
+        precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     planned = planned_files(
         args.out,

@@ -73,6 +73,8 @@ class ObjectRequest:
     preview_size: int = 0
     guidance: float = 5.0
     sweep: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)
+    precision: str = "auto"
+    gradient_checkpointing: str = "auto"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ObjectRequest:
@@ -123,6 +125,8 @@ class ObjectRequest:
             clip=self.clip,
             default_lambda=check_lambda(self.default_lambda),
             preview_every=max(0, int(self.preview_every)),
+            precision=self.precision,
+            gradient_checkpointing=self.gradient_checkpointing,
         )
 
     def validate(self, out_dir: Path | str) -> tuple[ObjectConfig, Image.Image, list[ObjectSpec]]:

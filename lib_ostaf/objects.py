@@ -74,6 +74,7 @@ from .masks import (
     save_mask,
     square_mask,
 )
+from .memory import check_options, training_options
 from .naming import UNetInfo, block_part, inspect_unet
 from .offsets import OffsetHooks, check_lambda
 from .targets import PARTS, Target, TargetSpec, available_blocks, find_module, select_targets
@@ -170,8 +171,11 @@ class ObjectConfig:
     default_lambda: float = 1.0
     n_probe: int = 8  # fixed (view, t, noise) triples per probe set
     preview_every: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (lib_ostaf.memory)
+    gradient_checkpointing: str = "auto"  # auto | on | off
 
     def __post_init__(self) -> None:
+        check_options(self.precision, self.gradient_checkpointing)
         for name in ("steps", "rank", "n_probe"):
             _positive_int(name, getattr(self, name))
         for name in ("embedding_steps", "prototype_steps", "preview_every"):
@@ -729,25 +733,30 @@ def train_objects(
             OffsetHooks(modules) as hooks,
         ):
             before = _probe(host, hooks, {}, probe_sets, latents, weights, tokens, vectors, config)
-            if first_phase:
-                opt = torch.optim.AdamW(token_params, lr=config.embedding_lr, weight_decay=0.0)
+            options = training_options(
+                host.unet, host.device, host.family, config.precision,
+                config.gradient_checkpointing,
+            )  # fmt: skip
+            with options as precision:
+                if first_phase:
+                    opt = torch.optim.AdamW(token_params, lr=config.embedding_lr, weight_decay=0.0)
+                    optimizers.append(opt)
+                    losses += run_steps(
+                        first_phase, step_loss, opt, callbacks,
+                        preview_every=config.preview_every, before_preview=before_preview,
+                        total=total, precision=precision,
+                    )  # fmt: skip
+                state["lora"] = True
+                groups = [{"params": list(network.parameters()), "lr": config.lr}]
+                if config.embedding_lr > 0:
+                    groups.append({"params": token_params, "lr": config.embedding_lr})
+                opt = torch.optim.AdamW(groups, weight_decay=0.0)
                 optimizers.append(opt)
                 losses += run_steps(
-                    first_phase, step_loss, opt, callbacks,
+                    config.steps, step_loss, opt, callbacks,
                     preview_every=config.preview_every, before_preview=before_preview,
-                    total=total,
+                    first=total - config.steps, total=total, precision=precision,
                 )  # fmt: skip
-            state["lora"] = True
-            groups = [{"params": list(network.parameters()), "lr": config.lr}]
-            if config.embedding_lr > 0:
-                groups.append({"params": token_params, "lr": config.embedding_lr})
-            opt = torch.optim.AdamW(groups, weight_decay=0.0)
-            optimizers.append(opt)
-            losses += run_steps(
-                config.steps, step_loss, opt, callbacks,
-                preview_every=config.preview_every, before_preview=before_preview,
-                first=total - config.steps, total=total,
-            )  # fmt: skip
             with torch.no_grad():
                 factors = network()
             check_finite_factors(factors)

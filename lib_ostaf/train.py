@@ -42,6 +42,7 @@ from .errors import InputError, Interrupted, TrainingDiverged
 from .hosts.base import Host
 from .hypernet import OFFSET_NETWORKS, HypernetConfig, LayerShape
 from .images import load_image, square
+from .memory import NO_PRECISION, Precision, check_options, training_options
 from .naming import UNetInfo, inspect_unet
 from .offsets import OffsetHooks, check_lambda
 from .targets import Target, TargetSpec, find_module, select_targets
@@ -77,8 +78,11 @@ class AttributeConfig:
     blocks: tuple[str, ...] | None = None  # expert override: explicit diffusers block ids
     default_lambda: float = 1.0
     preview_every: int = 0  # 0 = no previews
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (lib_ostaf.memory)
+    gradient_checkpointing: str = "auto"  # auto | on | off
 
     def __post_init__(self) -> None:
+        check_options(self.precision, self.gradient_checkpointing)
         if self.attribute not in ATTRIBUTES:
             raise InputError(
                 f"unknown attribute {self.attribute!r}; choose one of {', '.join(ATTRIBUTES)}"
@@ -260,6 +264,7 @@ def run_steps(
     before_preview: Callable[[], None] | None = None,
     first: int = 0,
     total: int | None = None,
+    precision: Precision = NO_PRECISION,
 ) -> list[float]:
     """The one training loop of both methods: ``steps`` optimizer steps of ``step_loss``.
 
@@ -277,12 +282,14 @@ def run_steps(
         done = first + step
         if callbacks.should_stop and callbacks.should_stop():
             raise Interrupted(f"training interrupted at step {done}/{total}")
-        loss = step_loss(step)
+        with precision.autocast():
+            loss = step_loss(step)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        precision.backward(loss, optimizer)
         if finite(loss, *(p.grad for p in params if p.grad is not None)):
-            optimizer.step()
+            precision.step(optimizer)
         else:
+            precision.skip()
             skipped += 1
             log.warning("step %d: non-finite loss or gradients; step skipped", done + 1)
             if skipped > max(MAX_SKIPPED, steps // 10):
@@ -348,17 +355,22 @@ def train_attribute(
     def set_factors() -> None:
         hooks.factors = network()
 
+    options = training_options(
+        host.unet, host.device, host.family, config.precision, config.gradient_checkpointing
+    )
     try:
         with frozen(host.unet), OffsetHooks(modules) as hooks:
             before = _probe_loss(host, network, hooks, probe, cond)
-            losses = run_steps(
-                config.steps,
-                step_loss,
-                optimizer,
-                callbacks,
-                preview_every=config.preview_every,
-                before_preview=set_factors,
-            )
+            with options as precision:
+                losses = run_steps(
+                    config.steps,
+                    step_loss,
+                    optimizer,
+                    callbacks,
+                    preview_every=config.preview_every,
+                    before_preview=set_factors,
+                    precision=precision,
+                )
             with torch.no_grad():
                 check_finite_factors(network())
             after = _probe_loss(host, network, hooks, probe, cond)

@@ -58,6 +58,8 @@ class TrainRequest:
     preview_size: int = 0
     guidance: float = 5.0
     sweep: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)
+    precision: str = "auto"
+    gradient_checkpointing: str = "auto"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainRequest:
@@ -87,6 +89,8 @@ class TrainRequest:
             blocks=tuple(self.blocks) if self.blocks else None,
             default_lambda=check_lambda(self.default_lambda),
             preview_every=max(0, int(self.preview_every)),
+            precision=self.precision,
+            gradient_checkpointing=self.gradient_checkpointing,
         )
 
     def validate(self, out_dir: Path | str) -> tuple[AttributeConfig, Image.Image]:

@@ -30,7 +30,7 @@ def test_ten_trainings_return_to_baseline(sd1_host, reference_image):
     config = AttributeConfig(steps=3, lr=1e-2, n_views=2)
     tensors, rss = [], []
     try:
-        for i in range(10):
+        for _ in range(10):
             result = train_attribute(sd1_host, reference_image, config)
             assert len(result.losses) == 3
             del result
