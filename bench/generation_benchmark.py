@@ -113,10 +113,10 @@ def run(name: str, latent: int, reps: int, log: Callable[[str], None]) -> dict[s
         call()  # warm-up
         base, merged, hooked = [], [], []
         for _ in range(reps):  # interleaved: drift hits all three alike
-            base.append(median_time(call, 1))
-            patcher.apply(term)
+            patcher.apply(term)  # each timed call follows a pass over the same weights
             merged.append(median_time(call, 1))
             patcher.apply([])
+            base.append(median_time(call, 1))
             with OffsetHooks(modules) as hooks:
                 hooks.factors = ad["factors"]
                 hooked.append(median_time(call, 1))
@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # A random-weight UNet's activations drift into subnormal floats, which x86 CPUs compute
+    # ~10× slower; any weight change then moves the timing. GPUs flush them; so do we.
+    denormals = torch.set_flush_denormal(True)
     started, load0 = time.perf_counter(), os.getloadavg()[0]
 
     def log(msg: str) -> None:
@@ -193,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         "python": platform.python_version(),
         "cpu": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "threads": torch.get_num_threads(),
+        "flush_denormal": denormals,
         "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "command": "python bench/generation_benchmark.py " + " ".join(argv or sys.argv[1:]),
     }

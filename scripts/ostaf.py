@@ -22,6 +22,7 @@ from lib_ostaf.api import PREFIX, ApiError, ImplantBody, OstafApi, TrainBody, ch
 from lib_ostaf.errors import InputError, OstafError
 from lib_ostaf.hosts import a1111, forge
 from lib_ostaf.masks import auto_masks, mask_from_editor, mask_overlay
+from lib_ostaf.memory import CHECKPOINTING, PRECISIONS
 from lib_ostaf.naming import ATTN_NAMES, PROJ_NAMES
 from lib_ostaf.object_job import ObjectRequest
 from lib_ostaf.registry import resolve_adapters_dir
@@ -315,6 +316,8 @@ def _train_ui(
     resolution,
     preview_every,
     overwrite,
+    precision="auto",
+    checkpointing="auto",
 ):
     try:
         request = TrainRequest(
@@ -340,6 +343,8 @@ def _train_ui(
             preview_steps=int(_opt("ostaf_preview_steps", 12)),
             preview_size=int(_opt("ostaf_preview_size", 0) or 0),
             sweep=_sweep_lambdas(),
+            precision=precision,
+            gradient_checkpointing=checkpointing,
         )
     except (OstafError, ValueError, TypeError) as e:
         return [], "", cards.error_html(e)
@@ -370,7 +375,8 @@ def _object_ui(id_task, image, name, *values):
     """The Object implantation sub-tab's Train: one (token, class, drawing, file) per slot."""
     slots, rest = values[: 4 * OBJECT_SLOTS], values[4 * OBJECT_SLOTS :]
     (steps, embedding_steps, rank, lr, embedding_lr, class_weight, background_weight) = rest[:7]
-    seed, default_lambda, resolution, preview_every, overwrite = rest[7:]
+    seed, default_lambda, resolution, preview_every, overwrite = rest[7:12]
+    precision, checkpointing = (*rest[12:14], "auto", "auto")[:2]
     try:
         tokens, classes, masks = [], [], []
         for i in range(OBJECT_SLOTS):
@@ -401,6 +407,8 @@ def _object_ui(id_task, image, name, *values):
             preview_steps=int(_opt("ostaf_preview_steps", 12)),
             preview_size=int(_opt("ostaf_preview_size", 0) or 0),
             sweep=_sweep_lambdas(),
+            precision=precision,
+            gradient_checkpointing=checkpointing,
         )
     except (OstafError, ValueError, TypeError) as e:
         return [], "", cards.error_html(e)
@@ -518,6 +526,7 @@ def _object_tab():
                     label="Overwrite an adapter of the same name",
                     elem_id="ostaf_obj_overwrite",
                 )
+                precision, checkpointing = _memory_options("ostaf_obj")
             with gr.Row():
                 interrupt = gr.Button("Interrupt", elem_id="ostaf_obj_interrupt")
                 train = gr.Button("Train", variant="primary", elem_id="ostaf_obj_train")
@@ -537,7 +546,7 @@ def _object_tab():
         inputs=[
             dummy, image, name, *slots, steps, embedding_steps, rank, lr, embedding_lr,
             class_weight, background_weight, seed, default_lambda, resolution, preview_every,
-            overwrite,
+            overwrite, precision, checkpointing,
         ],
         outputs=[gallery, log, result],
     )  # fmt: skip
@@ -637,6 +646,7 @@ def _attribute_tab():
                 overwrite = gr.Checkbox(
                     False, label="Overwrite an adapter of the same name", elem_id="ostaf_overwrite"
                 )
+                precision, checkpointing = _memory_options("ostaf")
             with gr.Row():
                 interrupt = gr.Button("Interrupt", elem_id="ostaf_interrupt")
                 train = gr.Button("Train", variant="primary", elem_id="ostaf_train")
@@ -670,10 +680,27 @@ def _attribute_tab():
             resolution,
             preview_every,
             overwrite,
+            precision,
+            checkpointing,
         ],
         outputs=[gallery, log, result],
     )
     interrupt.click(fn=_interrupt_ui, inputs=[], outputs=[])
+
+
+def _memory_options(prefix):
+    """Precision and gradient checkpointing (lib_ostaf.memory); 'auto' suits most GPUs."""
+    with gr.Row():
+        precision = gr.Radio(
+            list(PRECISIONS), value="auto", label="Precision", elem_id=f"{prefix}_precision"
+        )
+        checkpointing = gr.Radio(
+            list(CHECKPOINTING),
+            value="auto",
+            label="Gradient checkpointing (less memory, ~30 % slower)",
+            elem_id=f"{prefix}_checkpointing",
+        )
+    return precision, checkpointing
 
 
 # --------------------------------------------------------------------------- API
