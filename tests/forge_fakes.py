@@ -297,7 +297,7 @@ class FakeForgeModel:
             else:
                 self.text_processing_engine = FakeTextEngine("clip_l", 768)
             for engine in self.engines():
-                _inference_copy(engine.text_encoder)
+                _inference_copy(engine.text_encoder, requires_grad=True)
         vae = types.SimpleNamespace(
             first_stage_model=vae_model, device=torch.device("cpu"), vae_dtype=torch.float32
         )
@@ -347,12 +347,14 @@ class FakeForgeModel:
             return patcher.model.diffusion_model(x, t, context=cond)
 
 
-def _inference_copy(module: nn.Module) -> nn.Module:
-    """Make every parameter an inference tensor (Forge loads under inference_mode)."""
+def _inference_copy(module: nn.Module, requires_grad: bool = False) -> nn.Module:
+    """Make every parameter an inference tensor (Forge loads under inference_mode; its text
+    encoders' parameters even keep ``requires_grad=True``, which autograd then refuses to
+    touch outside inference mode)."""
     for m in module.modules():
         for name, p in list(m._parameters.items()):
             if p is not None:
-                m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+                m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=requires_grad)
     return module
 
 

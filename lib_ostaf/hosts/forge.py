@@ -302,13 +302,18 @@ class ForgeHost:
             return {k: _plain(v).detach() for k, v in cond.items()}
         return _plain(cond).detach()
 
-    def _encode_live(self, prompt: str, embeddings: Any) -> Any:
-        engines = [t.engine for t in self.text_encoders]
+    def prepare_text(self) -> None:
+        """Text encoders on the device as normal tensors (object implantation): Forge loads
+        them under ``inference_mode``, where autograd can neither save nor flag them."""
         clip = getattr(getattr(self.sd_model, "forge_objects", None), "clip", None)
         if getattr(clip, "patcher", None) is not None:
             self._load(clip.patcher)
-        for engine in engines:
-            _deinference_params(engine.text_encoder)  # loaded under inference_mode
+        for text in self.text_encoders:
+            _deinference_params(text.model)
+
+    def _encode_live(self, prompt: str, embeddings: Any) -> Any:
+        engines = [t.engine for t in self.text_encoders]
+        self.prepare_text()  # again: a reload may swap the parameters (cheap when none)
         before = [{t: e.embeddings.word_embeddings.get(t) for t in embeddings} for e in engines]
         try:
             for token, vectors in embeddings.items():
@@ -569,6 +574,7 @@ def train_on_loaded_model(
         with contextlib.ExitStack() as stack:
             stack.enter_context(preserve_module_state(host.unet))
             if objects:
+                host.prepare_text()  # before the flags are saved: they are restored on these
                 for text in host.text_encoders:
                     stack.enter_context(preserve_module_state(text.model))
                 outcome = run_object_training(host, request, out_dir, reporter)
