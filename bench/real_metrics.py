@@ -1,0 +1,228 @@
+"""The paper's metrics on a real checkpoint: CLIP-T, DINO and VGG Gram distance.
+
+For users with a real SD checkpoint and a GPU. Nothing is downloaded: every model comes
+from a path you give (``--clip``: a transformers CLIP folder, e.g. openai/clip-vit-large-
+patch14; ``--dino``: a transformers ViT folder, e.g. facebook/dino-vits16; ``--vgg``: VGG-19
+weights in torchvision's key layout, ``features.N.weight``, as .safetensors or .pth).
+
+For each reference image it trains (or loads, ``--adapter``) an OSTAF adapter, generates
+the evaluation prompts at each λ, and scores every image:
+
+* **CLIP-T** ↑ — cosine of CLIP's image embedding and the embedding of the prompt with the
+  placeholder token removed (text controllability);
+* **DINO** ↑ — cosine of DINO's CLS features of the image and of the reference (shape /
+  subject fidelity);
+* **Gram** ↓ — mean over VGG-19 relu1_1…relu5_1 of the squared Frobenius distance between
+  normalised Gram matrices of the image and of the reference (appearance / style).
+
+    python bench/real_metrics.py --model /models/sd15 --clip /models/clip-vit-large-patch14 \\
+        --dino /models/dino-vits16 --vgg /models/vgg19.safetensors \\
+        --reference mug.png --attribute appearance --prompts prompts.txt \\
+        --lambdas 0 0.5 1 1.5 --device cuda --out results.json
+
+``prompts.txt``: one prompt per line containing ``{token}`` (e.g. "a {token} teapot").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# VGG-19 "features": (out channels | "M" for max-pool); relu1_1…relu5_1 follow these convs.
+VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+         512, 512, 512, 512, "M")  # fmt: skip
+GRAM_LAYERS = (1, 6, 11, 20, 29)  # indices of relu1_1, relu2_1, relu3_1, relu4_1, relu5_1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def vgg19_features() -> nn.Sequential:
+    """torchvision's ``vgg19().features`` layout, without torchvision."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for v in VGG19:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(channels, int(v), 3, padding=1), nn.ReLU(inplace=False)]
+            channels = int(v)
+    return nn.Sequential(*layers)
+
+
+def load_vgg(path: str | Path) -> nn.Sequential:
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k.removeprefix("features."): v for k, v in state.items() if "classifier" not in k}
+    net = vgg19_features()
+    net.load_state_dict(state)
+    return net.eval().requires_grad_(False)
+
+
+def _pixels(images: Sequence[Image.Image], size: int, mean, std) -> torch.Tensor:
+    arr = [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), np.float32) / 255
+           for im in images]  # fmt: skip
+    x = torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2)
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+@torch.no_grad()
+def gram_matrices(vgg: nn.Sequential, images: Sequence[Image.Image], size: int = 256) -> list:
+    """Per image, the normalised Gram matrix after each of :data:`GRAM_LAYERS`."""
+    x = _pixels(images, size, IMAGENET_MEAN, IMAGENET_STD).to(next(vgg.parameters()).device)
+    grams = []
+    for i, layer in enumerate(vgg):
+        x = layer(x)
+        if i in GRAM_LAYERS:
+            f = x.flatten(2)  # [n, c, hw]
+            grams.append(f @ f.transpose(1, 2) / f.shape[-1] / f.shape[1])
+        if i >= max(GRAM_LAYERS):
+            break
+    return [[g[j].cpu() for g in grams] for j in range(len(images))]
+
+
+def gram_distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return float(statistics.fmean(float((x - y).square().sum()) for x, y in zip(a, b, strict=True)))
+
+
+class ClipScorer:
+    """CLIP image/text embeddings from a transformers CLIP folder."""
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        from transformers import CLIPModel, CLIPTokenizer
+
+        self.model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+        vision = self.model.config.vision_config
+        self.size = int(vision.image_size)
+        self.device = device
+
+    @torch.no_grad()
+    def image(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        x = _pixels(images, self.size, (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758))
+        out = self.model.get_image_features(pixel_values=x.to(self.device))
+        out = getattr(out, "pooler_output", out)
+        return F.normalize(out.float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def text(self, prompts: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")
+        out = self.model.get_text_features(**{k: v.to(self.device) for k, v in ids.items()})
+        out = getattr(out, "pooler_output", out)
+        return F.normalize(out.float(), dim=-1).cpu()
+
+
+class DinoScorer:
+    """DINO ViT CLS features from a transformers folder."""
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        from transformers import AutoModel
+
+        self.model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        self.size = int(getattr(self.model.config, "image_size", 224))
+        self.device = device
+
+    @torch.no_grad()
+    def features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        x = _pixels(images, self.size, IMAGENET_MEAN, IMAGENET_STD).to(self.device)
+        cls = self.model(pixel_values=x).last_hidden_state[:, 0]
+        return F.normalize(cls.float(), dim=-1).cpu()
+
+
+def score(
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    reference: Image.Image,
+    *,
+    clip: ClipScorer | None,
+    dino: DinoScorer | None,
+    vgg: nn.Sequential | None,
+) -> dict[str, float]:
+    """Mean CLIP-T, DINO and Gram of ``images`` (prompts: without the placeholder)."""
+    out: dict[str, float] = {}
+    if clip is not None:
+        out["clip_t"] = float((clip.image(images) * clip.text(prompts)).sum(-1).mean())
+    if dino is not None:
+        feats = dino.features([reference, *images])
+        out["dino"] = float((feats[1:] @ feats[0]).mean())
+    if vgg is not None:
+        grams = gram_matrices(vgg, [reference, *images])
+        out["gram"] = statistics.fmean(gram_distance(g, grams[0]) for g in grams[1:])
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="diffusers folder or .safetensors checkpoint")
+    ap.add_argument("--reference", required=True, type=Path)
+    ap.add_argument("--attribute", default="appearance", choices=("appearance", "shape", "style"))
+    ap.add_argument("--prompts", required=True, type=Path, help="one prompt per line, {token}")
+    ap.add_argument("--adapter", type=Path, help="an existing adapter (else one is trained)")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5])
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--clip", type=Path)
+    ap.add_argument("--dino", type=Path)
+    ap.add_argument("--vgg", type=Path)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=Path("real_metrics.json"))
+    args = ap.parse_args(argv)
+
+    from lib_ostaf.adapter_file import load_adapter
+    from lib_ostaf.hosts.diffusers_host import DiffusersHost
+    from lib_ostaf.images import load_image
+    from lib_ostaf.train import AttributeConfig, export, train_attribute
+
+    reference = load_image(args.reference)
+    prompts = [p.strip() for p in args.prompts.read_text().splitlines() if p.strip()]
+    if not prompts or any("{token}" not in p for p in prompts):
+        raise SystemExit("every prompt must contain {token}")
+    host = DiffusersHost.load(args.model, device=args.device)
+    config = AttributeConfig(attribute=args.attribute, steps=args.steps)
+    if args.adapter:
+        path = args.adapter
+    else:
+        result = train_attribute(host, reference, config)
+        path = export(result, args.out.parent, f"{args.out.stem}_{args.attribute}", overwrite=True)
+    adapter = load_adapter(path)
+    clip = ClipScorer(args.clip, args.device) if args.clip else None
+    dino = DinoScorer(args.dino, args.device) if args.dino else None
+    vgg = load_vgg(args.vgg).to(args.device) if args.vgg else None
+    token = config.token
+    rows: list[dict[str, Any]] = []
+    for lam in args.lambdas:
+        host.apply_adapters([(adapter, lam)] if lam else [])
+        images, plain = [], []
+        for prompt in prompts:
+            for seed in range(args.seeds):
+                images.append(host.generate(prompt.replace("{token}", token), seed=seed))
+                plain.append(" ".join(prompt.replace("{token}", "").split()))
+        rows.append(
+            {"lambda": lam, **score(images, plain, reference, clip=clip, dino=dino, vgg=vgg)}
+        )
+        print(json.dumps(rows[-1]))
+    host.apply_adapters([])
+    args.out.write_text(json.dumps({"adapter": str(path), "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
