@@ -211,7 +211,7 @@ def pick(args) -> None:
         for i, (s, t) in enumerate(world.HELD_OUT * 4)
     ]
     for ckpt in sorted(Path(args.pick).glob("ckpt_*.safetensors")):
-        parts = tiny.components("sd1")
+        parts = tiny.components("sd1", world=True, weights=False)
         tiny.load_weights(parts, ckpt)
         host = DiffusersHost.from_components(parts, name=ckpt.stem)
         res = {}

@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from lib_ostaf import tiny, world
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lib_ostaf import tiny, world  # noqa: E402
 
 BIG = 1000.0  # constant channels that make GroupNorm (almost exactly) an affine no-op
 
@@ -74,7 +79,7 @@ def _unit_norms(module: torch.nn.Module) -> None:
 
 @torch.no_grad()
 def analytic_vae(vae: torch.nn.Module) -> torch.nn.Module:
-    """Make an AutoencoderKL(**tiny.VAE) an exact 8× pool / 8× nearest autoencoder."""
+    """Make an AutoencoderKL(**tiny.WORLD_VAE) an exact 8× pool / 8× nearest autoencoder."""
     enc, dec = vae.encoder, vae.decoder
     _unit_norms(vae)
     _identity_resnets(vae)
@@ -118,7 +123,7 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 def latents_of(images: np.ndarray) -> torch.Tensor:
     """World 16×16 images → the analytic VAE's latents (RGB + zero channel), exactly."""
     x = torch.from_numpy(images)
-    return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1) * tiny.VAE["scaling_factor"]
+    return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1) * tiny.WORLD_VAE["scaling_factor"]
 
 
 def main() -> None:
@@ -142,9 +147,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    if tiny.WEIGHTS.exists() and not args.resume:
-        raise SystemExit(f"move {tiny.WEIGHTS} away first: training starts from scratch")
-    parts = tiny.components("sd1", seed=tiny.SEED + args.seed)
+    parts = tiny.components("sd1", seed=tiny.SEED + args.seed, world=True, weights=False)
     unet, text, tok = parts["unet"], parts["text_encoder"], parts["tokenizer"]
     vae = analytic_vae(parts["vae"])
     if args.resume:  # a further stage: live and EMA weights start from the checkpoint

@@ -18,7 +18,7 @@ from ..naming import inspect_unet
 from ..offsets import WeightPatcher, check_lambda
 from .base import Embeddings
 
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "tiny"  # = "tiny-world", the attribute-world model (docs/results.md)
 
 
 class DiffusersHost:
@@ -47,9 +47,12 @@ class DiffusersHost:
     # -- construction ---------------------------------------------------------------------
     @classmethod
     def load(cls, model: str | Path | None = None, *, device: str = "cpu") -> DiffusersHost:
-        """``None``/"tiny" → the embedded default; a folder → ``from_pretrained``;
-        a ``.safetensors`` file → ``from_single_file`` (needs diffusers' configs cached)."""
-        if model is None or str(model) in (DEFAULT_MODEL, "tiny-sd1", "tiny-sdxl"):
+        """``None``/"tiny"/"tiny-world" → the embedded attribute-world model; "tiny-sd1" /
+        "tiny-sdxl" → random-weight stand-ins with real SD structure (tests); a folder →
+        ``from_pretrained``; a ``.safetensors`` file → ``from_single_file``."""
+        if model is None or str(model) in (DEFAULT_MODEL, "tiny-world"):
+            return cls.from_components(tiny.components("sd1", world=True), name="tiny-world")
+        if str(model) in ("tiny-sd1", "tiny-sdxl"):
             family = "sdxl" if str(model) == "tiny-sdxl" else "sd1"
             return cls.from_components(tiny.components(family), name=f"tiny-{family}")
         path = Path(model)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
-WEIGHTS = HERE / "weights.safetensors"
+WEIGHTS = HERE / "world.safetensors"  # the attribute-world model (bench/train_tiny.py)
 SEED = 20240318
 RESOLUTION = 128  # pixels; latents are 16×16
 
@@ -49,6 +49,18 @@ VAE = {
     "sample_size": RESOLUTION,
     "scaling_factor": 0.18215,
 }
+
+
+# The world model: SD1's AutoencoderKL structure (8×, 4 latent channels) at width 16 whose
+# shipped weights make it an exact 8× average-pool / nearest-upsample autoencoder
+# (bench/train_tiny.py): the attribute world lives on a 16×16 grid, so latents are the
+# world's RGB (+ a zero channel) and all training time went to the UNet and text encoder.
+WORLD_VAE = VAE | {
+    "block_out_channels": (16, 16, 16, 16),
+    "norm_num_groups": 4,
+    "scaling_factor": 1.0,
+}
+WORLD_UNET_CHANNELS = (16, 32, 32, 32)  # narrow top level: trainable on 2 CPU cores
 
 
 def unet_config(family: str = "sd1") -> dict[str, Any]:
@@ -180,15 +192,27 @@ def tokenizer():
         )
 
 
-def components(family: str = "sd1", *, seed: int = SEED) -> dict[str, Any]:
-    """Pipeline components (unet, vae, text_encoder[, _2], tokenizer[, _2], scheduler)."""
+def components(
+    family: str = "sd1", *, seed: int = SEED, world: bool = False, weights: bool = True
+) -> dict[str, Any]:
+    """Pipeline components (unet, vae, text_encoder[, _2], tokenizer[, _2], scheduler).
+
+    ``world``: the SD1 model trained on the attribute world (:data:`WEIGHTS`; ``weights``
+    False gives its untrained architecture). Otherwise random weights, deterministic in
+    ``seed`` (what the tests use: same structure and naming as a real checkpoint).
+    """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    if world and family != "sd1":
+        raise ValueError("the attribute-world model is SD1-structured")
+    unet_cfg = unet_config(family)
+    if world:
+        unet_cfg |= {"block_out_channels": WORLD_UNET_CHANNELS}
     torch.manual_seed(seed)
     parts: dict[str, Any] = {
-        "unet": UNet2DConditionModel(**unet_config(family)),
-        "vae": AutoencoderKL(**VAE),
+        "unet": UNet2DConditionModel(**unet_cfg),
+        "vae": AutoencoderKL(**(WORLD_VAE if world else VAE)),
         "scheduler": DDIMScheduler(**SCHEDULER),
         "tokenizer": tokenizer(),
     }
@@ -200,7 +224,7 @@ def components(family: str = "sd1", *, seed: int = SEED) -> dict[str, Any]:
             CLIPTextConfig(**text_config(32, projection=32))
         )
         parts["tokenizer_2"] = tokenizer()
-    if family == "sd1" and WEIGHTS.exists():
+    if world and weights:
         load_weights(parts, WEIGHTS)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if name in parts:
