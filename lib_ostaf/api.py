@@ -36,25 +36,11 @@ class ApiError(Exception):
         self.status, self.detail = status, detail
 
 
-class TrainBody(BaseModel):
-    """POST /ostaf/v1/train. ``image``: base64 PNG/JPEG/WebP (a data URL is fine)."""
+class RunBody(BaseModel):
+    """Settings every training request shares (previews, sweep, memory options)."""
 
-    image: str = Field(..., description="reference image, base64 (data URL accepted)")
-    name: str = Field(..., description="output adapter name (file stem)")
-    attribute: str = Field("appearance", description="appearance | shape | style")
-    token: str = "ostafv"
-    prompt: str = ""
-    steps: int = Field(400, ge=1, le=100_000)
-    rank: int = Field(4, ge=1, le=256)
-    lr: float = Field(2e-4, gt=0, lt=1)
     seed: int = 0
-    network: str = "hypernet"
-    include_mid: bool = False
-    attn: list[str] | None = None
-    proj: list[str] | None = None
-    blocks: list[str] | None = None
     default_lambda: float = 1.0
-    n_views: int = Field(8, ge=1, le=64)
     resolution: int = Field(0, ge=0, le=4096, description="0 = the model's native size")
     overwrite: bool = False
     preview_every: int = Field(0, ge=0)
@@ -66,6 +52,25 @@ class TrainBody(BaseModel):
     gradient_checkpointing: str = Field("auto", description="auto | on | off")
 
 
+class TrainBody(RunBody):
+    """POST /ostaf/v1/train. ``image``: base64 PNG/JPEG/WebP (a data URL is fine)."""
+
+    image: str = Field(..., description="reference image, base64 (data URL accepted)")
+    name: str = Field(..., description="output adapter name (file stem)")
+    attribute: str = Field("appearance", description="appearance | shape | style")
+    token: str = "ostafv"
+    prompt: str = ""
+    steps: int = Field(400, ge=1, le=100_000)
+    rank: int = Field(4, ge=1, le=256)
+    lr: float = Field(2e-4, gt=0, lt=1)
+    network: str = "hypernet"
+    include_mid: bool = False
+    attn: list[str] | None = None
+    proj: list[str] | None = None
+    blocks: list[str] | None = None
+    n_views: int = Field(8, ge=1, le=64)
+
+
 class ObjectBody(BaseModel):
     """One object of POST /ostaf/v1/implant: a new token, its class word, and a mask (base64
     PNG, white = the object) — give a mask for every object or for none (automatic)."""
@@ -75,7 +80,7 @@ class ObjectBody(BaseModel):
     mask: str | None = Field(None, description="base64 mask image; omit for automatic masks")
 
 
-class ImplantBody(BaseModel):
+class ImplantBody(RunBody):
     """POST /ostaf/v1/implant: object implantation from one image."""
 
     image: str = Field(..., description="image with the object(s), base64 (data URL accepted)")
@@ -88,17 +93,6 @@ class ImplantBody(BaseModel):
     embedding_lr: float = Field(5e-4, ge=0, lt=1)
     class_weight: float = Field(1.0, ge=0)
     background_weight: float = Field(0.0, ge=0, le=1)
-    seed: int = 0
-    default_lambda: float = 1.0
-    resolution: int = Field(0, ge=0, le=4096, description="0 = the model's native size")
-    overwrite: bool = False
-    preview_every: int = Field(0, ge=0)
-    preview_steps: int = Field(12, ge=1, le=150)
-    preview_size: int = Field(0, ge=0, le=4096)
-    guidance: float = 5.0
-    sweep: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5])
-    precision: str = Field("auto", description="auto | fp32 | bf16 | fp16")
-    gradient_checkpointing: str = Field("auto", description="auto | on | off")
 
 
 class JobRef(BaseModel):

@@ -37,7 +37,7 @@ from .offsets import OffsetHooks, check_lambda
 from .preview import lambda_strip, render
 from .targets import find_module
 from .train import Callbacks
-from .training_job import MAX_STEPS, MAX_SWEEP, Reporter, TrainOutcome
+from .training_job import MAX_STEPS, Reporter, TrainOutcome, check_run_settings
 
 MAX_OBJECTS = 4
 
@@ -137,16 +137,7 @@ class ObjectRequest:
         image = load_image(self.image)
         specs = self.objects(image)
         config = self.config()
-        if isinstance(self.resolution, bool) or not 0 <= int(self.resolution) <= 4096:
-            raise InputError(f"resolution must be 0 (native) or 64…4096, got {self.resolution!r}")
-        if self.resolution and (int(self.resolution) < 64 or int(self.resolution) % 8):
-            raise InputError(f"resolution must be a multiple of 8 and ≥ 64, got {self.resolution}")
-        if not 1 <= int(self.preview_steps) <= 150:
-            raise InputError("preview steps must be in 1…150")
-        if len(self.sweep) > MAX_SWEEP:
-            raise InputError(f"at most {MAX_SWEEP} λ values in the sweep")
-        for lam in self.sweep:
-            check_lambda(lam)
+        check_run_settings(self.resolution, self.preview_size, self.preview_steps, self.sweep)
         if not self.overwrite:
             refuse_existing(self.files(out_dir, specs))
         return config, image, specs

@@ -100,18 +100,7 @@ class TrainRequest:
             raise InputError("no reference image: upload one image to learn from")
         image = load_image(self.image)
         config = self.config()
-        if isinstance(self.resolution, bool) or not 0 <= int(self.resolution) <= 4096:
-            raise InputError(f"resolution must be 0 (native) or 64…4096, got {self.resolution!r}")
-        if self.resolution and (self.resolution < 64 or self.resolution % 8):
-            raise InputError(f"resolution must be a multiple of 8 and ≥ 64, got {self.resolution}")
-        if not 0 <= int(self.preview_size) <= 4096 or int(self.preview_size) % 8:
-            raise InputError("preview size must be 0 (training size) or a multiple of 8")
-        if not 1 <= int(self.preview_steps) <= 150:
-            raise InputError("preview steps must be in 1…150")
-        if len(self.sweep) > MAX_SWEEP:
-            raise InputError(f"at most {MAX_SWEEP} λ values in the sweep")
-        for lam in self.sweep:
-            check_lambda(lam)
+        check_run_settings(self.resolution, self.preview_size, self.preview_steps, self.sweep)
         if not self.overwrite:
             out = Path(out_dir)
             taken = [
@@ -125,6 +114,24 @@ class TrainRequest:
                     "name or tick 'overwrite'"
                 )
         return config, image
+
+
+def check_run_settings(
+    resolution: int, preview_size: int, preview_steps: int, sweep: Sequence[float]
+) -> None:
+    """The settings every WebUI run shares (training size, previews, λ sweep)."""
+    if isinstance(resolution, bool) or not 0 <= int(resolution) <= 4096:
+        raise InputError(f"resolution must be 0 (native) or 64…4096, got {resolution!r}")
+    if resolution and (int(resolution) < 64 or int(resolution) % 8):
+        raise InputError(f"resolution must be a multiple of 8 and ≥ 64, got {resolution}")
+    if not 0 <= int(preview_size) <= 4096 or int(preview_size) % 8:
+        raise InputError("preview size must be 0 (training size) or a multiple of 8")
+    if not 1 <= int(preview_steps) <= 150:
+        raise InputError("preview steps must be in 1…150")
+    if len(sweep) > MAX_SWEEP:
+        raise InputError(f"at most {MAX_SWEEP} λ values in the sweep")
+    for lam in sweep:
+        check_lambda(lam)
 
 
 class Reporter:

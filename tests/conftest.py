@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lib_ostaf.cli import DEMO_IMAGE
 
@@ -36,3 +38,21 @@ def pristine(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def same_weights(module: torch.nn.Module, saved: dict[str, torch.Tensor]) -> bool:
     state = module.state_dict()
     return state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+
+
+@pytest.fixture()
+def one_thread():
+    """The tiny UNets run ~80× slower with 2 threads on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def disc_image(size: int = 64) -> Image.Image:
+    """A red disc on a pale background: one object the automatic mask can find."""
+    y, x = np.mgrid[:size, :size]
+    img = np.full((size, size, 3), 225, np.uint8)
+    r = size * 15 // 64
+    img[(x - size * 30 // 64) ** 2 + (y - size * 34 // 64) ** 2 < r**2] = (200, 30, 30)
+    return Image.fromarray(img)

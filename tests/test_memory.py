@@ -14,13 +14,7 @@ from lib_ostaf.train import AttributeConfig, train_attribute
 
 from .unets import CONTEXT_DIM, tiny_ldm_unet
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _grads(unet, call, checkpointed: bool):

@@ -21,13 +21,7 @@ from .webui_fakes import FakeLora, FakeSdModel, fake_modules, make_adapter
 FAST = {"steps": 2, "lr": 1e-2, "n_views": 1, "resolution": 64, "sweep": (0.0, 1.0)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the tiny UNet is ~80x slower with 2 threads on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

@@ -18,7 +18,7 @@ from lib_ostaf.jobs import JobManager
 from lib_ostaf.object_job import ObjectRequest
 from lib_ostaf.registry import AdapterRegistry
 
-from .conftest import pristine, same_weights
+from .conftest import disc_image, pristine, same_weights
 from .webui_fakes import FakeSdModel, FakeSdxlModel, fake_modules
 
 FAST = {
@@ -31,25 +31,12 @@ FAST = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image() -> Image.Image:
     g = torch.Generator().manual_seed(3)
     return Image.fromarray((torch.rand(64, 64, 3, generator=g) * 255).byte().numpy())
-
-
-def _disc() -> Image.Image:
-    """A red disc on a pale background: one object the automatic mask can find."""
-    y, x = np.mgrid[:64, :64]
-    img = np.full((64, 64, 3), 225, np.uint8)
-    img[(x - 30) ** 2 + (y - 34) ** 2 < 15**2] = (200, 30, 30)
-    return Image.fromarray(img)
 
 
 def _halves() -> list[Image.Image]:
@@ -134,7 +121,9 @@ def test_object_training_in_the_webui_leaves_model_and_database_as_found(tmp_pat
 def test_active_object_adapter_makes_its_tokens_available(tmp_path):
     sd_model = FakeSdModel()
     jobs = JobManager()
-    request = ObjectRequest(image=_disc(), name="mug", tokens=["<mug1>"], classes=["mug"], **FAST)
+    request = ObjectRequest(
+        image=disc_image(), name="mug", tokens=["<mug1>"], classes=["mug"], **FAST
+    )
     applier = A1111Applier(embeddings=sd_model.embedding_db)
     with fake_modules(sd_model):
         job = jobs.begin("objects")

@@ -5,10 +5,8 @@ the trained tokens then work through :class:`ForgeApplier`."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from lib_ostaf.activation import plan_generation, requests_for
 from lib_ostaf.embeddings import load_embedding
@@ -17,6 +15,7 @@ from lib_ostaf.jobs import JobManager
 from lib_ostaf.object_job import ObjectRequest
 from lib_ostaf.registry import AdapterRegistry
 
+from .conftest import disc_image
 from .forge_fakes import FakeForgeModel, fake_forge_modules
 
 FAST = {
@@ -29,19 +28,7 @@ FAST = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _disc() -> Image.Image:
-    y, x = np.mgrid[:64, :64]
-    img = np.full((64, 64, 3), 225, np.uint8)
-    img[(x - 30) ** 2 + (y - 34) ** 2 < 15**2] = (200, 30, 30)
-    return Image.fromarray(img)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _state(sd_model) -> dict[str, torch.Tensor]:
@@ -78,7 +65,7 @@ def test_object_training_on_forge_and_tokens_apply(tmp_path, family):
     before = _state(sd_model)
     jobs = JobManager()
     request = ObjectRequest(
-        image=_disc(), name="mug", tokens=["<mug1>"], classes=["mug"], preview_every=1, **FAST
+        image=disc_image(), name="mug", tokens=["<mug1>"], classes=["mug"], preview_every=1, **FAST
     )
     applier = ForgeApplier()
     with fake_forge_modules(sd_model) as fakes:

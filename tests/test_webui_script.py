@@ -19,7 +19,7 @@ from PIL import Image
 from lib_ostaf.adapter_file import load_adapter
 from lib_ostaf.naming import inspect_unet, module_name_from_kohya
 
-from .conftest import pristine, same_weights
+from .conftest import disc_image, pristine, same_weights
 from .webui_fakes import FakeSdModel, FakeState, make_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,16 +321,7 @@ def _object_args(name, slot0, slot1=("", "", None, None)):
     # steps, token-only steps, rank, lr, token lr, class weight, background, seed, λ,
     # size, preview every, overwrite
     rest = [2, 1, 2, 1e-2, 1e-2, 1.0, 0.0, 0, 1.0, 64, 0, False]
-    return ["task(x)", _disc(), name, *slot0, *slot1, *empty, *rest]
-
-
-def _disc() -> Image.Image:
-    import numpy as np
-
-    y, x = np.mgrid[:64, :64]
-    img = np.full((64, 64, 3), 225, np.uint8)
-    img[(x - 30) ** 2 + (y - 34) ** 2 < 15**2] = (200, 30, 30)
-    return Image.fromarray(img)
+    return ["task(x)", disc_image(), name, *slot0, *slot1, *empty, *rest]
 
 
 def test_object_tab_train_button(glue):
@@ -339,7 +330,7 @@ def test_object_tab_train_button(glue):
     before = pristine(glue.sd_model)
     left = Image.new("L", (64, 64), 0)
     left.paste(255, (0, 0, 32, 64))
-    drawn = {"image": _disc(), "mask": left.convert("RGBA")}  # gradio 3 sketch payload
+    drawn = {"image": disc_image(), "mask": left.convert("RGBA")}  # gradio 3 sketch payload
     images, log, card = glue.m._object_ui(*_object_args("objs", ("<mug1>", "mug", drawn, None)))
     assert "objs" in card and "KiB" in card and "<mug1>" in log, (log, card)
     assert len(images) == 1 and (glue.dir / "objs.safetensors").is_file()
@@ -349,7 +340,7 @@ def test_object_tab_train_button(glue):
     assert glue.sd_model.embedding_db.word_embeddings == {}
 
     # an empty drawing + no file = automatic mask; a mask for only one of two = refused
-    empty = {"image": _disc(), "mask": Image.new("RGBA", (64, 64))}
+    empty = {"image": disc_image(), "mask": Image.new("RGBA", (64, 64))}
     args = _object_args("two", ("<mug1>", "mug", drawn, None), ("<cup2>", "cup", empty, None))
     out = glue.m._object_ui(*args)
     assert out[0] == [] and "no mask for &lt;cup2&gt;" in out[2]
@@ -359,7 +350,7 @@ def test_object_tab_train_button(glue):
 
 
 def test_auto_masks_button(glue):
-    overlays, note, first, *_ = glue.m._auto_masks_ui(_disc(), "<mug1>", "", "")
+    overlays, note, first, *_ = glue.m._auto_masks_ui(disc_image(), "<mug1>", "", "")
     assert len(overlays) == 1 and "check" in note
     mask = first["value"]
     assert mask.size == (64, 64) and mask.getpixel((30, 34)) == 255 and mask.getpixel((2, 2)) == 0

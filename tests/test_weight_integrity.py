@@ -31,12 +31,7 @@ OSTAF = ("app", "shp", "obj", "xl", "broken", "missing")  # the last three are r
 LAMBDAS = ("1", "0", "-0.7", "2.5", "0.3", "abc", "")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _folder(tmp_path, unet):

@@ -38,7 +38,7 @@ from ..object_job import ObjectRequest, run_object_training
 from ..offsets import WeightPatcher
 from ..registry import AdapterRegistry
 from ..training_job import Reporter, TrainRequest, preserve_module_state, run_training
-from .webui import clear_cond_cache, embedding_class, make_embedding
+from .webui import WebuiText, clear_cond_cache, embedding_class, make_embedding
 
 NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 NET_PREFIX = "ostaf:"  # names of our networks in Lora's loaded set
@@ -52,28 +52,21 @@ def embedding_db() -> Any | None:
     return getattr(getattr(hijack, "model_hijack", None), "embedding_db", None)
 
 
-class A1111Text:
-    """One of A1111's (hijacked) CLIP embedders as a ``TextEncoder``: token rows through its
-    own ``encode_embedding_init_text``, the vocabulary through its ``tokenize``. New tokens
-    reach it through the embedding database (:meth:`A1111Host.encode_prompt`)."""
+class A1111Text(WebuiText):
+    """One of A1111's (hijacked) CLIP embedders: token rows through its own
+    ``encode_embedding_init_text``, ids through its ``tokenize``. New tokens reach it through
+    the embedding database (:meth:`A1111Host.encode_prompt`)."""
 
     def __init__(self, embedder: Any, key: str) -> None:
-        self.model = embedder  # frozen by the trainer
+        self.model = embedder
         self.key = key
         self.width = int(embedder.encode_embedding_init_text(",", 1).shape[-1])
-        self.projection_dim: int | None = None  # no CLIP image tower in a WebUI
 
-    def has_token(self, token: str) -> bool:
-        return len(self.model.tokenize([token])[0]) == 1
+    def ids(self, text: str) -> list[int]:
+        return list(self.model.tokenize([text])[0])
 
-    def word_vectors(self, text: str) -> torch.Tensor:
-        rows = self.model.encode_embedding_init_text(text, MAX_INIT_TOKENS)
-        if rows.shape[0] == 0:
-            raise InputError(f"{text!r} has no tokens")
-        return rows.detach().float().cpu()
-
-    def pooled(self, prompt: str, vectors: Any = None, *, project: bool = True) -> torch.Tensor:
-        raise NotImplementedError("the WebUI path has no pooled CLIP feature (no image tower)")
+    def rows(self, text: str) -> torch.Tensor:
+        return self.model.encode_embedding_init_text(text, MAX_INIT_TOKENS)
 
 
 def text_embedders(sd_model: Any) -> list[Any]:

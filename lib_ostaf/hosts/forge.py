@@ -45,7 +45,7 @@ from ..object_job import ObjectRequest, run_object_training
 from ..training_job import TrainRequest, preserve_module_state, run_training
 from . import webui
 from .a1111 import NATIVE_RESOLUTION, StateReporter
-from .webui import clear_cond_cache, embedding_class
+from .webui import WebuiText, clear_cond_cache, embedding_class
 
 TRAINABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PATCH_PREFIX = "ostaf:"  # add_patches identifiers of ours
@@ -378,32 +378,25 @@ def add_patches(patcher: Any, filename: str, patches: Mapping[Any, Any], strengt
     return set(patcher.add_patches(dict(patches), strength) or ())
 
 
-class ForgeText:
-    """One Forge text engine as a ``TextEncoder``: its tokenizer, its token table."""
+class ForgeText(WebuiText):
+    """One Forge text engine: its tokenizer, its token table."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
-        self.model = engine.text_encoder  # frozen by the trainer
+        self.model = engine.text_encoder
         self.key = str(getattr(engine, "embedding_key", "clip_l"))
         self.width = int(self._table().shape[-1])
-        self.projection_dim: int | None = None  # no CLIP image tower in a WebUI
 
     def _table(self) -> torch.Tensor:
         emb = self.model.transformer.text_model.embeddings.token_embedding
         return getattr(emb, "wrapped", emb).weight
 
-    def has_token(self, token: str) -> bool:
-        return len(self.engine.tokenize([token])[0]) == 1
+    def ids(self, text: str) -> list[int]:
+        return list(self.engine.tokenize([text])[0])
 
-    def word_vectors(self, text: str) -> torch.Tensor:
-        ids = self.engine.tokenize([text])[0]
-        if not ids:
-            raise InputError(f"{text!r} has no tokens")
+    def rows(self, text: str) -> torch.Tensor:
         table = self._table()
-        return _plain(table[torch.tensor(ids, device=table.device)]).detach().float().cpu()
-
-    def pooled(self, prompt: str, vectors: Any = None, *, project: bool = True) -> torch.Tensor:
-        raise NotImplementedError("the WebUI path has no pooled CLIP feature (no image tower)")
+        return _plain(table[torch.tensor(self.ids(text), device=table.device, dtype=torch.long)])
 
 
 def make_embedding_live(token: str, vectors: Sequence[torch.Tensor], family: str) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..errors import IncompatibleModelError
+from ..errors import IncompatibleModelError, InputError
 
 
 class StandInEmbedding:
@@ -66,6 +66,35 @@ def make_embedding(
     emb.shape, emb.vectors = int(shape), int(vecs[0].shape[0])
     emb.cached_checksum = "0000"  # never hash a live tensor (A1111's checksum walks it)
     return emb
+
+
+class WebuiText:
+    """A WebUI text encoder as a ``TextEncoder`` (hosts/base.py): subclasses give the token
+    ids of a text (:meth:`ids`) and its rows of the input-embedding table (:meth:`rows`).
+    A WebUI loads no CLIP image tower, so there is no pooled feature (class-word init)."""
+
+    key: str
+    width: int
+    model: torch.nn.Module  # frozen by the trainer
+    projection_dim: int | None = None
+
+    def ids(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def rows(self, text: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def has_token(self, token: str) -> bool:
+        return len(self.ids(token)) == 1
+
+    def word_vectors(self, text: str) -> torch.Tensor:
+        rows = self.rows(text)
+        if rows.shape[0] == 0:
+            raise InputError(f"{text!r} has no tokens")
+        return rows.detach().float().cpu()
+
+    def pooled(self, prompt: str, vectors: Any = None, *, project: bool = True) -> torch.Tensor:
+        raise NotImplementedError("the WebUI path has no pooled CLIP feature (no image tower)")
 
 
 def clear_cond_cache() -> None:
