@@ -143,7 +143,7 @@ def train(host, case: Case, blocks: tuple[str, ...], steps: int, lr: float, seed
 
 def benchmark(args) -> dict:
     host = DiffusersHost.load(None)
-    judge = judges.load_judge(RESULTS / "judge.pt")
+    judge = judges.load_judge(RESULTS / "judge.safetensors")
     seeds = list(range(args.samples))
     table: dict = {"settings": vars(args) | {"out": str(args.out)}, "runs": []}
     sheets: list[torch.Tensor] = []
@@ -182,7 +182,7 @@ def benchmark(args) -> dict:
 def per_block(args) -> dict:
     """Train the hypernet on one attention block at a time (diagnosing the split)."""
     host = DiffusersHost.load(None)
-    judge = judges.load_judge(RESULTS / "judge.pt")
+    judge = judges.load_judge(RESULTS / "judge.safetensors")
     seeds = list(range(args.samples))
     rows = []
     for cname, case in cases().items():
@@ -203,7 +203,7 @@ def pick(args) -> None:
     """Score base-model checkpoints: judge accuracy on seen and held-out captions."""
     from lib_ostaf import tiny
 
-    judge = judges.load_judge(RESULTS / "judge.pt")
+    judge = judges.load_judge(RESULTS / "judge.safetensors")
     rng = np.random.default_rng(5)
     seen = [world.random_spec(rng) for _ in range(48)]
     held = [

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lib_ostaf import world
@@ -95,14 +96,14 @@ def train_judge(path: Path, steps: int = 1500, seed: int = 0, log=print) -> Judg
         if (step + 1) % 250 == 0:
             log(f"judge step {step + 1} loss {float(loss):.3f} ({time.time() - started:.0f}s)")
     judge.eval()
-    torch.save(judge.state_dict(), path)
+    save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(path))
     return judge
 
 
 def load_judge(path: Path, **kwargs) -> Judge:
     if path.exists():
         judge = Judge()
-        judge.load_state_dict(torch.load(path, weights_only=True))
+        judge.load_state_dict(load_file(str(path)))
         return judge.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     return train_judge(path, **kwargs)
