@@ -461,19 +461,21 @@ def _object_tab():
                     with gr.Row():
                         token = gr.Textbox(
                             value="<obj1>" if i == 0 else "",
-                            label="New token",
+                            label=f"Object {i + 1}: new token",
                             placeholder=f"<obj{i + 1}>",
                             elem_id=f"ostaf_obj_token_{i}",
                         )
                         cls = gr.Textbox(
-                            label="Class (what it is)",
+                            label=f"Object {i + 1}: class (what it is)",
                             placeholder="mug",
                             elem_id=f"ostaf_obj_class_{i}",
                         )
                     with gr.Row():
-                        drawn = _mask_editor("Draw the mask (white)", f"ostaf_obj_draw_{i}")
+                        drawn = _mask_editor(
+                            f"Object {i + 1}: draw the mask (white)", f"ostaf_obj_draw_{i}"
+                        )
                         upload = gr.Image(
-                            label="…or a mask file (white = object)",
+                            label=f"Object {i + 1}: …or a mask file (white = object)",
                             type="pil",
                             image_mode="L",
                             elem_id=f"ostaf_obj_mask_{i}",
@@ -537,6 +539,12 @@ def _object_tab():
             )
             log = gr.Textbox(label="Log", lines=6, interactive=False, elem_id="ostaf_obj_log")
             result = gr.HTML(elem_id="ostaf_obj_result")
+    # A1111 keys saved UI defaults (ui-config.json) by tab + label: the attribute tab's
+    # labels (Steps, Rank, Seed, …) would be shared, so this tab's components opt out.
+    shared_labels = [name, steps, rank, seed, default_lambda, preview_every, overwrite,
+                     precision, checkpointing, log, gallery]  # fmt: skip
+    for component in shared_labels:
+        component.do_not_save_to_config = True
     # the drawing canvases start from the uploaded image: only the strokes need drawing
     image.change(fn=lambda im: [im] * OBJECT_SLOTS, inputs=[image], outputs=editors)
     auto.click(fn=_auto_masks_ui, inputs=[image, *tokens], outputs=[gallery, result, *files])

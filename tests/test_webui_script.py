@@ -26,10 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Anything:
-    """Any gradio component / layout block: accepts everything, records nothing."""
+    """Any gradio component / layout block: accepts everything; instances are recorded."""
+
+    created: list = []
 
     def __init__(self, *args, **kwargs):
         self.args, self.kwargs = args, kwargs
+        _Anything.created.append(self)
 
     def __enter__(self):
         return self
@@ -355,3 +358,18 @@ def test_auto_masks_button(glue):
     mask = first["value"]
     assert mask.size == (64, 64) and mask.getpixel((30, 34)) == 255 and mask.getpixel((2, 2)) == 0
     assert "upload the image first" in glue.m._auto_masks_ui(None, "<mug1>", "", "")[1]
+
+
+def test_tab_labels_do_not_collide_in_ui_config(glue):
+    """A1111 saves UI defaults keyed by tab + label (ui-config.json): two components with the
+    same label in the OSTAF tab would share one saved value (a real bug: every object slot's
+    token box showed the first slot's token)."""
+    _Anything.created.clear()
+    glue.m._ui_tab()
+    labels = [
+        c.kwargs["label"]
+        for c in _Anything.created
+        if "label" in c.kwargs and not vars(c).get("do_not_save_to_config", False)
+    ]
+    assert len(labels) > 20
+    assert len(labels) == len(set(labels)), sorted(x for x in labels if labels.count(x) > 1)

@@ -85,6 +85,60 @@ def test_tab_trains_with_progress_bar_and_preview(fast_settings, tmp_path):
         browser.close()
 
 
+def test_object_tab_trains_with_automatic_masks(fast_settings, tmp_path):
+    """Object implantation sub-tab: image, one object (token + class), automatic masks shown
+    for checking, then Train → progress bar, live preview, result card."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[:64, :64]
+    pixels = np.full((64, 64, 3), 225, np.uint8)
+    pixels[(x - 30) ** 2 + (y - 34) ** 2 < 15**2] = (200, 30, 30)
+    image = tmp_path / "disc.png"
+    Image.fromarray(pixels).save(image)
+    name = f"browser_obj_{uuid.uuid4().hex[:6]}"
+    # the random test checkpoint's CLIP has no final LayerNorm bias: see test_a1111.py
+    emphasis = _options().get("emphasis", "Original")
+    _options({"emphasis": "No norm"})
+    try:
+        with playwright.sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=CHROMIUM,
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+            )
+            page = browser.new_page(viewport={"width": 1400, "height": 1400})
+            page.goto(URL, timeout=5 * MINUTES)
+            tabs = page.locator("#tabs > .tab-nav > button, #tabs > div > button[role=tab]")
+            tabs.filter(has_text=re.compile(r"^\s*OSTAF\s*$")).first.click(timeout=5 * MINUTES)
+            sub = page.locator("#ostaf_tabs button").filter(has_text="Object implantation")
+            sub.first.click()
+            page.locator("#ostaf_obj_image input[type=file]").set_input_files(str(image))
+            page.locator("#ostaf_obj_image img").first.wait_for(timeout=MINUTES)  # uploaded
+            page.locator("#ostaf_obj_name textarea, #ostaf_obj_name input").first.fill(name)
+            page.locator("#ostaf_obj_class_0 textarea, #ostaf_obj_class_0 input").first.fill("toy")
+            page.locator("#ostaf_obj_auto").click()
+            page.locator("#ostaf_obj_gallery img").first.wait_for(timeout=5 * MINUTES)
+            page.screenshot(path=str(tmp_path / "obj_masks.png"))
+            page.locator("#ostaf_obj_steps input").first.fill("2")
+            page.locator("#ostaf_obj_esteps input").first.fill("1")
+            page.locator("#ostaf_obj_advanced").click()
+            page.locator("#ostaf_obj_resolution input").first.fill("64")
+            page.locator("#ostaf_obj_preview_every input").first.fill("1")
+            page.locator("#ostaf_obj_train").click()
+            page.locator(".progressDiv").first.wait_for(timeout=5 * MINUTES)
+            page.locator("#ostaf_obj_gallery .livePreview img").first.wait_for(
+                state="attached", timeout=15 * MINUTES
+            )
+            page.screenshot(path=str(tmp_path / "obj_training.png"))
+            result = page.locator("#ostaf_obj_result .ostaf-result")
+            result.wait_for(timeout=20 * MINUTES)
+            assert name in result.inner_text() and "KiB" in result.inner_text()
+            page.screenshot(path=str(tmp_path / "obj_done.png"))
+            browser.close()
+    finally:
+        _options({"emphasis": emphasis})
+
+
 def test_card_click_inserts_the_tag():
     names = [a["name"] for a in _get("/ostaf/v1/adapters")["adapters"] if not a["error"]]
     if not names:
