@@ -11,6 +11,7 @@ import sys
 import threading
 import types
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class _Anything:
     """Any gradio component / layout block: accepts everything; instances are recorded."""
 
-    created: list = []
+    created: ClassVar[list] = []
 
     def __init__(self, *args, **kwargs):
         self.args, self.kwargs = args, kwargs
