@@ -9,7 +9,7 @@ correction). Every check that needs no model runs before the first step.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from .images import load_image
 from .masks import MaskSource, load_mask
 from .objects import (
     ObjectConfig,
-    ObjectResult,
     ObjectSpec,
     export_objects,
     objects_from_lists,
@@ -33,11 +32,17 @@ from .objects import (
     train_objects,
     with_overrides,
 )
-from .offsets import OffsetHooks, check_lambda
-from .preview import lambda_strip, render
-from .targets import find_module
+from .offsets import check_lambda
+from .preview import render
 from .train import Callbacks
-from .training_job import MAX_STEPS, Reporter, TrainOutcome, check_run_settings
+from .training_job import (
+    MAX_STEPS,
+    Reporter,
+    TrainOutcome,
+    check_run_settings,
+    request_from_dict,
+    sweep_and_preview,
+)
 
 MAX_OBJECTS = 4
 
@@ -78,11 +83,7 @@ class ObjectRequest:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ObjectRequest:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise InputError(f"unknown object settings: {', '.join(unknown)}")
-        return cls(**data)
+        return request_from_dict(cls, data, "object")
 
     @property
     def total_steps(self) -> int:
@@ -196,17 +197,10 @@ def run_object_training(
                 reporter.log(f"{p.token}: starts from its class word ({p.note or p.method})")
         for label, (before, after) in result.probe.items():
             reporter.log(f"object loss '{label}': {before:.4f} → {after:.4f}")
-        sweep_images: list[Image.Image] = []
-        card_preview = None
-        if request.sweep:
-            reporter.log("rendering the λ sweep")
-            sweep_images = _sweep(host, result, request.sweep, sample)
-            lam = config.default_lambda
-            card_preview = (
-                sweep_images[list(request.sweep).index(lam)]
-                if lam in request.sweep
-                else _sweep(host, result, (lam,), sample)[0]
-            )
+        strip, card_preview = sweep_and_preview(
+            host, result, request.sweep, config.default_lambda,
+            lambda: sample(result.embeddings), reporter,
+        )  # fmt: skip
     files = export_objects(
         result, out_dir, request.name, overwrite=request.overwrite, preview=card_preview
     )
@@ -224,9 +218,7 @@ def run_object_training(
         loss_before=before,
         loss_after=after,
         steps=len(result.losses),
-        sweep=lambda_strip(sweep_images, [f"lambda {x:g}" for x in request.sweep])
-        if sweep_images
-        else None,
+        sweep=strip,
         sweep_lambdas=tuple(request.sweep),
         preview=card_preview,
         extra={
@@ -242,19 +234,3 @@ def _on(host: Host, embeddings: Mapping[str, Sequence[torch.Tensor]] | None) -> 
     if not embeddings:
         return None
     return {t: [v.to(host.device) for v in vs] for t, vs in embeddings.items()}
-
-
-def _sweep(
-    host: Host, result: ObjectResult, lambdas: Sequence[float], sample: Any
-) -> list[Image.Image]:
-    """The trained tokens at each λ of the LoRA (forward hooks; weights never written)."""
-    modules = {t.kohya: find_module(host.unet, t.name) for t in result.targets}
-    images = []
-    with torch.no_grad(), OffsetHooks(modules) as hooks:
-        hooks.factors = {
-            k: (a.to(host.device), b.to(host.device)) for k, (a, b) in result.factors().items()
-        }
-        for lam in lambdas:
-            hooks.scale = float(lam)
-            images.append(sample(result.embeddings))
-    return images

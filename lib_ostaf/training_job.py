@@ -9,7 +9,7 @@ bad request costs no training time and writes nothing.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from .naming import ATTN_NAMES, PROJ_NAMES
 from .offsets import OffsetHooks, check_lambda
 from .preview import lambda_strip, render
 from .targets import find_module
-from .train import AttributeConfig, Callbacks, TrainResult, export, train_attribute
+from .train import AttributeConfig, Callbacks, export, train_attribute
 
 MAX_STEPS = 100_000
 MAX_SWEEP = 8
@@ -63,11 +63,7 @@ class TrainRequest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainRequest:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise InputError(f"unknown training settings: {', '.join(unknown)}")
-        return cls(**data)
+        return request_from_dict(cls, data, "training")
 
     def config(self) -> AttributeConfig:
         """The trainer's settings (validated: raises InputError)."""
@@ -114,6 +110,14 @@ class TrainRequest:
                     "name or tick 'overwrite'"
                 )
         return config, image
+
+
+def request_from_dict(cls: type, data: Mapping[str, Any], what: str) -> Any:
+    """``cls(**data)`` for a request dataclass, InputError naming unknown keys."""
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise InputError(f"unknown {what} settings: {', '.join(unknown)}")
+    return cls(**data)
 
 
 def check_run_settings(
@@ -242,17 +246,9 @@ def run_training(
             f"trained {len(result.targets)} layers in {result.seconds:.1f} s; probe loss "
             f"{result.probe_loss_before:.4f} → {result.probe_loss_after:.4f}"
         )
-        sweep_images: list[Image.Image] = []
-        card_preview = None
-        if request.sweep:
-            reporter.log("rendering the λ sweep")
-            sweep_images = _sweep(host, result, request.sweep, sample)
-            lam = config.default_lambda
-            card_preview = (
-                sweep_images[list(request.sweep).index(lam)]
-                if lam in request.sweep
-                else _sweep(host, result, (lam,), sample)[0]
-            )
+        strip, card_preview = sweep_and_preview(
+            host, result, request.sweep, config.default_lambda, sample, reporter
+        )
     path = export(result, out_dir, request.name, overwrite=request.overwrite, preview=card_preview)
     size = path.stat().st_size
     reporter.log(f"wrote {path} ({size / 1024:.1f} KiB)")
@@ -265,25 +261,35 @@ def run_training(
         loss_before=result.probe_loss_before,
         loss_after=result.probe_loss_after,
         steps=len(result.losses),
-        sweep=lambda_strip(sweep_images, [f"lambda {x:g}" for x in request.sweep])
-        if sweep_images
-        else None,
+        sweep=strip,
         sweep_lambdas=tuple(request.sweep),
         preview=card_preview,
     )
 
 
-def _sweep(
-    host: Host, result: TrainResult, lambdas: Sequence[float], sample: Any
-) -> list[Image.Image]:
-    """Render the trained offsets at each λ through forward hooks (weights never written)."""
+def sweep_and_preview(
+    host: Host,
+    result: Any,
+    lambdas: Sequence[float],
+    default_lambda: float,
+    sample: Callable[[], Image.Image],
+    reporter: Reporter,
+) -> tuple[Image.Image | None, Image.Image | None]:
+    """The λ-sweep strip of a trained result and the card preview (the image at the
+    preferred λ), rendered through forward hooks: the weights are never written.
+    ``result`` has ``targets`` and ``factors()`` (attribute and object results)."""
+    if not lambdas:
+        return None, None
+    reporter.log("rendering the λ sweep")
+    wanted = list(lambdas) if default_lambda in lambdas else [*lambdas, default_lambda]
     modules = {t.kohya: find_module(host.unet, t.name) for t in result.targets}
     images = []
     with torch.no_grad(), OffsetHooks(modules) as hooks:
         hooks.factors = {
             k: (a.to(host.device), b.to(host.device)) for k, (a, b) in result.factors().items()
         }
-        for lam in lambdas:
+        for lam in wanted:
             hooks.scale = float(lam)
             images.append(sample())
-    return images
+    strip = lambda_strip(images[: len(lambdas)], [f"lambda {x:g}" for x in lambdas])
+    return strip, images[wanted.index(default_lambda)]

@@ -29,7 +29,6 @@ from PIL import Image
 
 from ..activation import PlannedAdapter
 from ..apply import unet_deltas
-from ..embeddings import adapter_embeddings
 from ..errors import IncompatibleModelError, InputError, OstafError
 from ..images import square
 from ..jobs import Job, JobManager
@@ -38,7 +37,7 @@ from ..object_job import ObjectRequest, run_object_training
 from ..offsets import WeightPatcher
 from ..registry import AdapterRegistry
 from ..training_job import Reporter, TrainRequest, preserve_module_state, run_training
-from .webui import WebuiText, clear_cond_cache, embedding_class, make_embedding
+from .webui import WebuiText, clear_cond_cache, embedding_class, make_embedding, wanted_tokens
 
 NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 NET_PREFIX = "ostaf:"  # names of our networks in Lora's loaded set
@@ -290,16 +289,7 @@ class A1111Applier:
         (before the prompts are encoded); a token of an adapter no longer active is removed."""
         db = self.database()
         family = model_family(sd_model)
-        messages: list[str] = []
-        wanted: dict[str, tuple[PlannedAdapter, Any]] = {}
-        for planned in adapters:
-            try:
-                found = adapter_embeddings(planned.adapter, family)
-            except OstafError as e:
-                messages.append(f"OSTAF: {planned.name}: {e}; its tokens are not available.")
-                continue
-            for token, vectors in found.items():
-                wanted[token] = (planned, vectors)
+        wanted, messages = wanted_tokens(adapters, family)
         if db is None:
             if wanted:
                 messages.append("OSTAF: no embedding database in this WebUI; tokens skipped.")

@@ -36,7 +36,6 @@ from PIL import Image
 
 from ..activation import PlannedAdapter
 from ..apply import UNET_PREFIX
-from ..embeddings import adapter_embeddings
 from ..errors import IncompatibleModelError, InputError, OstafError
 from ..images import square
 from ..jobs import Job, JobManager
@@ -45,7 +44,7 @@ from ..object_job import ObjectRequest, run_object_training
 from ..training_job import TrainRequest, preserve_module_state, run_training
 from . import webui
 from .a1111 import NATIVE_RESOLUTION, StateReporter
-from .webui import WebuiText, clear_cond_cache, embedding_class
+from .webui import WebuiText, clear_cond_cache, embedding_class, wanted_tokens
 
 TRAINABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PATCH_PREFIX = "ostaf:"  # add_patches identifiers of ours
@@ -431,16 +430,7 @@ class ForgeApplier:
     def register_embeddings(self, sd_model: Any, adapters: Sequence[PlannedAdapter]) -> list[str]:
         engines = text_engines(sd_model)
         family = model_family(sd_model) or "sd1"
-        messages: list[str] = []
-        wanted: dict[str, tuple[PlannedAdapter, Sequence[torch.Tensor]]] = {}
-        for planned in adapters:
-            try:
-                found = adapter_embeddings(planned.adapter, family)
-            except OstafError as e:
-                messages.append(f"OSTAF: {planned.name}: {e}; its tokens are not available.")
-                continue
-            for token, vectors in found.items():
-                wanted[token] = (planned, vectors)
+        wanted, messages = wanted_tokens(adapters, family)
         dbs = tuple(id(getattr(e, "embeddings", None)) for e in engines)
         changed = False
         for token in [t for t in self._tokens if t not in wanted]:

@@ -97,6 +97,27 @@ class WebuiText:
         raise NotImplementedError("the WebUI path has no pooled CLIP feature (no image tower)")
 
 
+def wanted_tokens(
+    adapters: Sequence[Any], family: str
+) -> tuple[dict[str, tuple[Any, Sequence[torch.Tensor]]], list[str]]:
+    """The object tokens of the planned ``adapters``: token → (adapter, vectors), plus a
+    message for each adapter whose embeddings cannot be read (its tokens are skipped)."""
+    from ..embeddings import adapter_embeddings
+    from ..errors import OstafError
+
+    wanted: dict[str, tuple[Any, Sequence[torch.Tensor]]] = {}
+    messages: list[str] = []
+    for planned in adapters:
+        try:
+            found = adapter_embeddings(planned.adapter, family)
+        except OstafError as e:
+            messages.append(f"OSTAF: {planned.name}: {e}; its tokens are not available.")
+            continue
+        for token, vectors in found.items():
+            wanted[token] = (planned, vectors)
+    return wanted, messages
+
+
 def clear_cond_cache() -> None:
     """Forget the WebUI's cached prompt conditionings (class-level lists, cleared in place so
     instances aliasing them see it): after retraining, the same prompt must be re-encoded."""
