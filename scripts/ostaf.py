@@ -335,20 +335,29 @@ def _train_ui(
             attn=tuple(attn or ()),
             proj=tuple(proj or ()),
             blocks=tuple(b.strip() for b in (blocks or "").split(",") if b.strip()) or None,
-            default_lambda=float(default_lambda),
             n_views=8,
-            resolution=int(resolution or 0),
-            overwrite=bool(overwrite),
-            preview_every=int(preview_every or 0),
-            preview_steps=int(_opt("ostaf_preview_steps", 12)),
-            preview_size=int(_opt("ostaf_preview_size", 0) or 0),
-            sweep=_sweep_lambdas(),
-            precision=precision,
-            gradient_checkpointing=checkpointing,
+            **_run_settings(
+                default_lambda, resolution, overwrite, preview_every, precision, checkpointing
+            ),
         )
     except (OstafError, ValueError, TypeError) as e:
         return [], "", cards.error_html(e)
     return _run_job("attribute", request)
+
+
+def _run_settings(default_lambda, resolution, overwrite, preview_every, precision, checkpointing):
+    """The settings both tabs send: their own fields plus the previews/sweep of Settings."""
+    return {
+        "default_lambda": float(default_lambda),
+        "resolution": int(resolution or 0),
+        "overwrite": bool(overwrite),
+        "preview_every": int(preview_every or 0),
+        "preview_steps": int(_opt("ostaf_preview_steps", 12)),
+        "preview_size": int(_opt("ostaf_preview_size", 0) or 0),
+        "sweep": _sweep_lambdas(),
+        "precision": precision,
+        "gradient_checkpointing": checkpointing,
+    }
 
 
 def _run_job(kind, request):
@@ -400,15 +409,9 @@ def _object_ui(id_task, image, name, *values):
             class_weight=float(class_weight),
             background_weight=float(background_weight),
             seed=int(seed),
-            default_lambda=float(default_lambda),
-            resolution=int(resolution or 0),
-            overwrite=bool(overwrite),
-            preview_every=int(preview_every or 0),
-            preview_steps=int(_opt("ostaf_preview_steps", 12)),
-            preview_size=int(_opt("ostaf_preview_size", 0) or 0),
-            sweep=_sweep_lambdas(),
-            precision=precision,
-            gradient_checkpointing=checkpointing,
+            **_run_settings(
+                default_lambda, resolution, overwrite, preview_every, precision, checkpointing
+            ),
         )
     except (OstafError, ValueError, TypeError) as e:
         return [], "", cards.error_html(e)
