@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import types
-import zlib
 from typing import Any, ClassVar
 
 import torch
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .unets import ADM_IN_CHANNELS, CONTEXT_DIM, tiny_ldm_unet
-from .webui_fakes import FakeState
+from .webui_fakes import FakeState, IdsLookup, encode_with_fixes, fake_tokenize
 
 
 class ForgeLinear(nn.Module):
@@ -144,36 +143,14 @@ class FakeKModel(nn.Module):
         self.storage_dtype, self.computation_dtype = storage, torch.float32
 
 
-class FakeEmbeddingDatabase:
+class FakeEmbeddingDatabase(IdsLookup):
     """Forge's ``EmbeddingDatabase``: names tokenized by the engine's own tokenizer."""
-
-    def __init__(self, tokenize: Any = None) -> None:
-        self.word_embeddings: dict[str, Any] = {}
-        self.ids_lookup: dict[int, list[tuple[list[int], Any]]] = {}
-        self._tokenize = tokenize or (
-            lambda texts: [[zlib.crc32(t.encode()) % 4000 + 1] for t in texts]
-        )
 
     def register_embedding(self, embedding: Any) -> Any:
         return self.register_embedding_by_name(embedding, embedding.name)
 
     def register_embedding_by_name(self, embedding: Any, name: str) -> Any:
-        ids = self._tokenize([name])[0]
-        lookup = [x for x in self.ids_lookup.get(ids[0], []) if x[1].name != name]
-        if embedding is not None:
-            lookup.append((ids, embedding))
-        self.ids_lookup[ids[0]] = sorted(lookup, key=lambda x: len(x[0]), reverse=True)
-        if embedding is None:
-            self.word_embeddings.pop(name, None)
-            return None
-        self.word_embeddings[name] = embedding
-        return embedding
-
-    def find_embedding_at_position(self, tokens, offset):
-        for ids, embedding in self.ids_lookup.get(tokens[offset], []):
-            if tokens[offset : offset + len(ids)] == ids:
-                return embedding, len(ids)
-        return None, None
+        return self._register(embedding, name, fake_tokenize([name])[0])
 
 
 class _TokenEmbedding(nn.Module):
@@ -191,11 +168,9 @@ class FakeTextEngine:
     pooled vector. ``text_encoder.transformer.text_model.embeddings.token_embedding`` is
     where Forge keeps the table."""
 
-    LENGTH = 7
-
     def __init__(self, key: str, width: int = 24, out: int = CONTEXT_DIM) -> None:
         self.embedding_key = key
-        self.embeddings = FakeEmbeddingDatabase(self.tokenize)
+        self.embeddings = FakeEmbeddingDatabase()
         self.return_pooled = key == "clip_g"
         token_embedding = _TokenEmbedding(width)
         mix = nn.Linear(width, out)
@@ -209,33 +184,12 @@ class FakeTextEngine:
         self.text_encoder.transformer = transformer
 
     def tokenize(self, texts):
-        out = []
-        for text in texts:
-            ids = []
-            for w in text.lower().split():
-                pieces = [w] if len(w) <= 4 else [w[i : i + 3] for i in range(0, len(w), 3)]
-                ids += [zlib.crc32(piece.encode()) % 4000 + 1 for piece in pieces]
-            out.append(ids)
-        return out
+        return fake_tokenize(texts)
 
     def __call__(self, texts):
         model = self.text_encoder.transformer.text_model
         table = model.embeddings.token_embedding.wrapped
-        rows = []
-        for ids in self.tokenize(texts):
-            vecs, i = [], 0
-            while i < len(ids):
-                emb, n = self.embeddings.find_embedding_at_position(ids, i)
-                if emb is None:
-                    vecs.append(table(torch.tensor([ids[i]])))
-                    i += 1
-                    continue
-                vec = emb.vec[self.embedding_key] if isinstance(emb.vec, dict) else emb.vec
-                vecs.append(vec.to(table.weight))
-                i += n
-            x = torch.cat([*vecs, table.weight[:1].expand(self.LENGTH, -1)])[: self.LENGTH]
-            rows.append(model.mix(x + x.mean(0, keepdim=True)))
-        z = torch.stack(rows)
+        z = encode_with_fixes(texts, self.embeddings, table, self.embedding_key, model.mix)
         return (z, z.mean(1)) if self.return_pooled else z
 
 

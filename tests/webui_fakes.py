@@ -54,16 +54,28 @@ class _Posterior:
         return self.mean + torch.randn_like(self.mean)
 
 
-class FakeEmbeddingDb:
-    """A1111's ``EmbeddingDatabase`` lookup (``register_embedding_by_name`` copied in
-    behaviour): name → embedding, first token id → [(ids, embedding)] longest first."""
+def fake_tokenize(texts):
+    """The fakes' tokenizer: a word of ≤ 4 characters is one vocabulary entry, longer ones
+    split into 3-character pieces (so ``dog`` is in the vocabulary, ``<mug1>`` is not)."""
+    out = []
+    for text in texts:
+        ids = []
+        for w in text.lower().split():
+            pieces = [w] if len(w) <= 4 else [w[i : i + 3] for i in range(0, len(w), 3)]
+            ids += [zlib.crc32(piece.encode()) % 4000 + 1 for piece in pieces]
+        out.append(ids)
+    return out
+
+
+class IdsLookup:
+    """The WebUIs' ``EmbeddingDatabase`` lookup, copied in behaviour: name → embedding,
+    first token id → [(ids, embedding)] longest first."""
 
     def __init__(self) -> None:
         self.word_embeddings: dict[str, Any] = {}
         self.ids_lookup: dict[int, list[tuple[list[int], Any]]] = {}
 
-    def register_embedding_by_name(self, embedding, model, name):
-        ids = model.cond_stage_model.tokenize([name])[0]
+    def _register(self, embedding, name, ids):
         first = ids[0]
         lookup = [x for x in self.ids_lookup.get(first, []) if x[1].name != name]
         if embedding is not None:
@@ -84,14 +96,38 @@ class FakeEmbeddingDb:
         return None, None
 
 
-class FakeClipEmbedder(nn.Module):
-    """A1111's hijacked CLIP embedder, reduced: words → ids (a word of ≤ 4 characters is
-    one vocabulary entry, longer ones split into 3-character pieces), registered
-    embeddings spliced in at their positions (``EmbeddingsWithFixes``), a linear mix over
-    positions so every token affects the output. ``textual_inversion_key`` picks the
-    SDXL key of a dict vector."""
+class FakeEmbeddingDb(IdsLookup):
+    """A1111's database: names tokenized by the loaded model's ``cond_stage_model``."""
 
-    LENGTH = 7
+    def register_embedding_by_name(self, embedding, model, name):
+        return self._register(embedding, name, model.cond_stage_model.tokenize([name])[0])
+
+
+def encode_with_fixes(texts, db: IdsLookup, table: nn.Embedding, key: str, mix: nn.Module):
+    """Both WebUIs' text path, reduced: tokens → table rows, a registered embedding's vector
+    spliced in where its name occurs (``EmbeddingsWithFixes``; ``key`` picks the SDXL
+    half of a dict vector), padded to 7 positions, then a linear mix over positions so
+    every token affects every output row."""
+    length = 7
+    rows = []
+    for ids in fake_tokenize(texts):
+        vecs, i = [], 0
+        while i < len(ids):
+            emb, n = db.find_embedding_at_position(ids, i)
+            if emb is None:
+                vecs.append(table(torch.tensor([ids[i]])))
+                i += 1
+                continue
+            vec = emb.vec[key] if isinstance(emb.vec, dict) else emb.vec
+            vecs.append(vec.to(table.weight))
+            i += n
+        x = torch.cat([*vecs, table.weight[:1].expand(length, -1)])[:length]
+        rows.append(mix(x + x.mean(0, keepdim=True)))
+    return torch.stack(rows)
+
+
+class FakeClipEmbedder(nn.Module):
+    """A1111's hijacked CLIP embedder (:func:`encode_with_fixes` over its own table)."""
 
     def __init__(self, db: FakeEmbeddingDb, width: int, out: int, key: str = "clip_l"):
         super().__init__()
@@ -101,39 +137,14 @@ class FakeClipEmbedder(nn.Module):
         self.is_trainable = False  # sgm embedders: False → the conditioner uses no_grad
 
     def tokenize(self, texts):
-        out = []
-        for text in texts:
-            ids = []
-            for w in text.lower().split():
-                pieces = [w] if len(w) <= 4 else [w[i : i + 3] for i in range(0, len(w), 3)]
-                ids += [zlib.crc32(piece.encode()) % 4000 + 1 for piece in pieces]
-            out.append(ids)
-        return out
+        return fake_tokenize(texts)
 
     def encode_embedding_init_text(self, text, nvpt):
         ids = self.tokenize([text])[0][:nvpt]
         return self.token_embedding(torch.tensor(ids, dtype=torch.long))
 
     def forward(self, texts):
-        rows = []
-        for ids in self.tokenize(texts):
-            vecs, i = [], 0
-            while i < len(ids):
-                emb, n = self.db.find_embedding_at_position(ids, i)
-                if emb is None:
-                    vecs.append(self.token_embedding(torch.tensor([ids[i]])))
-                    i += 1
-                    continue
-                vec = emb.vec[self.key] if isinstance(emb.vec, dict) else emb.vec
-                vecs.append(vec.to(self.token_embedding.weight.dtype))
-                i += n
-            x = torch.cat(vecs) if vecs else self.token_embedding.weight[:0]
-            x = torch.cat(
-                [x[: self.LENGTH], self.token_embedding.weight[:1].expand(self.LENGTH, -1)]
-            )
-            x = x[: self.LENGTH]
-            rows.append(self.mix(x + x.mean(0, keepdim=True)))
-        return torch.stack(rows)
+        return encode_with_fixes(texts, self.db, self.token_embedding, self.key, self.mix)
 
 
 class FakeSdModel(nn.Module):
