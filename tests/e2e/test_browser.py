@@ -49,15 +49,8 @@ def fast_settings():
 def test_tab_trains_with_progress_bar_and_preview(fast_settings, tmp_path):
     name = f"browser_{uuid.uuid4().hex[:6]}"
     with playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(URL, timeout=5 * MINUTES)
-        # gradio 3 (A1111): .tab-nav buttons; gradio 4 (Forge): buttons with role=tab
-        tabs = page.locator("#tabs > .tab-nav > button, #tabs > div > button[role=tab]")
-        tabs.filter(has_text=re.compile(r"^\s*OSTAF\s*$")).first.click(timeout=5 * MINUTES)
+        browser, page = _open(pw, height=1000)
+        _click_ostaf(page, MAIN_TABS)
         page.locator("#ostaf_image input[type=file]").set_input_files(str(REFERENCE))
         page.locator("#ostaf_name textarea, #ostaf_name input").first.fill(name)
         page.locator("#ostaf_steps input").first.fill("3")
@@ -102,14 +95,8 @@ def test_object_tab_trains_with_automatic_masks(fast_settings, tmp_path):
     _options({"emphasis": "No norm"})
     try:
         with playwright.sync_playwright() as pw:
-            browser = pw.chromium.launch(
-                executable_path=CHROMIUM,
-                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-            )
-            page = browser.new_page(viewport={"width": 1400, "height": 1400})
-            page.goto(URL, timeout=5 * MINUTES)
-            tabs = page.locator("#tabs > .tab-nav > button, #tabs > div > button[role=tab]")
-            tabs.filter(has_text=re.compile(r"^\s*OSTAF\s*$")).first.click(timeout=5 * MINUTES)
+            browser, page = _open(pw, height=1400)
+            _click_ostaf(page, MAIN_TABS)
             sub = page.locator("#ostaf_tabs button").filter(has_text="Object implantation")
             sub.first.click()
             page.locator("#ostaf_obj_image input[type=file]").set_input_files(str(image))
@@ -144,14 +131,8 @@ def test_card_click_inserts_the_tag():
     if not names:
         pytest.skip("no adapter in the server's folder yet (run test_a1111.py first)")
     with playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(URL, timeout=5 * MINUTES)
-        tabs = page.locator("#txt2img_extra_tabs > .tab-nav > button")
-        tabs.filter(has_text=re.compile(r"^\s*OSTAF\s*$")).first.click(timeout=5 * MINUTES)
+        browser, page = _open(pw, height=1000)
+        _click_ostaf(page, "#txt2img_extra_tabs > .tab-nav > button")
         card = page.locator("#txt2img_ostaf_cards_html .card").first
         card.wait_for(timeout=MINUTES)
         assert "[attribute]" in card.inner_text() or "ostaf-badge" in card.inner_html()
@@ -159,6 +140,26 @@ def test_card_click_inserts_the_tag():
         prompt = page.locator("#txt2img_prompt textarea").input_value()
         assert re.search(r"<ostaf:[^:>]+:-?[0-9.]+>", prompt), prompt
         browser.close()
+
+
+MAIN_TABS = "#tabs > .tab-nav > button, #tabs > div > button[role=tab]"  # gradio 3 / 4
+
+
+def _open(pw, height: int):
+    """A headless Chromium on the WebUI's page."""
+    browser = pw.chromium.launch(
+        executable_path=CHROMIUM,
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+    )
+    page = browser.new_page(viewport={"width": 1400, "height": height})
+    page.goto(URL, timeout=5 * MINUTES)
+    return browser, page
+
+
+def _click_ostaf(page, buttons: str) -> None:
+    """Click the button labelled exactly OSTAF among ``buttons`` (a CSS selector)."""
+    tabs = page.locator(buttons)
+    tabs.filter(has_text=re.compile(r"^\s*OSTAF\s*$")).first.click(timeout=5 * MINUTES)
 
 
 def _get(path: str) -> dict:
