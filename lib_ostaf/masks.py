@@ -127,16 +127,33 @@ def check_mask(mask: np.ndarray, label: str = "mask") -> None:
 # --------------------------------------------------------------------------- latent grid
 
 
-def square_mask(mask: np.ndarray) -> np.ndarray:
-    """The mask padded to a square like :func:`lib_ostaf.images.square` pads the image."""
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A boolean mask resized to ``size`` (W, H) on PIL's pixel grid (as images resize).
+
+    Area-averaged (BOX filter) and thresholded at 50 %; an object thinner than half a
+    pixel after resizing keeps its best-covered pixels rather than vanishing.
+    """
+    if mask.shape == (size[1], size[0]):
+        return mask.astype(bool)
+    grey = Image.fromarray(mask.astype(np.float32))  # mode "F"
+    coverage = np.asarray(grey.resize(size, Image.Resampling.BOX), dtype=np.float32)
+    resized = coverage >= THRESHOLD
+    if not resized.any() and coverage.max() > 0:
+        resized = coverage >= 0.5 * coverage.max()
+    return resized
+
+
+def square_mask(mask: np.ndarray, size: int | None = None) -> np.ndarray:
+    """The mask through :func:`lib_ostaf.images.square`'s geometry: padded to a square
+    (centred, as the image is) and, with ``size``, resized to ``size``×``size``."""
     h, w = mask.shape
-    if h == w:
-        return mask
-    side = max(h, w)
-    out = np.zeros((side, side), dtype=mask.dtype)
-    x, y = (side - w) // 2, (side - h) // 2
-    out[y : y + h, x : x + w] = mask
-    return out
+    out = mask
+    if h != w:
+        side = max(h, w)
+        out = np.zeros((side, side), dtype=mask.dtype)
+        x, y = (side - w) // 2, (side - h) // 2
+        out[y : y + h, x : x + w] = mask
+    return out if size is None else resize_mask(out, (size, size))
 
 
 def latent_weights(

@@ -71,6 +71,7 @@ from .masks import (
     flip_mask,
     latent_weights,
     load_mask,
+    resize_mask,
     save_mask,
     square_mask,
 )
@@ -419,7 +420,12 @@ def resolve_tower(
 
 
 def masked_object(image: Image.Image, mask: np.ndarray, margin: float = 0.1) -> Image.Image:
-    """The object alone: bounding box (+ margin) of the mask, background painted white."""
+    """The object alone: bounding box (+ margin) of the mask, background painted white.
+
+    A mask of another size than the image is resized to it (as :func:`load_mask` does)."""
+    mask = resize_mask(mask, image.size)
+    if not mask.any():
+        raise InputError("the object's mask is empty at the model's resolution")
     rows, cols = np.nonzero(mask)
     h, w = mask.shape
     pad_y, pad_x = (
@@ -607,7 +613,7 @@ def train_objects(
 
     # Views (reference, mirrored) with their masks; latents and mask weights cached.
     sq_image = square(reference, host.resolution)
-    sq_masks = [square_mask(m) for m in masks]
+    sq_masks = [square_mask(m, host.resolution) for m in masks]  # the image's geometry
     views = [(sq_image, sq_masks)]
     if config.flip:
         views.append(

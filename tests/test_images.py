@@ -18,6 +18,8 @@ from lib_ostaf.images import load_image, square
         lambda: Image.new("L", (40, 30), 128),
         lambda: Image.new("1", (40, 30), 1),
         lambda: Image.new("CMYK", (40, 30), (0, 255, 0, 0)),
+        lambda: Image.new("LA", (40, 30), (90, 128)),
+        lambda: Image.new("I;16", (40, 30), 3000),
     ],
 )
 def test_modes_convert_to_rgb(tmp_path, make):
@@ -25,6 +27,82 @@ def test_modes_convert_to_rgb(tmp_path, make):
     make().save(path)
     image = load_image(path)
     assert image.mode == "RGB" and image.size == (40, 30)
+
+
+def _marked(size=(60, 40)) -> Image.Image:
+    """Grey with a red top-left corner and a blue bottom-right one (orientation is visible)."""
+    c = size[0] // 5  # corner side
+    image = Image.new("RGB", size, (128, 128, 128))
+    image.paste((230, 20, 20), (0, 0, c, c))
+    image.paste((20, 20, 230), (size[0] - c, size[1] - c, size[0], size[1]))
+    return image
+
+
+@pytest.mark.parametrize(
+    "orientation,stored",
+    [
+        (3, Image.Transpose.ROTATE_180),
+        (6, Image.Transpose.ROTATE_90),  # stored turned left; "rotate right to display"
+        (8, Image.Transpose.ROTATE_270),
+        (2, Image.Transpose.FLIP_LEFT_RIGHT),
+    ],
+)
+def test_exif_orientation_is_applied(tmp_path, orientation, stored):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    _marked().transpose(stored).save(tmp_path / "x.jpg", exif=exif, quality=95)
+    image = load_image(tmp_path / "x.jpg")
+    assert image.size == (60, 40)
+    r, g, b = image.getpixel((3, 3))
+    assert r > 180 and g < 80 and b < 80, (r, g, b)
+    r, g, b = image.getpixel((56, 36))
+    assert b > 180 and r < 80, (r, g, b)
+
+
+@pytest.mark.parametrize(
+    "fmt,options",
+    [
+        ("WEBP", {"lossless": True}),
+        ("WEBP", {"quality": 90}),
+        ("JPEG", {"progressive": True, "quality": 95}),
+    ],
+)
+def test_webp_and_progressive_jpeg(tmp_path, fmt, options):
+    from PIL import features
+
+    if fmt == "WEBP" and not features.check("webp"):
+        pytest.skip("Pillow built without WebP")
+    path = tmp_path / f"x.{fmt.lower()}"
+    _marked().save(path, fmt, **options)
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (60, 40)
+    diff = np.abs(np.asarray(image, int) - np.asarray(_marked(), int))
+    assert diff.mean() < 4  # lossy formats blur the corners' edges (chroma subsampling)
+    assert np.abs(np.asarray(image.getpixel((3, 3))) - (230, 20, 20)).max() < 24
+    assert np.abs(np.asarray(image.getpixel((56, 36))) - (20, 20, 230)).max() < 24
+
+
+def test_transparent_webp_becomes_white(tmp_path):
+    from PIL import features
+
+    if not features.check("webp"):
+        pytest.skip("Pillow built without WebP")
+    rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (10, 10, 20, 20))
+    rgba.save(tmp_path / "x.webp", lossless=True)
+    image = load_image(tmp_path / "x.webp")
+    assert image.getpixel((2, 2)) == (255, 255, 255) and image.getpixel((15, 15)) == (0, 0, 255)
+
+
+def test_phone_photo_size_squares_to_the_model(tmp_path):
+    _marked((4032, 3024)).save(tmp_path / "phone.jpg", quality=85)
+    image = load_image(tmp_path / "phone.jpg")
+    assert image.size == (4032, 3024)
+    out = np.asarray(square(image, 128), int)
+    assert out.shape == (128, 128, 3)
+    # padded top/bottom by (4032 − 3024) / 2 rows: 16 px at 128; the red corner follows
+    assert out[20, 1, 0] > 180 and out[20, 1, 1] < 80
+    assert np.abs(out[4, 64] - 128).max() <= 2  # padding is the border's median grey
 
 
 def test_transparent_pixels_become_white():

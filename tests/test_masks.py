@@ -16,6 +16,7 @@ from lib_ostaf.masks import (
     iou,
     latent_weights,
     load_mask,
+    resize_mask,
     save_mask,
     square_mask,
 )
@@ -128,6 +129,34 @@ def test_mask_follows_the_image_through_square_padding():
     w = latent_weights(mask, (12, 12))[0, 0].numpy()
     cells = red.reshape(12, 8, 12, 8).mean(axis=(1, 3))
     assert np.abs(w - cells).max() < 0.15
+
+
+@pytest.mark.parametrize(
+    "size,box", [((200, 150), (120, 30, 170, 110)), ((3000, 40), (1800, 8, 2400, 32))]
+)
+def test_mask_follows_the_image_through_square_and_resize(size, box):
+    """Padded and resized to the model's side, the mask lands where the image's object does."""
+    image = Image.new("RGB", size, (255, 255, 255))
+    ImageDraw.Draw(image).rectangle(box, fill=(255, 0, 0))
+    mask = np.zeros(size[::-1], bool)
+    mask[box[1] : box[3] + 1, box[0] : box[2] + 1] = True
+    sq = np.asarray(square(image, 128))
+    red = (sq[..., 0] > 200) & (sq[..., 1] < 128)
+    resized = square_mask(mask, 128)
+    assert resized.shape == (128, 128) and resized.dtype == bool
+    assert iou(resized, red) > (0.85 if size == (200, 150) else 0.5)
+    assert np.array_equal(square_mask(mask), square_mask(mask, max(size)))  # no resize: pad only
+
+
+def test_a_sliver_survives_the_resize():
+    """An object under half a pixel tall at the model's side keeps its best-covered row."""
+    mask = np.zeros((40, 3000), bool)
+    mask[18:22, 1000:1600] = True  # rows 1498–1501 of the 3000² square: y 63.9–64.1 at 128
+    resized = square_mask(mask, 128)
+    rows, cols = np.nonzero(resized)
+    assert resized.any() and set(rows.tolist()) <= {63, 64}
+    assert cols.min() >= 1000 / 3000 * 128 - 1 and cols.max() <= 1600 / 3000 * 128 + 1
+    assert np.array_equal(resize_mask(mask, (3000, 40)), mask)
 
 
 def test_save_mask_round_trip(tmp_path):

@@ -18,6 +18,8 @@ from lib_ostaf.cli import main
 from lib_ostaf.embeddings import adapter_embeddings, load_embedding
 from lib_ostaf.errors import InputError, Interrupted
 from lib_ostaf.hypernet import DirectLoRA, HypernetConfig, LayerShape
+from lib_ostaf.images import square
+from lib_ostaf.masks import square_mask
 from lib_ostaf.objects import (
     FALLBACK,
     PROTOTYPE,
@@ -28,6 +30,7 @@ from lib_ostaf.objects import (
     class_regularization,
     class_word_vectors,
     export_objects,
+    masked_object,
     object_loss,
     objects_from_lists,
     prototype_target,
@@ -422,6 +425,76 @@ def test_cli_implant_with_auto_masks_then_generate(two_objects, tmp_path, capsys
     assert main(gen) == 0
     assert "object tokens: <obj1>, <obj2>, <x9>" in capsys.readouterr().out
     assert Image.open(png).size == (128, 128)
+
+
+# --------------------------------------------------------------------------- real photos
+
+SIDE_DISC = {(200, 150): (110, 30, 180, 110), (3000, 40): (1800, 4, 2400, 36)}
+PHOTO = dict(steps=2, embedding_steps=1, lr=1e-3, n_probe=1, prototype_steps=3, clip="none")
+
+
+def _red_share(image: Image.Image, mask: np.ndarray) -> float:
+    """Share of red pixels among the non-white ones of the masked object's crop."""
+    a = np.asarray(masked_object(image, mask)).astype(int)
+    painted = a.sum(-1) < 3 * 250
+    red = (a[..., 0] > 150) & (a[..., 1] < 110) & (a[..., 2] < 110)
+    return float((red & painted).sum() / max(1, painted.sum()))
+
+
+@pytest.mark.parametrize(
+    "size,with_tower", [((200, 150), True), ((200, 150), False), ((3000, 40), True)]
+)
+def test_photo_of_another_size_than_the_model(sd1_host, size, with_tower):
+    """The model is 128²: the photo is padded and resized, its mask with it."""
+    image, truth = scene([("ellipse", SIDE_DISC[size], (200, 40, 40))], size=size)
+    tower = tiny.clip_tower(sd1_host.pipe.text_encoder) if with_tower else None
+    result = train_objects(
+        sd1_host, image, [ObjectSpec("<o1>", "ball", truth[0])], ObjectConfig(**PHOTO), tower=tower
+    )
+    p = result.prototypes[0]
+    assert p.method == (PROTOTYPE if with_tower else FALLBACK)
+    if with_tower:
+        assert p.cos_prototype > p.cos_class_word, p
+    assert np.array_equal(result.masks[0], truth[0])  # kept at the photo's own size
+    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
+    # the object the prototype sees is the red disc, not a shifted patch of background
+    share = _red_share(square(image, 128), square_mask(truth[0], 128))
+    assert share > (0.9 if size == (200, 150) else 0.6), share
+
+
+def test_mask_of_another_size_than_its_photo(sd1_host, caplog):
+    image, truth = scene([("ellipse", SIDE_DISC[(200, 150)], (200, 40, 40))], size=(200, 150))
+    big = Image.fromarray(truth[0].astype(np.uint8) * 255).resize((400, 300), Image.NEAREST)
+    tower = tiny.clip_tower(sd1_host.pipe.text_encoder)
+    with caplog.at_level(logging.WARNING):
+        result = train_objects(
+            sd1_host, image, [ObjectSpec("<o1>", "ball", big)], ObjectConfig(**PHOTO), tower=tower
+        )
+    assert "is 400×300 but the image is 200×150" in caplog.text
+    assert result.prototypes[0].method == PROTOTYPE
+    m = result.masks[0]
+    assert m.shape == (150, 200) and (m & truth[0]).sum() / (m | truth[0]).sum() > 0.97
+    # masked_object resizes a mask of another size itself (here the 200×150 one to 128²)
+    assert _red_share(image.resize((128, 96)), truth[0]) > 0.9
+
+
+def test_cli_implants_a_rotated_jpeg_with_a_clip_folder(sd1_host, tmp_path, capsys):
+    """A 200×150 photo stored on its side with an EXIF orientation, mask in display order."""
+    image, truth = scene([("ellipse", SIDE_DISC[(200, 150)], (200, 40, 40))], size=(200, 150))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    image.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    Image.fromarray(truth[0].astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    tiny.clip_tower(sd1_host.pipe.text_encoder).save_pretrained(tmp_path / "clip")
+    args = ["implant", "--image", str(tmp_path / "photo.jpg"), "--mask", str(tmp_path / "mask.png")]
+    args += ["--token", "<o1>", "--class", "ball", "--clip", str(tmp_path / "clip")]
+    args += ["--name", "rot", "--out", str(tmp_path / "out"), "--steps", "1"]
+    args += ["--embedding-steps", "0", "--probe", "1", "--prototype-steps", "2"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "<o1>: prototypical embedding (clip_l)" in captured.out
+    assert "resized" not in captured.err  # the mask matched the turned photo as is
+    assert (tmp_path / "out" / "rot.safetensors").is_file()
 
 
 # --------------------------------------------------------------------------- bad input
