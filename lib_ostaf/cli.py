@@ -7,6 +7,7 @@ import math
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -201,6 +202,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--out", type=Path, default=Path("demo_out"))
     d.add_argument("--steps", type=int, default=150)
+    # --debug before or after the command; SUPPRESS keeps a subcommand from resetting it
+    parser.add_argument("--debug", action="store_true", help="tracebacks for internal errors")
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return parser
 
 
@@ -220,6 +225,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; files already in place are untouched", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: one line, the traceback on request
+        if args.debug:
+            traceback.print_exc()
+        detail = " ".join(str(exc).split())  # one line, whatever the message
+        what = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+        print(f"error: internal error: {what}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:

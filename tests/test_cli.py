@@ -108,6 +108,42 @@ def test_bad_train_arguments(tmp_path, reference_image, capsys, argv, message):
     assert not any(tmp_path.glob("*.safetensors"))
 
 
+def _crash(*args, **kwargs):
+    raise RuntimeError("CUDA out of memory.\nTried to allocate 2.00 GiB")
+
+
+@pytest.mark.parametrize("debug", [[], ["--debug"]])
+def test_unexpected_error_is_one_line_unless_debug(
+    tmp_path, reference_image, capsys, monkeypatch, debug
+):
+    from lib_ostaf.hosts.diffusers_host import DiffusersHost
+
+    monkeypatch.setattr(DiffusersHost, "load", _crash)
+    assert _train(tmp_path, reference_image, "boom", *debug) == 1
+    err = capsys.readouterr().err
+    line = "error: internal error: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\n"
+    if debug:
+        assert err.startswith("Traceback (most recent call last)") and err.endswith(line)
+        assert "in _crash" in err
+    else:
+        assert err == line  # exactly one line, no traceback
+    assert not any(tmp_path.iterdir())
+
+
+def test_debug_flag_before_the_command_and_expected_errors_stay_code_2(
+    tmp_path, reference_image, capsys, monkeypatch
+):
+    import lib_ostaf.cli as cli
+
+    monkeypatch.setattr(cli, "_run", lambda args: (_ for _ in ()).throw(KeyError("model")))
+    assert main(["--debug", "demo", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith("error: internal error: KeyError: 'model'\n")
+    monkeypatch.setattr(cli, "_run", lambda args: (_ for _ in ()).throw(InputError("bad λ")))
+    assert main(["demo", "--out", str(tmp_path), "--debug"]) == 2
+    assert capsys.readouterr().err == "error: bad λ\n"  # no traceback, even with --debug
+
+
 def test_bad_generate_arguments(tmp_path, capsys):
     assert (
         main(["generate", "--prompt", "x", "--adapter", "missing", "--adapters-dir", str(tmp_path)])
