@@ -26,6 +26,9 @@ from .registry import AdapterRegistry
 from .training_job import TrainRequest
 
 PREFIX = "/ostaf/v1"
+# Routes that train, write files or stop a job: mounted only when the WebUI serves its own
+# API (--api / --nowebui), as A1111 does for /sdapi; the read-only ones always are.
+WRITE_ROUTES = ("/train", "/implant", "/interrupt")
 MAX_IMAGE_BYTES = 32 << 20
 MAX_IMAGE_PIXELS = 4096 * 4096
 
@@ -128,6 +131,11 @@ def decode_image(data: str) -> Image.Image:
         raise ApiError(422, "image: not a readable PNG/JPEG/WebP image") from None
 
 
+def api_enabled(cmd_opts: Any) -> bool:
+    """Whether the WebUI serves its API: ``--api``, or ``--nowebui`` (API only)."""
+    return bool(getattr(cmd_opts, "api", False) or getattr(cmd_opts, "nowebui", False))
+
+
 def check_basic_auth(api_auth: str | None, username: str, password: str) -> bool:
     """A1111's ``--api-auth user:pass[,user2:pass2]`` check (constant-time compare)."""
     if not api_auth:
@@ -168,7 +176,15 @@ class OstafApi:
         entry = self.registry.entry(name)
         return entry.to_json() | {"metadata": entry.metadata}
 
+    def _check_name(self, name: str) -> None:
+        """400 for a name that is not a safe file stem inside the adapters folder."""
+        try:
+            self.registry.path_for(name)
+        except OstafError as e:
+            raise ApiError(400, str(e)) from None
+
     def train(self, body: TrainBody) -> dict[str, Any]:
+        self._check_name(body.name)
         fields = model_fields(body)
         fields["image"] = decode_image(body.image)
         for key in ("attn", "proj"):
@@ -181,12 +197,12 @@ class OstafApi:
         try:
             request = TrainRequest.from_dict(fields)
             request.validate(self.registry.root)
-            self.registry.path_for(request.name)  # inside the folder, or refused
         except OstafError as e:
             raise ApiError(422, str(e)) from None
         return self._start("attribute", request)
 
     def implant(self, body: ImplantBody) -> dict[str, Any]:
+        self._check_name(body.name)
         fields = model_fields(body)
         fields["image"] = decode_image(body.image)
         objects = fields.pop("objects")
@@ -199,7 +215,6 @@ class OstafApi:
         try:
             request = ObjectRequest.from_dict(fields)
             request.validate(self.registry.root)
-            self.registry.path_for(request.name)
         except OstafError as e:
             raise ApiError(422, str(e)) from None
         return self._start("objects", request)
@@ -219,7 +234,9 @@ class OstafApi:
         return job.to_json(with_preview=preview)
 
     def interrupt(self, job_id: str | None = None) -> dict[str, Any]:
+        """Stop our job through its own stop flag (checked every step). The WebUI's global
+        interrupt is never called: it would stop whatever generation is running."""
         job = self.jobs.interrupt(job_id)
         if job is None:
-            raise ApiError(404, "no such training job")
+            raise ApiError(404, "no such training job" if job_id else "no training job yet")
         return job.to_json()

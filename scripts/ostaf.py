@@ -18,7 +18,16 @@ from modules import (
 )
 
 from lib_ostaf import activation, cards, prompt_tags
-from lib_ostaf.api import PREFIX, ApiError, ImplantBody, OstafApi, TrainBody, check_basic_auth
+from lib_ostaf.api import (
+    PREFIX,
+    WRITE_ROUTES,
+    ApiError,
+    ImplantBody,
+    OstafApi,
+    TrainBody,
+    api_enabled,
+    check_basic_auth,
+)
 from lib_ostaf.errors import InputError, OstafError
 from lib_ostaf.hosts import a1111, forge
 from lib_ostaf.masks import auto_masks, mask_from_editor, mask_overlay
@@ -376,8 +385,7 @@ def _run_job(kind, request):
 
 
 def _interrupt_ui():
-    JOBS.interrupt()
-    shared.state.interrupt()
+    JOBS.interrupt()  # our job's own stop flag: never the WebUI's running generation
 
 
 def _object_ui(id_task, image, name, *values):
@@ -768,13 +776,15 @@ def _add_routes(_demo, app):
         return call(api.progress, job_id or None, preview)
 
     def interrupt(job_id: str = ""):
-        shared.state.interrupt()
-        return call(api.interrupt, job_id or None)
+        return call(api.interrupt, job_id or None)  # our job only, never shared.state
 
     def refresh():
         REGISTRY.forget()
         return call(api.list_adapters)
 
+    write = api_enabled(shared.cmd_opts)
+    if not write:
+        print(f"OSTAF: {', '.join(WRITE_ROUTES)} not mounted (start the WebUI with --api)")
     for path, fn, method in (
         ("/adapters", adapters, "GET"),
         ("/adapter", adapter, "GET"),
@@ -784,7 +794,8 @@ def _add_routes(_demo, app):
         ("/interrupt", interrupt, "POST"),
         ("/refresh", refresh, "POST"),
     ):
-        app.add_api_route(PREFIX + path, fn, methods=[method], dependencies=deps)
+        if write or path not in WRITE_ROUTES:
+            app.add_api_route(PREFIX + path, fn, methods=[method], dependencies=deps)
 
 
 # --------------------------------------------------------------------------- callbacks

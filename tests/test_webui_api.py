@@ -111,8 +111,10 @@ def _api(tmp_path, runner=None):
 def test_train_route_validates_before_starting(tmp_path):
     api, calls = _api(tmp_path)
     for fields, status in (
-        ({"name": "../escape"}, 422),
-        ({"name": "a/b"}, 422),
+        ({"name": "../escape"}, 400),  # a bad name: 400, as docs/webui.md says
+        ({"name": "a/b"}, 400),
+        ({"name": "CON"}, 400),
+        ({"name": "../escape", "image": "nope"}, 400),  # the name is checked first
         ({"name": "ok", "attribute": "colour"}, 422),
         ({"name": "ok", "sweep": [1.0] * 20}, 422),
         ({"name": "ok", "resolution": 100}, 422),
@@ -179,7 +181,7 @@ def test_implant_route_validates_before_starting(tmp_path):
     one = {"token": "<mug1>", "class_name": "mug", "mask": _mask_png(True)}
     two = {"token": "<cup2>", "class_name": "cup", "mask": _mask_png(False)}
     for fields, status in (
-        ({"name": "../escape", "objects": [one]}, 422),
+        ({"name": "../escape", "objects": [one]}, 400),
         ({"name": "ok", "objects": [one, {**two, "mask": None}]}, 422),  # a mask for one only
         ({"name": "ok", "objects": [{**one, "token": "a b"}]}, 422),
         ({"name": "ok", "objects": [{**one, "mask": "nope"}]}, 422),
@@ -200,3 +202,28 @@ def test_implant_route_validates_before_starting(tmp_path):
     request = calls[0]
     assert request.tokens == ["<mug1>", "<cup2>"] and request.classes == ["mug", "cup"]
     assert [m.getpixel((2, 2)) for m in request.masks] == [(255, 255, 255), (0, 0, 0)]
+
+
+def test_interrupt_needs_the_right_job_id(tmp_path):
+    release = threading.Event()
+
+    def runner(job, request):
+        while not job.stop.is_set() and not release.is_set():
+            time.sleep(0.005)
+        if job.stop.is_set():
+            raise Interrupted("training interrupted at step 1/400")
+        return {}
+
+    api, _ = _api(tmp_path, runner=runner)
+    with pytest.raises(ApiError) as e:
+        api.interrupt()
+    assert e.value.status == 404 and e.value.detail == "no training job yet"
+    job = api.jobs.get(api.train(TrainBody(image=_png(), name="one"))["job_id"])
+    with pytest.raises(ApiError) as e:
+        api.interrupt("ostaf-99-0")
+    assert e.value.status == 404 and e.value.detail == "no such training job"
+    assert not job.stop.is_set() and job.active
+    assert api.interrupt(job.id)["id"] == job.id and job.stop.is_set()
+    _wait(job)
+    assert job.status == "interrupted"
+    release.set()

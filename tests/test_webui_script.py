@@ -9,6 +9,7 @@ import importlib.util
 import json
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 from typing import ClassVar
@@ -374,3 +375,108 @@ def test_tab_labels_do_not_collide_in_ui_config(glue):
     ]
     assert len(labels) > 20
     assert len(labels) == len(set(labels)), sorted(x for x in labels if labels.count(x) > 1)
+
+
+# --------------------------------------------------------------------------- REST routes
+
+
+class _HTTPException(Exception):
+    def __init__(self, status_code, detail=None, headers=None):
+        super().__init__(detail)
+        self.status_code, self.detail, self.headers = status_code, detail, headers
+
+
+class _App:
+    """FastAPI's ``add_api_route`` recorded: path → (endpoint, methods, dependencies)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, tuple] = {}
+
+    def add_api_route(self, path, endpoint, methods, dependencies=()):
+        self.routes[path] = (endpoint, methods, list(dependencies))
+
+
+def _mount(glue, monkeypatch, **cmd_opts) -> _App:
+    fastapi = types.ModuleType("fastapi")
+    fastapi.Depends = lambda fn: ("depends", fn)
+    fastapi.HTTPException = _HTTPException
+    security = types.ModuleType("fastapi.security")
+    security.HTTPBasic = lambda: "basic"
+    security.HTTPBasicCredentials = types.SimpleNamespace
+    monkeypatch.setitem(sys.modules, "fastapi", fastapi)
+    monkeypatch.setitem(sys.modules, "fastapi.security", security)
+    for key, value in cmd_opts.items():
+        setattr(glue.fakes["modules.shared"].cmd_opts, key, value)
+    app = _App()
+    (add_routes,) = glue.fakes["modules.script_callbacks"].registered["app_started"]
+    add_routes(None, app)
+    return app
+
+
+READ_ROUTES = {"/ostaf/v1/adapters", "/ostaf/v1/adapter", "/ostaf/v1/progress", "/ostaf/v1/refresh"}
+WRITE = {"/ostaf/v1/train", "/ostaf/v1/implant", "/ostaf/v1/interrupt"}
+
+
+def test_training_routes_only_with_api_and_auth_honoured(glue, monkeypatch, capsys):
+    app = _mount(glue, monkeypatch)  # no --api: only the read-only routes
+    assert set(app.routes) == READ_ROUTES
+    assert "/train, /implant, /interrupt not mounted (start the WebUI with --api)" in (
+        capsys.readouterr().out
+    )
+    assert set(_mount(glue, monkeypatch, api=False, nowebui=True).routes) == READ_ROUTES | WRITE
+    app = _mount(glue, monkeypatch, nowebui=False, api=True, api_auth="u:p,v:q")
+    assert set(app.routes) == READ_ROUTES | WRITE
+    assert app.routes["/ostaf/v1/train"][1] == ["POST"]
+    deps = {path: deps for path, (_, _, deps) in app.routes.items()}
+    assert all(len(d) == 1 for d in deps.values()), deps
+    check = deps["/ostaf/v1/interrupt"][0][1]
+    assert check(types.SimpleNamespace(username="v", password="q")) is True
+    with pytest.raises(_HTTPException) as e:
+        check(types.SimpleNamespace(username="v", password="p"))
+    assert e.value.status_code == 401
+
+
+def test_interrupt_stops_our_job_only(glue, monkeypatch):
+    """A wrong id is 404 and stops nothing; the right one stops our training through its own
+    flag; the WebUI's global interrupt (a user's txt2img) is never called."""
+    app = _mount(glue, monkeypatch, api=True)
+    state = glue.fakes["modules.shared"].state
+    interrupt = app.routes["/ostaf/v1/interrupt"][0]
+    calls = []
+    monkeypatch.setattr(state, "interrupt", lambda: calls.append("global"))
+    monkeypatch.setattr(glue.m.JOBS, "current", None)  # JOBS outlives a UI reload
+    with pytest.raises(_HTTPException) as e:  # no job of ours yet
+        interrupt("")
+    assert e.value.status_code == 404
+    glue.m._interrupt_ui()  # our tab's button with no job of ours: nothing happens
+    body = glue.m.TrainBody(
+        image=_png_b64(), name="rest_run", steps=10_000, rank=2, resolution=64, sweep=[]
+    )
+    out = app.routes["/ostaf/v1/train"][0](body)
+    job = glue.m.JOBS.get(out["job_id"])
+    deadline = time.time() + 60
+    while job.step < 2 and job.active and time.time() < deadline:
+        time.sleep(0.01)
+    assert job.status == "running" and job.step >= 2, (job.error, job.log)
+    with pytest.raises(_HTTPException) as e:
+        interrupt("ostaf-0-wrong")
+    assert e.value.status_code == 404
+    time.sleep(0.2)
+    assert job.status == "running" and not job.stop.is_set()
+    assert interrupt(job.id)["id"] == job.id
+    while job.active and time.time() < deadline:
+        time.sleep(0.01)
+    assert job.status == "interrupted" and job.step < 10_000, job.to_json()
+    assert calls == [] and not state.interrupted
+    assert not (glue.dir / "rest_run.safetensors").exists()
+    assert interrupt("")["status"] == "interrupted"  # the last job; nothing else happens
+    assert calls == []
+
+
+def _png_b64() -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()

@@ -269,6 +269,12 @@ class FakeState:
     def interrupt(self) -> None:
         self.interrupted = True
 
+    def begin(self, job: str = "(unknown)") -> None:  # A1111 resets the flags
+        self.job, self.interrupted, self.stopping_generation = job, False, False
+
+    def end(self) -> None:
+        self.job = ""
+
     def assign_current_image(self, image: Any) -> None:
         self.images.append(image)
         self.id_live_preview += 1
