@@ -282,26 +282,44 @@ def _xyz_adapter(p, x, xs):
     p._ostaf_xyz_adapter = str(x)
 
 
+def _xyz_plain(p, opt, x):  # A1111's xyz_grid.format_value: the value, floats rounded
+    return round(x, 8) if isinstance(x, float) else x
+
+
+def _xyz_module():
+    """The X/Y/Z script's module, by what it exposes (``axis_options`` + ``AxisOption``):
+    A1111/Forge ``scripts/xyz_grid.py``, Forge Classic ``extensions-builtin/xyz`` (its
+    ``AxisOption`` lives in ``lib_xyz``)."""
+    found = [
+        s.module
+        for s in scripts.scripts_data
+        if isinstance(getattr(s.module, "axis_options", None), list)
+        and callable(getattr(s.module, "AxisOption", None))
+    ]
+    named = [m for m in found if getattr(m, "__name__", "").startswith("xyz_grid")]
+    return (named or found or [None])[0]
+
+
 def _add_xyz_axes():
-    xyz = next(
-        (s.module for s in scripts.scripts_data if s.script_class.__module__ == "xyz_grid.py"),
-        None,
-    )
+    xyz = _xyz_module()
     if xyz is None:
         return
-    xyz.axis_options[:] = [o for o in xyz.axis_options if o.label not in XYZ_LABELS]
-    xyz.axis_options.extend(
-        [
-            xyz.AxisOption(XYZ_LABELS[0], float, _xyz_lambda),
-            xyz.AxisOption(
-                XYZ_LABELS[1],
-                str,
-                _xyz_adapter,
-                format_value=xyz.format_value,
-                choices=lambda: [activation.NONE_CHOICE, *REGISTRY.names()],
-            ),
-        ]
-    )
+    try:
+        xyz.axis_options[:] = [o for o in xyz.axis_options if o.label not in XYZ_LABELS]
+        xyz.axis_options.extend(
+            [
+                xyz.AxisOption(XYZ_LABELS[0], float, _xyz_lambda),
+                xyz.AxisOption(
+                    XYZ_LABELS[1],
+                    str,
+                    _xyz_adapter,
+                    format_value=getattr(xyz, "format_value", _xyz_plain),
+                    choices=lambda: [activation.NONE_CHOICE, *REGISTRY.names()],
+                ),
+            ]
+        )
+    except Exception as e:  # an X/Y/Z of another shape: the rest of OSTAF still loads
+        print(f"OSTAF: X/Y/Z axes not added ({type(e).__name__}: {e})")
 
 
 # --------------------------------------------------------------------------- training tab

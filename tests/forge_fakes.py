@@ -11,11 +11,28 @@
 * :class:`FakeForgeModel` — a ``StableDiffusion`` engine around the tiny ldm UNet:
   ``forge_objects`` / ``_original`` / ``_after_applying_lora``, a text engine with an
   ``EmbeddingDatabase``, ``@inference_mode`` conditioning and first-stage helpers.
+
+The maintained forks, each written from its own source (read, not copied):
+
+* Forge Neo (``backend/patcher/base.py``, ``backend/patcher/lora.py``): :class:`FakeNeoModelPatcher`
+  files patches under its LoRA loader only when ``filename`` *and* ``online_mode`` are given,
+  and its merge (:func:`neo_merge`) takes ComfyUI weight-adapter objects
+  (:class:`FakeLoRAAdapter`) and raises ``ValueError('… of type "lora" is not recognized')``
+  for Forge 2's ``("lora", …)`` tuples; :func:`fake_neo_modules` installs
+  ``backend.patcher.lora`` (which imports ``weight_adapter``).
+* Forge Classic and reForge (``ldm_patched``, no ``backend``): :class:`FakeLdmModelPatcher`
+  (positional ``add_patches``, ``patch_model`` / ``unpatch_model`` with backups, loaded by
+  ``ldm_patched.modules.model_management.load_model_gpu``); Classic's merge takes
+  ``("lora", (up, down, alpha, mid))`` tuples, reForge's only weight-adapter objects (a tuple
+  logs "patch type not recognized" and leaves the weight as it was).
+  :class:`FakeLdmForgeModel` is an A1111-shaped model with ``forge_objects``: text through
+  A1111's hijacked embedder and ``sd_hijack``'s embedding database.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import types
 from typing import Any, ClassVar
@@ -25,7 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .unets import ADM_IN_CHANNELS, CONTEXT_DIM, tiny_ldm_unet
-from .webui_fakes import FakeState, IdsLookup, encode_with_fixes, fake_tokenize
+from .webui_fakes import (
+    FakeClipEmbedder,
+    FakeEmbeddingDb,
+    FakeState,
+    IdsLookup,
+    encode_with_fixes,
+    fake_tokenize,
+)
 
 
 class ForgeLinear(nn.Module):
@@ -61,9 +85,23 @@ def _get_param(root: nn.Module, key: str) -> torch.Tensor:
     return dict(root.named_parameters())[key]
 
 
+def forge2_merge(plist: list, weight: torch.Tensor, key: str) -> torch.Tensor:
+    """Forge 2's ``merge_lora_to_weight``, for the ``lora`` type: ``v[0]`` is the type name,
+    so anything but a ``(type, values)`` tuple fails."""
+    for strength, value, strength_model, _offset, _fn in plist:
+        kind, (up, down, alpha, _mid, _dora) = value
+        assert kind == "lora"
+        weight = weight * strength_model
+        scale = (alpha / down.shape[0]) if alpha is not None else 1.0
+        diff = (up.flatten(1).float() @ down.flatten(1).float()).reshape(weight.shape)
+        weight = weight + strength * scale * diff
+    return weight
+
+
 class FakeLoraLoader:
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, merge=forge2_merge) -> None:
         self.model = model
+        self.merge = merge
         self.backup: dict[str, torch.Tensor] = {}
         self.loaded_hash = str([])
         self.merges = 0
@@ -82,13 +120,7 @@ class FakeLoraLoader:
                 if key not in merged:
                     self.backup[key] = _get_param(self.model, key).detach().clone()
                     merged[key] = self.backup[key].float().clone()
-                for strength, value, strength_model, _offset, _fn in plist:
-                    kind, (up, down, alpha, _mid, _dora) = value
-                    assert kind == "lora"
-                    w = merged[key] * strength_model
-                    scale = (alpha / down.shape[0]) if alpha is not None else 1.0
-                    diff = (up.flatten(1).float() @ down.flatten(1).float()).reshape(w.shape)
-                    merged[key] = w + strength * scale * diff
+                merged[key] = self.merge(plist, merged[key], key)
         for key, w in merged.items():
             _set_param(self.model, key, w.to(self.backup[key].dtype))
         self.loaded_hash = h
@@ -96,15 +128,17 @@ class FakeLoraLoader:
 
 
 class FakeModelPatcher:
+    merge = staticmethod(forge2_merge)
+
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.lora_patches: dict[tuple, dict[str, list]] = {}
         if not hasattr(model, "lora_loader"):
-            model.lora_loader = FakeLoraLoader(model)
+            model.lora_loader = FakeLoraLoader(model, self.merge)
         self.lora_loader: FakeLoraLoader = model.lora_loader
 
     def clone(self) -> FakeModelPatcher:
-        n = FakeModelPatcher(self.model)
+        n = type(self)(self.model)
         n.lora_patches = self.lora_patches.copy()
         return n
 
@@ -236,11 +270,13 @@ class FakeForgeModel:
     is_sd1, is_sd2, is_sdxl = True, False, False
 
     @torch.inference_mode()
-    def __init__(self, seed: int = 0, storage=torch.float32, family: str = "sd1") -> None:
+    def __init__(
+        self, seed: int = 0, storage=torch.float32, family: str = "sd1", patcher_cls=None
+    ) -> None:
         self.is_sd1, self.is_sdxl = family == "sd1", family == "sdxl"
         unet = forgeify(tiny_ldm_unet(family, seed=seed))
         unet = _inference_copy(unet)
-        patcher = FakeModelPatcher(FakeKModel(unet, storage))
+        patcher = (patcher_cls or FakeModelPatcher)(FakeKModel(unet, storage))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             vae_model = FakeVaeModel()
@@ -376,3 +412,372 @@ def fake_forge_modules(sd_model: Any):
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
+
+
+# --------------------------------------------------------------------------- the forks
+
+
+class FakeWeightAdapterBase:
+    """ComfyUI's ``weight_adapter.WeightAdapterBase`` (Neo: ``modules_forge/packages/comfy``,
+    reForge: ``ldm_patched/modules/weight_adapter``)."""
+
+    name: str
+
+
+class FakeLoRAAdapter(FakeWeightAdapterBase):
+    """Their ``LoRAAdapter(loaded_keys, weights)``, ``weights = (up, down, alpha, mid,
+    dora_scale, reshape)``; ``calculate_weight`` adds ``strength · alpha/rank · up @ down``
+    (alpha None → 1) in ``intermediate_dtype``, in place on the given weight."""
+
+    name = "lora"
+
+    def __init__(self, loaded_keys, weights) -> None:
+        self.loaded_keys, self.weights = loaded_keys, weights
+
+    def calculate_weight(
+        self,
+        weight,
+        key,
+        strength,
+        strength_model,
+        offset,
+        function,
+        intermediate_dtype=torch.float32,
+        original_weight=None,
+    ):
+        up, down, alpha, mid, dora_scale, reshape = self.weights
+        assert mid is None and dora_scale is None and reshape is None  # not reproduced
+        mat1 = up.to(weight.device, intermediate_dtype)
+        mat2 = down.to(weight.device, intermediate_dtype)
+        scale = alpha / mat2.shape[0] if alpha is not None else 1.0
+        diff = torch.mm(mat1.flatten(start_dim=1), mat2.flatten(start_dim=1)).reshape(weight.shape)
+        weight += function(((strength * scale) * diff).type(weight.dtype))
+        return weight
+
+
+def weight_adapter_module() -> types.ModuleType:
+    mod = types.ModuleType("weight_adapter")
+    mod.WeightAdapterBase, mod.LoRAAdapter = FakeWeightAdapterBase, FakeLoRAAdapter
+    mod.adapters = [FakeLoRAAdapter]
+    return mod
+
+
+def comfy_merge(patches, weight, key, *, strict: bool):
+    """The ComfyUI-style merge of Neo (``merge_lora_to_weight``, ``strict``: an unknown type
+    raises) and reForge (``lora.calculate_weight``: it logs and skips): weight-adapter objects
+    compute themselves; tuples are only ``diff`` and ``set``."""
+    for strength, v, strength_model, offset, function in patches:
+        assert offset is None
+        function = function or (lambda a: a)
+        if strength_model != 1.0:
+            weight *= strength_model
+        if isinstance(v, FakeWeightAdapterBase):
+            weight = v.calculate_weight(weight, key, strength, strength_model, offset, function)
+            continue
+        patch_type, v = ("diff", v) if len(v) == 1 else (v[0], v[1])
+        if patch_type == "diff":
+            weight += function(strength * v[0].to(weight))
+        elif patch_type == "set":
+            weight.copy_(v[0])
+        elif strict:
+            raise ValueError(f'"{key}" of type "{patch_type}" is not recognized...')
+        else:
+            logging.getLogger("fake_ldm").warning(
+                "patch type not recognized %s %s", patch_type, key
+            )
+    return weight
+
+
+def neo_merge(plist, weight, key):
+    return comfy_merge(plist, weight, key, strict=True)
+
+
+class FakeNeoModelPatcher(FakeModelPatcher):
+    """Neo's ``ModelPatcher``: ``add_patches(patches, strength_patch, strength_model, *,
+    filename=None, online_mode=None)``; the patches go to the LoRA loader (``lora_patches``,
+    merged by ``refresh`` with :func:`neo_merge`) only when both keywords are given, else to
+    ``self.patches`` (ComfyUI's per-load path, not reproduced: tests check it stays empty)."""
+
+    merge = staticmethod(neo_merge)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.patches: dict[str, list] = {}
+
+    def clone(self) -> FakeNeoModelPatcher:
+        n = super().clone()
+        n.patches = self.patches.copy()
+        return n
+
+    def add_patches(
+        self, patches, strength_patch=1.0, strength_model=1.0, *, filename=None, online_mode=None
+    ):
+        lora = filename is not None and online_mode is not None
+        keys = {k for k, _ in self.model.named_parameters()}
+        this: dict[str, list] = {}
+        accepted = []
+        for k, v in patches.items():
+            if k in keys:
+                accepted.append(k)
+                entry = (strength_patch, v, strength_model, None, None)
+                (this if lora else self.patches).setdefault(k, []).append(entry)
+        if lora:
+            self.lora_patches[(filename, strength_patch, strength_model, online_mode)] = this
+        return accepted
+
+
+def _install(mods: dict[str, Any]):
+    saved = {k: sys.modules.get(k, _MISSING) for k in mods}
+    sys.modules.update(mods)
+    return saved
+
+
+_MISSING = object()
+
+
+def _restore(saved: dict[str, Any]) -> None:
+    for k, v in saved.items():
+        if v is _MISSING:
+            sys.modules.pop(k, None)
+        else:
+            sys.modules[k] = v
+
+
+@contextlib.contextmanager
+def fake_neo_modules():
+    """Neo's ``backend.patcher.lora`` (it imports ``weight_adapter`` from
+    ``modules_forge.packages.comfy.lora``) and that ``weight_adapter`` package."""
+    wa = weight_adapter_module()
+    lora = types.ModuleType("backend.patcher.lora")
+    lora.weight_adapter, lora.merge_lora_to_weight = wa, neo_merge
+    patcher = types.ModuleType("backend.patcher")
+    patcher.__path__ = []
+    patcher.lora = lora
+    saved = _install(
+        {
+            "backend.patcher": patcher,
+            "backend.patcher.lora": lora,
+            "modules_forge.packages.comfy.weight_adapter": wa,
+        }
+    )
+    try:
+        yield types.SimpleNamespace(lora=lora, weight_adapter=wa)
+    finally:
+        _restore(saved)
+
+
+class FakeLdmModelPatcher:
+    """``ldm_patched.modules.model_patcher.ModelPatcher`` of old Forge / Forge Classic /
+    reForge: positional ``add_patches`` keeps the keys of the model's state dict in
+    ``self.patches`` (a clone copies each list); ``patch_model`` backs up and merges every
+    patched key, swapping in a new parameter; ``unpatch_model`` puts the backups back.
+    ``flavour`` picks the merge: ``"classic"`` takes ``("lora", (up, down, alpha, mid, …))``
+    tuples, ``"reforge"`` only weight-adapter objects (see :func:`comfy_merge`)."""
+
+    def __init__(self, model: nn.Module, flavour: str) -> None:
+        self.model, self.flavour = model, flavour
+        self.patches: dict[str, list] = {}
+        self.backup: dict[str, torch.Tensor] = {}
+
+    def clone(self) -> FakeLdmModelPatcher:
+        n = FakeLdmModelPatcher(self.model, self.flavour)
+        n.patches = {k: v[:] for k, v in self.patches.items()}
+        return n
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        keys = set(self.model.state_dict())
+        accepted = set()
+        for k, v in patches.items():
+            if k in keys:
+                accepted.add(k)
+                entry = (strength_patch, v, strength_model, None, None)
+                self.patches.setdefault(k, []).append(entry)
+        return list(accepted)
+
+    def _merge(self, plist, weight, key):
+        if self.flavour == "reforge":
+            return comfy_merge(plist, weight, key, strict=False)
+        for alpha, v, strength_model, _offset, _fn in plist:  # Classic's calculate_weight
+            if strength_model != 1.0:
+                weight *= strength_model
+            patch_type, v = v
+            if patch_type != "lora":
+                raise NotImplementedError(patch_type)
+            mat1, mat2 = v[0].float(), v[1].float()
+            if v[2] is not None:
+                alpha *= v[2] / mat2.shape[0]
+            assert v[3] is None  # LoCon mid weights: not reproduced
+            weight += (alpha * torch.mm(mat1.flatten(1), mat2.flatten(1))).reshape(weight.shape)
+        return weight
+
+    @torch.no_grad()
+    def patch_model(self) -> None:
+        for key, plist in self.patches.items():
+            weight = _get_param(self.model, key)
+            if key not in self.backup:
+                self.backup[key] = weight.detach()
+            out = self._merge(plist, weight.detach().float().clone(), key)
+            _set_param(self.model, key, out.to(weight.dtype))
+
+    def unpatch_model(self) -> None:
+        for key, w in self.backup.items():
+            _set_param(self.model, key, w)
+        self.backup.clear()
+
+
+class FakeBaseModel(nn.Module):
+    """ldm_patched's ``BaseModel``: ``diffusion_model``, no ``predictor``."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.diffusion_model = unet
+
+
+class FakeLdmVae(nn.Module):
+    """ldm's ``AutoencoderKL`` as old Forge keeps it: ``encode(x)`` → a posterior."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(3, 4, 8, stride=8)
+        self.dec = nn.ConvTranspose2d(4, 3, 8, stride=8)
+
+    def encode(self, x):
+        return _Posterior(self.enc(x))
+
+
+class FakeLdmForgeModel:
+    """An SD1 model of old Forge / Forge Classic / reForge (``modules_forge/forge_loader.py``):
+    A1111's ``LatentDiffusion`` shape (``model.diffusion_model``, ``parameterization``,
+    ``alphas_cumprod``, flags, hijacked ``cond_stage_model`` over ``sd_hijack``'s embedding
+    database) plus ``forge_objects*`` of :class:`FakeLdmModelPatcher`. Loaded at start (no
+    ``forge_model_reload``); the first-stage helpers run under ``inference_mode`` and return
+    scaled latents (``get_first_stage_encoding`` is the identity)."""
+
+    is_sd1, is_sd2, is_sdxl = True, False, False
+    parameterization = "eps"
+
+    def __init__(self, flavour: str = "classic", seed: int = 0) -> None:
+        with torch.inference_mode():
+            unet = _inference_copy(tiny_ldm_unet("sd1", seed=seed))
+        base = FakeBaseModel(unet)
+        self.model = base  # sd_model.model.diffusion_model is the patcher's UNet
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            self.vae = FakeLdmVae()
+            self.embedding_db = FakeEmbeddingDb()
+            self.cond_stage_model = FakeClipEmbedder(self.embedding_db, 768, CONTEXT_DIM)
+        with torch.inference_mode():
+            _inference_copy(self.cond_stage_model, requires_grad=True)
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0).float()
+        clip = types.SimpleNamespace(
+            patcher=FakeLdmModelPatcher(self.cond_stage_model, flavour),
+            cond_stage_model=self.cond_stage_model,
+        )
+        vae = types.SimpleNamespace(first_stage_model=self.vae)
+        unet_patcher = FakeLdmModelPatcher(base, flavour)
+        self.forge_objects = FakeForgeObjects(unet_patcher, clip, vae)
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+        self.sd_checkpoint_info = types.SimpleNamespace(
+            name="fake.safetensors", name_for_extra="fake"
+        )
+
+    def get_learned_conditioning(self, prompts):
+        return self.cond_stage_model(prompts)
+
+    @torch.inference_mode()
+    def encode_first_stage(self, x):
+        return 0.18215 * self.vae.encode(x).sample()
+
+    def get_first_stage_encoding(self, z):
+        return z
+
+    @torch.inference_mode()
+    def decode_first_stage(self, z):
+        return torch.tanh(self.vae.dec(z / 0.18215))
+
+
+def fake_ldm_management() -> types.ModuleType:
+    """``ldm_patched.modules.model_management``: loading a patcher unpatches the clone of the
+    same model that was loaded before (``unload_model_clones``), then patches this one."""
+    mm = types.ModuleType("ldm_patched.modules.model_management")
+    mm.current: dict[int, Any] = {}
+    mm.loaded: list[Any] = []
+
+    def load_models_gpu(models, memory_required=0):
+        for patcher in models:
+            mm.loaded.append(patcher)
+            old = mm.current.get(id(patcher.model))
+            if old is patcher:
+                continue
+            if old is not None:
+                old.unpatch_model()
+            patcher.patch_model()
+            mm.current[id(patcher.model)] = patcher
+
+    mm.load_models_gpu = load_models_gpu
+    mm.load_model_gpu = lambda model: load_models_gpu([model])
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.soft_empty_cache = lambda force=False: None
+    return mm
+
+
+@contextlib.contextmanager
+def fake_ldm_forge_modules(sd_model: FakeLdmForgeModel, flavour: str = "classic"):
+    """Old Forge / Forge Classic / reForge: ``modules`` (model loaded at start, no
+    ``forge_model_reload``; ``sd_hijack.model_hijack.embedding_db``), ``modules_forge``,
+    ``ldm_patched.modules.model_management`` and ``…lora`` (reForge's imports
+    ``weight_adapter``, Classic's does not) and no ``backend`` at all."""
+    shared = types.ModuleType("modules.shared")
+    shared.state = FakeState()
+    shared.cmd_opts = types.SimpleNamespace(lowvram=False, api_auth=None)
+    shared.opts = types.SimpleNamespace()
+    shared.sd_model = sd_model
+    sd_models = types.ModuleType("modules.sd_models")
+    hijack = types.ModuleType("modules.sd_hijack")
+    hijack.model_hijack = types.SimpleNamespace(embedding_db=sd_model.embedding_db)
+    processing = types.ModuleType("modules.processing")
+
+    class StableDiffusionProcessing:
+        cached_c: ClassVar[list] = [("key",), "cond", None]
+        cached_uc: ClassVar[list] = [("key",), "uncond", None]
+
+    processing.StableDiffusionProcessing = StableDiffusionProcessing
+    pkg = types.ModuleType("modules")
+    pkg.__path__ = []
+    pkg.shared, pkg.sd_models, pkg.sd_hijack, pkg.processing = (
+        shared,
+        sd_models,
+        hijack,
+        processing,
+    )
+    mm = fake_ldm_management()
+    lora = types.ModuleType("ldm_patched.modules.lora")
+    if flavour == "reforge":
+        lora.weight_adapter = weight_adapter_module()
+    ldm = types.ModuleType("ldm_patched")
+    ldm_modules = types.ModuleType("ldm_patched.modules")
+    ldm.__path__, ldm_modules.__path__ = [], []
+    ldm.modules, ldm_modules.model_management, ldm_modules.lora = ldm_modules, mm, lora
+    saved = _install(
+        {
+            "modules": pkg,
+            "modules.shared": shared,
+            "modules.sd_models": sd_models,
+            "modules.sd_hijack": hijack,
+            "modules.processing": processing,
+            "modules_forge": types.ModuleType("modules_forge"),
+            "ldm_patched": ldm,
+            "ldm_patched.modules": ldm_modules,
+            "ldm_patched.modules.model_management": mm,
+            "ldm_patched.modules.lora": lora,
+            "backend": None,  # not there: `import backend` raises ModuleNotFoundError
+        }
+    )
+    try:
+        yield types.SimpleNamespace(
+            shared=shared, mm=mm, lora=lora, processing=processing, hijack=hijack
+        )
+    finally:
+        _restore(saved)

@@ -20,7 +20,18 @@ from lib_ostaf.naming import inspect_unet, is_linear_like, module_name_from_kohy
 from lib_ostaf.registry import AdapterRegistry
 from lib_ostaf.training_job import TrainRequest
 
-from .forge_fakes import FakeForgeModel, FakeModelPatcher, ForgeLinear, fake_forge_modules, forgeify
+from .forge_fakes import (
+    FakeForgeModel,
+    FakeLdmForgeModel,
+    FakeLoRAAdapter,
+    FakeModelPatcher,
+    FakeNeoModelPatcher,
+    ForgeLinear,
+    fake_forge_modules,
+    fake_ldm_forge_modules,
+    fake_neo_modules,
+    forgeify,
+)
 from .unets import tiny_ldm_unet
 from .webui_fakes import make_adapter
 
@@ -36,7 +47,7 @@ def sd_model():
 
 
 def _unet(sd_model):
-    return sd_model.forge_objects.unet.model.diffusion_model
+    return sd_model.forge_objects_original.unet.model.diffusion_model
 
 
 def _weights(module):
@@ -366,3 +377,217 @@ def test_sdxl_host_and_tokens_on_both_engines(tmp_path):
         emb = engine.embeddings.word_embeddings["<cup>"]
         assert set(emb.vec) == {"clip_l", "clip_g"} and emb.shape == 2048
     assert len(sd_model.forge_objects.unet.lora_patches) == 1
+
+
+# --------------------------------------------------------------------------- the forks
+# Forge Neo, Forge Classic, reForge (docs/forge.md "Forks"); fakes written from each host's code.
+
+
+def _expected_merge(unet, before, plan):
+    """W + Σ λ·(alpha/rank)·up @ down per layer, from the file's factors (not our merge)."""
+    info = inspect_unet(unet)
+    want = {k: v.clone() for k, v in before.items()}
+    for planned in plan.adapters:
+        for key, m in planned.adapter.modules.items():
+            name = module_name_from_kohya(key, info) + ".weight"
+            factor = float(m.alpha) / m.down.shape[0]
+            want[name] += planned.weight * factor * (m.up.float() @ m.down.float())
+    return want
+
+
+def _worst(after, want):
+    return max((after[k] - want[k]).abs().max().item() for k in want)
+
+
+def test_neo_fake_rejects_forge2_tuples_like_neo():
+    root = torch.nn.Module()
+    root.lin = ForgeLinear(torch.nn.Linear(3, 2))
+    patcher = FakeNeoModelPatcher(root)
+    up, down = torch.ones(2, 1), torch.ones(1, 3)
+    tup = {"lin.weight": ("lora", (up, down, 1.0, None, None))}
+    patcher.add_patches(tup, 1.0, filename="f", online_mode=False)
+    with pytest.raises(ValueError, match='of type "lora" is not recognized'):
+        patcher.refresh_loras()
+    assert forge.lora_adapter_class() is None  # nothing of Neo's is importable here
+    with fake_neo_modules():
+        assert forge.lora_adapter_class() is FakeLoRAAdapter
+
+
+def test_neo_gets_its_weight_adapter_objects_and_restores_exactly(folder):
+    sd_model = FakeForgeModel(patcher_cls=FakeNeoModelPatcher)
+    unet = _unet(sd_model)
+    make_adapter(folder, "app", unet, seed=1)  # the folder's files, for this model
+    make_adapter(folder, "shp", unet, attribute="shape", seed=2)
+    before = _weights(unet)
+    applier = ForgeApplier()
+    plan = _plan(folder, ("app", "0.7"), ("shp", "-1.3"))
+    with fake_neo_modules():
+        assert _generate(applier, sd_model, plan) == []
+        patched = sd_model.forge_objects.unet
+        assert patched.patches == {}  # Neo's LoRA path (online_mode given), as its <lora:>
+        ids = [k for k in patched.lora_patches if k[0].startswith("ostaf:")]
+        assert len(ids) == 2 and all(k[3] is False for k in ids)  # online_mode=False
+        kinds = {type(e[1]) for p in patched.lora_patches.values() for v in p.values() for e in v}
+        assert kinds == {FakeLoRAAdapter}
+        want = _expected_merge(unet, before, plan)
+        assert _worst(_weights(unet), want) < 1e-6
+        _generate(applier, sd_model, _plan(folder))  # no tags: restored bit-exactly
+        assert all(torch.equal(_weights(unet)[k], before[k]) for k in before)
+
+
+def test_forge2_keeps_tuples_and_gets_online_mode_false(sd_model, folder):
+    applier = ForgeApplier()
+    _generate(applier, sd_model, _plan(folder, ("app", "1")))
+    (ident,) = sd_model.forge_objects.unet.lora_patches
+    assert ident[3] is False
+    (plist,) = list(sd_model.forge_objects.unet.lora_patches[ident].values())[:1]
+    assert plist[0][1][0] == "lora"
+
+
+@pytest.mark.parametrize("flavour", ["classic", "reforge"])
+def test_old_forge_forks_merge_lambda_delta_and_restore(flavour, tmp_path, caplog):
+    sd_model = FakeLdmForgeModel(flavour)
+    unet = _unet(sd_model)
+    make_adapter(tmp_path, "app", unet, seed=1)
+    make_adapter(tmp_path, "shp", unet, attribute="shape", seed=2)
+    before = _weights(unet)
+    applier = ForgeApplier()
+    plan = _plan(tmp_path, ("app", "0.7"), ("shp", "-1.3"))
+    with fake_ldm_forge_modules(sd_model, flavour) as fakes, caplog.at_level("WARNING"):
+        want_cls = FakeLoRAAdapter if flavour == "reforge" else None
+        assert forge.lora_adapter_class() is want_cls
+        assert _generate_ldm(applier, sd_model, plan, fakes.mm) == []
+        assert "patch type not recognized" not in caplog.text
+        assert _worst(_weights(unet), _expected_merge(unet, before, plan)) < 1e-6
+        _generate_ldm(applier, sd_model, _plan(tmp_path), fakes.mm)
+        assert all(torch.equal(_weights(unet)[k], before[k]) for k in before)
+
+
+def test_reforge_fake_ignores_tuples_like_reforge(tmp_path, caplog):
+    sd_model = FakeLdmForgeModel("reforge")
+    unet = _unet(sd_model)
+    before = _weights(unet)
+    key = next(k for k in before if k.endswith("attn2.to_k.weight"))
+    w = before[key]
+    tup = ("lora", (torch.ones(w.shape[0], 1), torch.ones(1, w.shape[1]), 1.0, None, None))
+    patcher = sd_model.forge_objects.unet.clone()
+    assert patcher.add_patches({"diffusion_model." + key: tup}, 1.0)
+    with caplog.at_level("WARNING"):
+        patcher.patch_model()
+    assert "patch type not recognized lora" in caplog.text
+    assert torch.equal(_weights(unet)[key], w)  # silently unchanged
+
+
+def _generate_ldm(applier, sd_model, plan, mm):
+    """One batch on old Forge: reset → activate → process_before_every_sampling → the
+    sampler loads ``forge_objects.unet`` with model management (unpatching the last one)."""
+    sd_model.forge_objects = sd_model.forge_objects_after_applying_lora.shallow_copy()
+    messages = applier.apply(sd_model, plan.adapters)
+    messages += applier.patch_unet(_P(sd_model))
+    mm.load_model_gpu(sd_model.forge_objects.unet)
+    return messages
+
+
+@pytest.mark.parametrize("flavour", ["classic", "reforge"])
+def test_training_on_old_forge_without_backend(flavour, tmp_path):
+    sd_model = FakeLdmForgeModel(flavour)
+    unet = _unet(sd_model)
+    before = _weights(unet)
+    make_adapter(tmp_path, "app", unet, seed=1)
+    applier = ForgeApplier()
+    out = tmp_path / "out"
+    out.mkdir()
+    request = TrainRequest(image=_image(), name="t1", preview_every=1, preview_steps=2, **FAST)
+    jobs = JobManager()
+    job = jobs.begin()
+    with fake_ldm_forge_modules(sd_model, flavour) as fakes:
+        with pytest.raises(ModuleNotFoundError):
+            __import__("backend")
+        assert forge.memory_management() is fakes.mm
+        _generate_ldm(applier, sd_model, _plan(tmp_path, ("app", "1")), fakes.mm)
+        assert not all(torch.equal(_weights(unet)[k], before[k]) for k in before)
+        jobs.run(job, lambda j: train_on_loaded_model(jobs, j, request, out, applier))
+        assert job.status == "done", job.error
+        assert fakes.mm.loaded[-1] is sd_model.forge_objects_original.unet
+        after = _weights(unet)
+        assert all(torch.equal(after[k], before[k]) for k in before)  # unpatched, untouched
+        assert job.result["layers"] > 0 and (out / "t1.safetensors").is_file()
+
+
+def test_object_tokens_on_old_forge_use_the_a1111_database(tmp_path):
+    sd_model = FakeLdmForgeModel("classic")
+    make_adapter(tmp_path, "app", _unet(sd_model), seed=1)
+    vec = torch.randn(2, 768)
+    _bundle(tmp_path / "app.safetensors", "<mug1>", vec)
+    applier = ForgeApplier()
+    with fake_ldm_forge_modules(sd_model) as fakes:
+        cache = fakes.processing.StableDiffusionProcessing.cached_c
+        with torch.inference_mode():
+            plain = sd_model.get_learned_conditioning(["a <mug1> photo"])
+        assert _generate_ldm(applier, sd_model, _plan(tmp_path, ("app", "1")), fakes.mm) == []
+        emb = sd_model.embedding_db.word_embeddings["<mug1>"]
+        assert torch.equal(emb.vec, vec) and (emb.shape, emb.vectors) == (768, 2)
+        assert cache == [None, None, None]
+        with torch.inference_mode():
+            tagged = sd_model.get_learned_conditioning(["a <mug1> photo"])
+        assert not torch.equal(tagged, plain)
+        _generate_ldm(applier, sd_model, _plan(tmp_path), fakes.mm)  # no tag: unregistered
+        assert "<mug1>" not in sd_model.embedding_db.word_embeddings
+        _generate_ldm(applier, sd_model, _plan(tmp_path, ("app", "1")), fakes.mm)
+        applier.reset(sd_model)  # script unloaded
+        assert sd_model.embedding_db.word_embeddings == {}
+
+
+def test_old_forge_host_trains_token_vectors_through_a1111_text(tmp_path):
+    sd_model = FakeLdmForgeModel("reforge")
+    with fake_ldm_forge_modules(sd_model, "reforge"):
+        host = ForgeHost(sd_model, resolution=64)
+        assert [t.width for t in host.text_encoders] == [768]
+        vecs = [torch.nn.Parameter(torch.randn(1, 768) * 0.02)]
+        plain = host.encode_prompt("a photo of <mug1>")
+        cond = host.encode_prompt("a photo of <mug1>", {"<mug1>": vecs})
+        assert cond.shape == plain.shape and not torch.allclose(cond, plain)
+        cond.square().sum().backward()
+        assert vecs[0].grad is not None and vecs[0].grad.abs().sum() > 0
+        assert sd_model.embedding_db.word_embeddings == {}  # registered for the call only
+        assert host.prediction_type == "epsilon"
+
+
+def test_object_training_on_old_forge_and_tokens_apply(tmp_path):
+    from lib_ostaf.embeddings import load_embedding
+    from lib_ostaf.object_job import ObjectRequest
+
+    from .conftest import disc_image
+
+    sd_model = FakeLdmForgeModel("classic")
+    unet, text = _unet(sd_model), sd_model.cond_stage_model
+    before = _weights(unet) | {f"te.{k}": v for k, v in _weights(text).items()}
+    request = ObjectRequest(
+        image=disc_image(),
+        name="mug",
+        tokens=["<mug1>"],
+        classes=["mug"],
+        preview_every=1,
+        steps=2,
+        embedding_steps=1,
+        lr=1e-2,
+        embedding_lr=1e-2,
+        resolution=64,
+        sweep=(0.0, 1.0),
+    )
+    applier = ForgeApplier()
+    jobs = JobManager()
+    with fake_ldm_forge_modules(sd_model) as fakes:
+        job = jobs.begin("objects")
+        jobs.run(job, lambda j: train_on_loaded_model(jobs, j, request, tmp_path, applier))
+        assert job.status == "done", job.error
+        after = _weights(unet) | {f"te.{k}": v for k, v in _weights(text).items()}
+        assert all(torch.equal(after[k], before[k]) for k in before)
+        assert sd_model.embedding_db.word_embeddings == {}
+        _, trained = load_embedding(job.result["embeddings"]["<mug1>"], "sd1")
+        host = ForgeHost(sd_model, resolution=64)
+        want = host.encode_prompt("a photo of <mug1>", {"<mug1>": list(trained)})
+        plan = _plan(tmp_path, ("mug", "1"))
+        assert _generate_ldm(applier, sd_model, plan, fakes.mm) == []
+        got = host.encode_prompt("a photo of <mug1>")
+        assert torch.allclose(got, want, atol=1e-5)

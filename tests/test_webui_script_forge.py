@@ -100,3 +100,48 @@ def test_tab_train_button_on_forge_loads_the_model(glue):
     assert "forge_run" in card and "wrote" in log, (log, card)
     assert glue.forge.sd_models.reloads == 1 and len(images) == 1
     assert (glue.dir / "forge_run.safetensors").is_file()
+
+
+def _classic_xyz():
+    """Forge Classic's X/Y/Z (``extensions-builtin/xyz``): the script module imports
+    ``AxisOption`` from ``lib_xyz.classes`` (default ``format_value`` adds the label) and
+    ``axis_options`` is ``lib_xyz.builtins.builtin_options``; no ``format_value`` in it."""
+
+    def format_value_add_label(p, opt, x):
+        return f"{opt.label}: {round(x, 8) if isinstance(x, float) else x}"
+
+    class AxisOption:
+        def __init__(self, label, type, apply, format_value=format_value_add_label, **kw):
+            self.label, self.type, self.apply, self.format_value = label, type, apply, format_value
+            self.choices = kw.get("choices")
+
+    xyz = types.ModuleType("xyz_grid.py")
+    xyz.AxisOption = AxisOption
+    xyz.axis_options = [AxisOption("Seed", int, None)]
+    return xyz
+
+
+def test_xyz_axes_on_forge_classic_without_format_value(glue, capsys):
+    xyz = _classic_xyz()
+    script_class = type("XYZ", (), {"__module__": "xyz_grid.py"})
+    other = types.SimpleNamespace(script_class=type("S", (), {}), module=types.ModuleType("x.py"))
+    scripts = glue.fakes["modules.scripts"]
+    scripts.scripts_data = [other, types.SimpleNamespace(script_class=script_class, module=xyz)]
+    before_ui = glue.fakes["modules.script_callbacks"].registered["before_ui"][0]
+    before_ui()
+    before_ui()  # "Reload UI": no duplicates
+    assert [o.label for o in xyz.axis_options] == ["Seed", "OSTAF λ", "OSTAF adapter"]
+    lam, adapter = xyz.axis_options[1:]
+    assert lam.format_value(None, lam, 0.25) == "OSTAF λ: 0.25"  # the host's own default
+    assert adapter.format_value(None, adapter, "app") == "app"  # as A1111's format_value
+    assert adapter.format_value(None, adapter, 0.123456789) == 0.12345679
+    p = types.SimpleNamespace()
+    lam.apply(p, "0.5", None)
+    adapter.apply(p, "app", None)
+    assert (p._ostaf_xyz_lambda, p._ostaf_xyz_adapter) == (0.5, "app")
+    assert "Traceback" not in capsys.readouterr().out
+
+
+def test_no_xyz_script_is_not_an_error(glue):
+    glue.fakes["modules.scripts"].scripts_data = []
+    glue.fakes["modules.script_callbacks"].registered["before_ui"][0]()  # nothing raised

@@ -6,6 +6,12 @@ model is loaded at start, the batch loop runs under ``torch.inference_mode()``, 
 ``ForgeOperations.Linear`` (no ``torch.nn.Linear``) and weights may be fp8/nf4/gguf.
 
 * :func:`is_forge` / :func:`forge_generation` — run-time host detection (§8.7).
+* The maintained forks (docs/forge.md "Forks") are told apart by what their modules expose,
+  never by a version tag or a folder name: :func:`memory_management` (Forge 2 / Neo:
+  ``backend``; old Forge, Forge Classic, reForge: ``ldm_patched``), :func:`lora_adapter_class`
+  (Neo and reForge merge only ComfyUI-style weight-adapter objects, Forge 2 and Classic take
+  ``("lora", …)`` tuples), and the text path (Forge 2 / Neo: text engines; old Forge: A1111's
+  embedding database, through :mod:`lib_ostaf.hosts.a1111`).
 * :class:`ForgeHost` — training on the loaded model: the *unpatched* UNet
   (``forge_objects_original``, loaded with the memory manager, so no LoRA of a previous
   generation is merged), inference tensors of the engine cloned before autograd, refuses
@@ -42,8 +48,8 @@ from ..jobs import Job, JobManager
 from ..naming import UNetInfo, inspect_unet, module_name_from_kohya
 from ..object_job import ObjectRequest, run_object_training
 from ..training_job import TrainRequest, preserve_module_state, run_training
-from . import webui
-from .a1111 import NATIVE_RESOLUTION, StateReporter
+from . import a1111, webui
+from .a1111 import NATIVE_RESOLUTION, A1111Applier, A1111Host, StateReporter
 from .webui import WebuiText, clear_cond_cache, embedding_class, wanted_tokens
 
 TRAINABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -76,6 +82,62 @@ def is_forge() -> bool:
 
 def host_name() -> str:
     return {0: "a1111", 1: "forge1", 2: "forge"}[forge_generation()]
+
+
+MODEL_MANAGEMENT = ("backend.memory_management", "ldm_patched.modules.model_management")
+LORA_MERGE = ("backend.patcher.lora", "ldm_patched.modules.lora")  # where patches are merged
+
+
+def _module(name: str) -> Any | None:
+    """``name`` if the host has it (already imported, or importable), else None."""
+    mod = sys.modules.get(name)
+    if mod is not None:
+        return mod
+    if not _importable(name):
+        return None
+    try:
+        return importlib.import_module(name)
+    except Exception:  # a host module that fails to import is a module the host lacks
+        return None
+
+
+def memory_management() -> Any:
+    """The host's model manager: Forge 2 / Neo ``backend.memory_management``; old Forge,
+    Forge Classic and reForge ``ldm_patched.modules.model_management`` (no ``backend``).
+    Chosen by what is importable and has ``load_model_gpu``."""
+    for name in MODEL_MANAGEMENT:
+        mod = _module(name)
+        if mod is not None and callable(getattr(mod, "load_model_gpu", None)):
+            return mod
+    raise IncompatibleModelError(
+        "this Forge has neither backend.memory_management nor "
+        "ldm_patched.modules.model_management; OSTAF cannot load its model"
+    )
+
+
+def lora_adapter_class() -> type | None:
+    """The host's LoRA weight-adapter class when its LoRA merge wants adapter objects
+    (Forge Neo ``backend.patcher.lora``, reForge ``ldm_patched.modules.lora``: both import
+    ComfyUI's ``weight_adapter`` package and reject ``("lora", …)`` tuples); None when the
+    merge takes tuples (Forge 2, Forge Classic: their merge modules have no ``weight_adapter``).
+    The first merge module the host has decides."""
+    for name in LORA_MERGE:
+        mod = _module(name)
+        if mod is None:
+            continue
+        cls = getattr(getattr(mod, "weight_adapter", None), "LoRAAdapter", None)
+        return cls if isinstance(cls, type) else None
+    return None
+
+
+def lora_patch(up: torch.Tensor, down: torch.Tensor, alpha: float, adapter: type | None) -> Any:
+    """One layer's patch value, merged by every host as ``strength · alpha/rank · up @ down``:
+    a ``LoRAAdapter(loaded_keys, (up, down, alpha, mid, dora_scale, reshape))`` where the
+    host wants weight-adapter objects, else Forge's ``("lora", (up, down, alpha, mid, dora))``
+    (old Forge reads the first four)."""
+    if adapter is not None:
+        return adapter(set(), (up, down, alpha, None, None, None))
+    return ("lora", (up, down, alpha, None, None))
 
 
 def model_family(sd_model: Any) -> str | None:
@@ -192,8 +254,9 @@ class ForgeHost:
                 "fp16/bf16/fp32 weights: set 'Diffusion in Low Bits' to Automatic or float16 "
                 "(generation with an adapter works in any storage)"
             )
-        predictor = getattr(kmodel, "predictor", None)
-        pred = getattr(predictor, "prediction_type", "epsilon")
+        predictor = getattr(kmodel, "predictor", None)  # old Forge: none; A1111's flag instead
+        v_param = getattr(sd_model, "parameterization", "eps") == "v"
+        pred = getattr(predictor, "prediction_type", "v_prediction" if v_param else "epsilon")
         if pred not in ("epsilon", "v_prediction"):
             raise IncompatibleModelError(f"unsupported prediction type {pred!r} (eps or v only)")
         self.sd_model = sd_model
@@ -213,42 +276,55 @@ class ForgeHost:
         self.resolution = int(resolution or NATIVE_RESOLUTION[family])
         self.latent_channels = 4
         self.latent_scale = 8
-        self._text: tuple[ForgeText, ...] | None = None
+        self._text: tuple[WebuiText, ...] | None = None
+        self._legacy: A1111Host | None = None
         info = getattr(sd_model, "sd_checkpoint_info", None)
         self.base_model_name = str(getattr(info, "name_for_extra", "") or getattr(info, "name", ""))
         self._load = load or (lambda patcher: None)
         self._hooks: list[Any] = []
 
     @property
-    def text_encoders(self) -> tuple[ForgeText, ...]:
-        """Object implantation: Forge's text engines (SDXL: CLIP-L, CLIP-G)."""
+    def text_encoders(self) -> tuple[WebuiText, ...]:
+        """Object implantation: Forge's text engines (SDXL: CLIP-L, CLIP-G); on old Forge
+        (Classic, reForge) A1111's hijacked embedders."""
         if self._text is None:
-            self._text = tuple(ForgeText(e) for e in text_engines(self.sd_model))
+            legacy = self.legacy_text()
+            if legacy is not None:
+                self._text = tuple(legacy.text_encoders)
+            else:
+                self._text = tuple(ForgeText(e) for e in text_engines(self.sd_model))
         return self._text
+
+    def legacy_text(self) -> A1111Host | None:
+        """Old Forge (Forge Classic, reForge) has no text engines: prompts go through A1111's
+        hijacked CLIP embedders and ``sd_hijack``'s embedding database, so A1111's text path
+        serves (an :class:`A1111Host` over the same model, for the text side only). None on
+        Forge 2 / Neo, or where neither exists."""
+        if text_engines(self.sd_model) or a1111.embedding_db() is None:
+            return None
+        if self._legacy is None:
+            self._legacy = A1111Host(self.sd_model, resolution=self.resolution, device=self.device)
+        return self._legacy
 
     @classmethod
     def from_webui(cls, *, resolution: int | None = None) -> ForgeHost:
         """Load the selected checkpoint if Forge has not yet (nothing is loaded at start) and
         put its *unpatched* UNet on the device. The caller holds ``queue_lock``."""
-        from backend import memory_management
         from modules import sd_models, shared
 
+        mm = memory_management()
         sd_model = shared.sd_model
-        if getattr(sd_model, "forge_objects", None) is None:
-            sd_models.forge_model_reload()
+        reload = getattr(sd_models, "forge_model_reload", None)  # old Forge loads at start
+        if getattr(sd_model, "forge_objects", None) is None and callable(reload):
+            reload()
             sd_model = shared.sd_model
         if getattr(sd_model, "forge_objects", None) is None:
             raise InputError("no model is loaded; pick a checkpoint first")
 
         def load(patcher: Any) -> None:
-            memory_management.load_model_gpu(patcher)
+            mm.load_model_gpu(patcher)
 
-        host = cls(
-            sd_model,
-            resolution=resolution,
-            device=memory_management.get_torch_device(),
-            load=load,
-        )
+        host = cls(sd_model, resolution=resolution, device=mm.get_torch_device(), load=load)
         host.prepare()
         return host
 
@@ -295,8 +371,14 @@ class ForgeHost:
         the text engines are called directly, outside inference mode, with the new tokens
         registered in their databases for this call: differentiable in the vectors."""
         if embeddings:
-            return self._encode_live(prompt, embeddings)
-        cond = self.sd_model.get_learned_conditioning([prompt])
+            legacy = self.legacy_text()
+            if legacy is None:
+                return self._encode_live(prompt, embeddings)
+            self.prepare_text()
+            with torch.inference_mode(False):
+                return legacy.encode_prompt(prompt, embeddings)
+        with torch.no_grad():  # old Forge's (A1111's) is not decorated: no graph wanted
+            cond = self.sd_model.get_learned_conditioning([prompt])
         if isinstance(cond, dict):  # SDXL: {"crossattn", "vector"}
             return {k: _plain(v).detach() for k, v in cond.items()}
         return _plain(cond).detach()
@@ -370,10 +452,16 @@ def patch_id(planned: PlannedAdapter) -> str:
 
 
 def add_patches(patcher: Any, filename: str, patches: Mapping[Any, Any], strength: float) -> set:
-    """Forge 2: keyword-only with ``filename``; old Forge: positional, no filename."""
+    """Forge 2 / Neo: ``filename`` keyword (identifier of the LoRA merge); old Forge, Classic,
+    reForge: positional, no filename. Neo files a patch under its LoRA loader only when
+    ``online_mode`` is given too (as its builtin LoRA does); Forge 2 defaults it to False."""
     params = inspect.signature(patcher.add_patches).parameters
     if "filename" in params:
-        return set(patcher.add_patches(filename=filename, patches=patches, strength_patch=strength))
+        extra = {"online_mode": False} if "online_mode" in params else {}
+        accepted = patcher.add_patches(
+            filename=filename, patches=patches, strength_patch=strength, **extra
+        )
+        return set(accepted or ())
     return set(patcher.add_patches(dict(patches), strength) or ())
 
 
@@ -419,6 +507,7 @@ class ForgeApplier:
         self._patches: dict[tuple[object, ...], dict[str, Any]] = {}  # identity → patches
         self._info: tuple[int, UNetInfo] | None = None
         self._tokens: dict[str, tuple[object, ...]] = {}  # registered token → identity key
+        self._legacy = A1111Applier()  # old Forge: tokens through A1111's embedding database
 
     # -- after the tags are activated (text side) -----------------------------------------
     def apply(self, sd_model: Any, adapters: Sequence[PlannedAdapter]) -> list[str]:
@@ -429,6 +518,8 @@ class ForgeApplier:
 
     def register_embeddings(self, sd_model: Any, adapters: Sequence[PlannedAdapter]) -> list[str]:
         engines = text_engines(sd_model)
+        if not engines and a1111.embedding_db() is not None:  # Forge Classic, reForge
+            return self._legacy.register_embeddings(sd_model, adapters)
         family = model_family(sd_model) or "sd1"
         wanted, messages = wanted_tokens(adapters, family)
         dbs = tuple(id(getattr(e, "embeddings", None)) for e in engines)
@@ -483,8 +574,9 @@ class ForgeApplier:
         return messages
 
     def unet_patches(self, planned: PlannedAdapter, patcher: Any) -> dict[str, Any]:
-        """``{"diffusion_model.<ldm path>.weight": ("lora", (up, down, alpha, None, None))}``:
-        Forge merges ``strength · alpha/rank · up @ down`` = λ·ΔW (§8.3)."""
+        """``{"diffusion_model.<ldm path>.weight": <LoRA patch>}`` (:func:`lora_patch`: a tuple,
+        or the host's weight-adapter object): the host merges
+        ``strength · alpha/rank · up @ down`` = λ·ΔW (§8.3)."""
         cached = self._patches.get(planned.identity)
         if cached is not None:
             return cached
@@ -495,15 +587,14 @@ class ForgeApplier:
         family = planned.adapter.family
         if family is not None and family != info.family:
             raise IncompatibleModelError(f"made for {family}, the loaded model is {info.family}")
+        adapter = lora_adapter_class()
         patches: dict[str, Any] = {}
         for key, module in planned.adapter.modules.items():
             if not key.startswith(UNET_PREFIX):
                 continue
             name = module_name_from_kohya(key, info)
-            patches[f"diffusion_model.{name}.weight"] = (
-                "lora",
-                (module.up, module.down, float(module.alpha), None, None),
-            )
+            value = lora_patch(module.up, module.down, float(module.alpha), adapter)
+            patches[f"diffusion_model.{name}.weight"] = value
         if not patches:
             raise IncompatibleModelError("no UNet layers to apply")
         for old in [k for k in self._patches if k[0] == planned.identity[0]]:
@@ -519,6 +610,8 @@ class ForgeApplier:
                 for token in self._tokens:
                     engine.embeddings.register_embedding_by_name(None, token)
         self._tokens.clear()
+        if sd_model is not None and a1111.embedding_db() is not None:
+            self._legacy.register_embeddings(sd_model, [])  # removes the tokens it registered
 
     def clear_for_training(self, sd_model: Any) -> None:
         self.pending = []
@@ -566,9 +659,7 @@ def train_on_loaded_model(
     finally:
         host.close()
         with contextlib.suppress(Exception):
-            from backend import memory_management
-
-            memory_management.soft_empty_cache()
+            memory_management().soft_empty_cache()
     clear_cond_cache()
     if outcome.sweep is not None:
         job.images["sweep"] = outcome.sweep
