@@ -430,7 +430,7 @@ def test_cli_implant_with_auto_masks_then_generate(two_objects, tmp_path, capsys
 # --------------------------------------------------------------------------- real photos
 
 SIDE_DISC = {(200, 150): (110, 30, 180, 110), (3000, 40): (1800, 4, 2400, 36)}
-PHOTO = dict(steps=2, embedding_steps=1, lr=1e-3, n_probe=1, prototype_steps=3, clip="none")
+PHOTO = dict(steps=1, embedding_steps=1, lr=1e-3, n_probe=1, prototype_steps=3, clip="none")
 
 
 def _red_share(image: Image.Image, mask: np.ndarray) -> float:
@@ -442,7 +442,9 @@ def _red_share(image: Image.Image, mask: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize(
-    "size,with_tower", [((200, 150), True), ((200, 150), False), ((3000, 40), True)]
+    "size,with_tower",
+    [((200, 150), True), ((200, 150), False), ((3000, 40), True)],
+    ids=["200x150-clip", "200x150-no-clip", "3000x40-clip"],
 )
 def test_photo_of_another_size_than_the_model(sd1_host, size, with_tower):
     """The model is 128²: the photo is padded and resized, its mask with it."""
@@ -456,7 +458,7 @@ def test_photo_of_another_size_than_the_model(sd1_host, size, with_tower):
     if with_tower:
         assert p.cos_prototype > p.cos_class_word, p
     assert np.array_equal(result.masks[0], truth[0])  # kept at the photo's own size
-    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
     # the object the prototype sees is the red disc, not a shifted patch of background
     share = _red_share(square(image, 128), square_mask(truth[0], 128))
     assert share > (0.9 if size == (200, 150) else 0.6), share
