@@ -16,10 +16,11 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import BaseModel, Field
 
 from .errors import OstafError
+from .images import to_rgb
 from .jobs import Job, JobBusy, JobManager
 from .object_job import MAX_OBJECTS, ObjectRequest
 from .registry import AdapterRegistry
@@ -107,8 +108,10 @@ def model_fields(model: BaseModel) -> dict[str, Any]:
     return dump() if dump is not None else model.dict()
 
 
-def decode_image(data: str) -> Image.Image:
-    """Base64 (or data URL) → RGB image; ApiError 422 for anything else."""
+def decode_image(data: str, *, mask: bool = False) -> Image.Image:
+    """Base64 (or data URL) → image turned upright (EXIF) and, unless ``mask``, 8-bit RGB
+    with transparency on white (as from a file); a mask keeps its mode (alpha = object).
+    ApiError 422 for anything else."""
     if not isinstance(data, str) or not data:
         raise ApiError(422, "image: base64 image data is required")
     if data.startswith("data:"):
@@ -124,7 +127,8 @@ def decode_image(data: str) -> Image.Image:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise ApiError(413, f"image: {im.width}×{im.height} is too large")
             im.load()
-            return im.convert("RGB")
+            upright = ImageOps.exif_transpose(im) or im
+            return upright.copy() if mask else to_rgb(upright)
     except ApiError:
         raise
     except Exception:
@@ -210,7 +214,9 @@ class OstafApi:
             raise ApiError(422, f"objects: give 1…{MAX_OBJECTS} objects")
         fields["tokens"] = [o["token"] for o in objects]
         fields["classes"] = [o["class_name"] for o in objects]
-        fields["masks"] = [decode_image(o["mask"]) if o["mask"] else None for o in objects]
+        fields["masks"] = [
+            decode_image(o["mask"], mask=True) if o["mask"] else None for o in objects
+        ]
         fields["sweep"] = tuple(fields["sweep"])
         try:
             request = ObjectRequest.from_dict(fields)

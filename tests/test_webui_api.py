@@ -7,6 +7,7 @@ import io
 import threading
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 from pydantic import ValidationError
@@ -21,6 +22,7 @@ from lib_ostaf.api import (
 )
 from lib_ostaf.errors import Interrupted
 from lib_ostaf.jobs import JobBusy, JobManager
+from lib_ostaf.masks import load_mask
 from lib_ostaf.registry import AdapterRegistry
 
 
@@ -96,6 +98,31 @@ def test_decode_image():
         with pytest.raises(ApiError) as e:
             decode_image(bad)
         assert e.value.status == status
+
+
+def _b64(image: Image.Image, fmt: str = "PNG", **options) -> str:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_decoded_photos_are_upright_rgb_and_masks_keep_alpha():
+    wide = Image.new("RGB", (60, 40), (128, 128, 128))
+    wide.paste((230, 20, 20), (0, 0, 12, 12))  # red top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned left, "rotate right to display"
+    rotated = _b64(wide.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif, quality=95)
+    image = decode_image(rotated)
+    assert image.size == (60, 40) and image.getpixel((3, 3))[0] > 180
+    rgba = Image.new("RGBA", (20, 20), (255, 0, 0, 0))
+    assert decode_image(_b64(rgba)).getpixel((5, 5)) == (255, 255, 255)  # not black
+    sixteen = Image.fromarray(np.linspace(0, 65535, 400).reshape(20, 20).astype(np.uint16))
+    grey = np.asarray(decode_image(_b64(sixteen)))[..., 0]
+    assert grey.min() == 0 and grey.max() == 255  # rescaled, not clipped at 255
+    alpha_mask = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    alpha_mask.paste((0, 0, 0, 255), (0, 0, 8, 16))  # black but opaque: the object
+    mask = decode_image(_b64(alpha_mask), mask=True)
+    assert load_mask(mask, (16, 16))[:, :8].all() and not load_mask(mask, (16, 16))[:, 8:].any()
 
 
 def _api(tmp_path, runner=None):
@@ -201,7 +228,7 @@ def test_implant_route_validates_before_starting(tmp_path):
     assert api.progress(out["job_id"])["status"] == "done"
     request = calls[0]
     assert request.tokens == ["<mug1>", "<cup2>"] and request.classes == ["mug", "cup"]
-    assert [m.getpixel((2, 2)) for m in request.masks] == [(255, 255, 255), (0, 0, 0)]
+    assert [m.getpixel((2, 2)) for m in request.masks] == [255, 0]  # masks keep their mode
 
 
 def test_interrupt_needs_the_right_job_id(tmp_path):
