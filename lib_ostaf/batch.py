@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter_file import load_adapter, validate_name
+from .devices import DTYPES
 from .errors import OstafError
 from .train import AttributeConfig
 
@@ -135,18 +136,33 @@ def rank_and_world() -> tuple[int, int]:
     return rank, world
 
 
-def device_for_rank() -> str:
-    import torch
+def device_for_rank(spec: str = "auto"):
+    """This rank's device: under ``auto`` its own GPU (``cuda:<LOCAL_RANK mod count>``),
+    else MPS, else the CPU; a named device as named (:func:`lib_ostaf.devices.choose_device`)."""
+    from .devices import choose_device
 
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
-    return "cpu"
+    return choose_device(spec, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def run(manifest: Path, out_dir: Path, model: str | None, overwrite: bool) -> int:
-    from .hosts.diffusers_host import DiffusersHost
+def run(
+    manifest: Path,
+    out_dir: Path,
+    model: str | None,
+    overwrite: bool,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    resolution: int | None = None,
+) -> int:
+    from .devices import check_resolution, choose_dtype
+    from .hosts.diffusers_host import DiffusersHost, is_tiny
     from .train import export, train_attribute
 
+    where = device_for_rank(device)  # bad device / dtype / resolution: refused before any work
+    choose_dtype(dtype, where)
+    check_resolution(resolution)
+    # "auto" keeps the embedded tiny models on the CPU, as DiffusersHost.load does
+    placed = "auto" if device == "auto" and is_tiny(model) else where
     rows = read_manifest(manifest)
     configs = [job_config(row) for row in rows]  # validate every row before any work
     rank, world = rank_and_world()
@@ -169,7 +185,9 @@ def run(manifest: Path, out_dir: Path, model: str | None, overwrite: bool) -> in
             else:
                 # no adapter yet: sidecars left by a killed run are orphans and are replaced
                 try:
-                    host = host or DiffusersHost.load(model, device=device_for_rank())
+                    host = host or DiffusersHost.load(
+                        model, device=placed, dtype=dtype, resolution=resolution
+                    )
                     result = train_attribute(host, row["image"], config)
                     path = export(result, out_dir, row["name"], overwrite=True)
                     entry |= {
@@ -197,9 +215,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("ostaf_adapters"))
     parser.add_argument("--model", default=None)
     parser.add_argument("--overwrite", action="store_true", help="retrain finished jobs too")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (each rank its own GPU, else MPS, else CPU), cuda, cuda:N, mps or cpu",
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="auto: half on a GPU, fp32 on the CPU"
+    )
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="training size in pixels (default: native)"
+    )
     args = parser.parse_args(argv)
     try:
-        return run(args.manifest, args.out, args.model, args.overwrite)
+        return run(
+            args.manifest,
+            args.out,
+            args.model,
+            args.overwrite,
+            device=args.device,
+            dtype=args.dtype,
+            resolution=args.resolution,
+        )
     except OstafError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from .adapter_file import ADAPTER_SUFFIX, AdapterFile, load_adapter
 from .augment import ATTRIBUTES
+from .devices import DTYPES
 from .embeddings import adapter_embeddings, load_embedding, validate_token
 from .errors import InputError, OstafError
 from .memory import CHECKPOINTING, PRECISIONS
@@ -87,12 +88,32 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lib_ostaf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_arg(p: argparse.ArgumentParser) -> None:
+    def model_arg(p: argparse.ArgumentParser, resolution: bool = False) -> None:
         p.add_argument(
             "--model",
             default=None,
             help="diffusers folder or .safetensors checkpoint; default: the embedded tiny model",
         )
+        p.add_argument(
+            "--device",
+            default="auto",
+            help="auto (CUDA, then MPS, then CPU; the embedded tiny models: CPU), cuda, "
+            "cuda:N, mps or cpu",
+        )
+        p.add_argument(
+            "--dtype",
+            choices=DTYPES,
+            default="auto",
+            help="weights' dtype; auto: bf16 on a CUDA GPU that has it, else fp16 on a GPU, "
+            "fp32 on the CPU",
+        )
+        if resolution:
+            p.add_argument(
+                "--resolution",
+                type=int,
+                default=None,
+                help="training size in pixels, a multiple of 8 (default: the model's own)",
+            )
 
     def memory_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--precision", choices=PRECISIONS, default=None, help="default auto")
@@ -119,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--default-lambda", type=float, default=None)
     t.add_argument("--overwrite", action="store_true")
     memory_args(t)
-    model_arg(t)
+    model_arg(t, resolution=True)
 
     o = sub.add_parser(
         "implant",
@@ -165,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--default-lambda", type=float, default=None)
     o.add_argument("--overwrite", action="store_true")
     memory_args(o)
-    model_arg(o)
+    model_arg(o, resolution=True)
 
     g = sub.add_parser("generate", help="generate with adapters applied")
     g.add_argument("--prompt", required=True)
@@ -254,7 +275,7 @@ def _run(args: argparse.Namespace) -> int:
             precision=args.precision,
             gradient_checkpointing=args.gradient_checkpointing,
         )
-        host = DiffusersHost.load(args.model)
+        host = _load(args)
         result = train_attribute(host, args.image, config, Callbacks(progress=_print_progress))
         path = export(result, args.out, args.name, overwrite=args.overwrite)
         print(
@@ -267,7 +288,7 @@ def _run(args: argparse.Namespace) -> int:
         return _implant(args)
 
     if args.command == "generate":
-        host = DiffusersHost.load(args.model)
+        host = _load(args)
         adapters = []
         embeddings: dict = {}
         for spec in args.adapter:
@@ -297,7 +318,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "sweep":
-        host = DiffusersHost.load(args.model)
+        host = _load(args)
         adapter, _ = resolve_adapter(args.adapter, args.adapters_dir)
         lambdas = [check_lambda(x) for x in args.lambdas.split(",") if x.strip()]
         if not lambdas:
@@ -337,6 +358,18 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _load(args: argparse.Namespace):
+    """The command's model on ``--device`` in ``--dtype`` (at ``--resolution`` if it has one)."""
+    from .hosts.diffusers_host import DiffusersHost
+
+    return DiffusersHost.load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        resolution=getattr(args, "resolution", None),
+    )
+
+
 def _embedding_file(spec: str, family: str):
     """``file.safetensors`` or ``file.safetensors:token`` → (token, vectors)."""
     path, token = Path(spec), None
@@ -350,7 +383,6 @@ def _embedding_file(spec: str, family: str):
 
 
 def _implant(args: argparse.Namespace) -> int:
-    from .hosts.diffusers_host import DiffusersHost
     from .objects import (
         ObjectConfig,
         export_objects,
@@ -392,7 +424,7 @@ def _implant(args: argparse.Namespace) -> int:
     )
     if not args.overwrite:
         refuse_existing(planned)  # before training: a clash costs nothing
-    host = DiffusersHost.load(args.model)
+    host = _load(args)
     result = train_objects(host, args.image, objects, config, Callbacks(progress=_print_progress))
     files = export_objects(
         result,

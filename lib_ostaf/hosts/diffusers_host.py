@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from .. import tiny
+from ..devices import check_resolution, choose_device, choose_dtype
 from ..embeddings import ClipText, check_embeddings
 from ..errors import InputError, OstafError
 from ..images import square
@@ -19,6 +20,7 @@ from ..offsets import WeightPatcher, check_lambda
 from .base import Embeddings
 
 DEFAULT_MODEL = "tiny"  # = "tiny-world", the attribute-world model (docs/results.md)
+TINY = ("tiny-sd1", "tiny-sdxl")  # random-weight stand-ins with real SD structure (tests)
 
 
 class DiffusersHost:
@@ -46,36 +48,67 @@ class DiffusersHost:
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def load(cls, model: str | Path | None = None, *, device: str = "cpu") -> DiffusersHost:
+    def load(
+        cls,
+        model: str | Path | None = None,
+        *,
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype | None = "auto",
+        resolution: int | None = None,
+    ) -> DiffusersHost:
         """``None``/"tiny"/"tiny-world" → the embedded attribute-world model; "tiny-sd1" /
         "tiny-sdxl" → random-weight stand-ins with real SD structure (tests); a folder →
-        ``from_pretrained``; a ``.safetensors`` file → ``from_single_file``."""
+        ``from_pretrained``; a ``.safetensors`` file → ``from_single_file``.
+
+        ``device``: auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu; ``dtype``: auto
+        (half on a GPU, fp32 on the CPU), fp32, fp16 or bf16 (:mod:`lib_ostaf.devices`). The
+        embedded tiny models stay on the CPU under ``auto`` (they are too small to gain from
+        a GPU, and the CPU keeps them deterministic); name a device to move them.
+        ``resolution``: training and generation size in pixels (None: the model's own).
+        """
+        resolution = check_resolution(resolution)
+        if is_tiny(model) and (device is None or str(device).strip().lower() == "auto"):
+            device = "cpu"
+        where = choose_device(device)
+        torch_dtype = choose_dtype(dtype, where)
+        place = {"device": where, "dtype": torch_dtype, "resolution": resolution}
         if model is None or str(model) in (DEFAULT_MODEL, "tiny-world"):
-            return cls.from_components(tiny.components("sd1", world=True), name="tiny-world")
-        if str(model) in ("tiny-sd1", "tiny-sdxl"):
+            parts = tiny.components("sd1", world=True)
+            return cls.from_components(parts, name="tiny-world", **place)
+        if str(model) in TINY:
             family = "sdxl" if str(model) == "tiny-sdxl" else "sd1"
-            return cls.from_components(tiny.components(family), name=f"tiny-{family}")
+            return cls.from_components(tiny.components(family), name=f"tiny-{family}", **place)
         path = Path(model)
         if not path.exists():
             raise InputError(f"model not found: {path}")
         pipe_cls = _pipeline_class(path)
         try:
             if path.is_dir():
-                pipe = pipe_cls.from_pretrained(str(path), safety_checker=None)
+                pipe = pipe_cls.from_pretrained(
+                    str(path), safety_checker=None, torch_dtype=torch_dtype
+                )
             elif path.suffix == ".safetensors":
-                pipe = pipe_cls.from_single_file(str(path))
+                pipe = pipe_cls.from_single_file(str(path), torch_dtype=torch_dtype)
             else:
                 raise InputError("checkpoints must be a diffusers folder or a .safetensors file")
         except OstafError:
             raise
         except Exception as exc:  # diffusers raises many types; surface one clear message
             raise InputError(f"could not load the model {path.name}: {exc}") from exc
-        pipe.to(device)
+        pipe.to(where, torch_dtype)
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, base_model_name=path.stem)
+        return cls(pipe, base_model_name=path.stem, resolution=resolution)
 
     @classmethod
-    def from_components(cls, parts: dict[str, Any], *, name: str) -> DiffusersHost:
+    def from_components(
+        cls,
+        parts: dict[str, Any],
+        *,
+        name: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        resolution: int | None = None,
+    ) -> DiffusersHost:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         if "text_encoder_2" in parts:
@@ -84,16 +117,28 @@ class DiffusersHost:
             pipe = StableDiffusionPipeline(
                 **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
             )
+        if torch.device(device) != torch.device("cpu") or dtype != torch.float32:
+            pipe.to(device, dtype)
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, base_model_name=name)
+        return cls(pipe, base_model_name=name, resolution=resolution)
 
     # -- Host protocol --------------------------------------------------------------------
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         image = square(image, self.resolution)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-        x = x.permute(2, 0, 1)[None].to(self.device, self.pipe.vae.dtype)
-        latents = self.pipe.vae.encode(x).latent_dist.mean
+        vae = self.pipe.vae
+        # An fp16 VAE can overflow to NaN (SDXL's does); diffusers' pipelines upcast it to
+        # decode when its config says so, and so do we to encode (the views, once per run).
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        x = x.permute(2, 0, 1)[None].to(self.device, torch.float32 if upcast else vae.dtype)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            latents = vae.encode(x).latent_dist.mean
+        finally:
+            if upcast:
+                vae.to(torch.float16)
         shift = getattr(self.pipe.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.pipe.vae.config.scaling_factor).to(self.dtype)
 
@@ -206,6 +251,11 @@ class DiffusersHost:
         if self.is_sdxl:
             kwargs[f"{prefix}pooled_prompt_embeds"] = cond["added_cond_kwargs"]["text_embeds"]
         return kwargs
+
+
+def is_tiny(model: str | Path | None) -> bool:
+    """Whether ``model`` names one of the embedded tiny models (not a file)."""
+    return model is None or str(model) in (DEFAULT_MODEL, "tiny-world", *TINY)
 
 
 def _betas(config: Any) -> torch.Tensor:
