@@ -1,32 +1,40 @@
-"""The attribute benchmark on the embedded tiny model (trained on ``lib_ostaf.world``).
+"""The attribute benchmark: does a one-image adapter carry its attribute, and only that?
 
-Two references with attributes the base model never saw — a new *shape* (a blue solid
-crescent, "moon") and a new *texture* (red diagonal stripes on a square). For each, every
-method is trained on the encoder and on the decoder attention layers with the same steps
-and learning rate, then asked for the attribute in new contexts:
+Every adapter gets three numbers, each with a 95 % bootstrap interval over its samples:
 
-* shape:      "a photo of a {colour} {texture} ostafv shaped object"  (other colour/texture)
-* appearance: "a photo of a ostafv textured {shape}"                  (other shapes)
+* **fidelity** — its own attribute in new prompts. Shape: the rate the judge names the
+  reference's shape (``p_new_shape``) and silhouette IoU; appearance: the rate it names
+  the reference's colour (``p_ref_colour``) and texture (``p_new_texture``), the Gram
+  distance and the colour-histogram distance to the reference's object.
+* **leak** — the *other* attribute moving towards the reference. Appearance adapters:
+  silhouette IoU against the reference's mask (↑ = leak); shape adapters: Gram and
+  colour-histogram distance (↓ = leak).
+* **control** — the judge's accuracy on the prompt's other words (the colour and texture
+  a shape prompt asks for; the shape an appearance prompt asks for).
 
-Metrics (judges in ``bench/judges.py``, a classifier trained on the world):
-* shape IoU of the object mask against the reference's (position/scale normalised),
-  and the rate the judge calls it the new shape;
-* appearance: Gram distance of the judge's conv features over the object (lower = closer
-  texture statistics), the rate the judge calls it the new texture and the reference colour;
-* text controllability: the judge's accuracy on the prompt's *other* attributes.
+Built-in references (never seen by the base model ``tiny-world``): shape = a blue solid
+crescent ("moon"); appearance = a red diagonal-striped square. Any image works too:
 
-    python bench/attribute_benchmark.py                 # table → bench/results/
-    python bench/attribute_benchmark.py --pick runs/tiny  # score base checkpoints
-    python bench/attribute_benchmark.py --per-block     # one attention block at a time
+    python -m bench.attribute_benchmark                                   # → bench/results/
+    python -m bench.attribute_benchmark --reference IMG.png [--mask M.png] \\
+        --attribute shape|appearance [--samples N] --out DIR
+    python -m bench.attribute_benchmark --quick --set lr=1e-3 steps=300   # default method only
+    python -m bench.attribute_benchmark --per-block                       # one block at a time
+    python -m bench.attribute_benchmark --pick runs/tiny                  # score base checkpoints
+
+Label-free metrics (IoU, Gram, colour histogram) need only the reference and its mask
+(automatic when none is given); for a ``--reference`` run the judge-class rates are null.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,50 +43,117 @@ from PIL import Image
 
 from bench import judges
 from lib_ostaf import world
+from lib_ostaf.augment import make_views, object_mask
 from lib_ostaf.hosts.diffusers_host import DiffusersHost
-from lib_ostaf.train import AttributeConfig, train_attribute
+from lib_ostaf.images import load_image, square
+from lib_ostaf.masks import load_mask, resize_mask, square_mask
+from lib_ostaf.targets import default_blocks
+from lib_ostaf.train import AttributeConfig, diffusion_loss, frozen, train_attribute
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
-ENCODER = tuple(f"down_blocks.{b}.attentions.{i}" for b in range(3) for i in range(2))
-DECODER = tuple(f"up_blocks.{b}.attentions.{i}" for b in range(1, 4) for i in range(3))
-TOKEN = "ostafv"
+TOKEN = AttributeConfig.token
+METRICS = ("iou", "gram", "colour", "p_new_shape", "p_new_texture", "p_ref_colour", "control")
+# Per attribute: (fidelity metric, leak metric, whether higher is "more like the reference").
+ROLES = {
+    "shape": {"fidelity": ("p_new_shape", True), "leak": ("gram", False)},
+    "appearance": {"fidelity": ("p_ref_colour", True), "leak": ("iou", True)},
+}
+LABEL_FREE = {"p_new_shape": "iou", "p_ref_colour": "colour"}  # fidelity without a judge class
+BOOTSTRAP = 2000
 
 
 @dataclass(frozen=True)
-class Case:
+class Reference:
+    """One reference image and the new prompts that ask for its attribute."""
+
+    name: str
     attribute: str
-    spec: world.Spec
+    image: Image.Image  # square, at the model's resolution
+    mask: np.ndarray  # the object on the world's 16×16 grid
     prompts: tuple[str, ...]
-    others: tuple[dict[str, str], ...]  # the judge's expected other attributes per prompt
+    others: tuple[dict[str, str], ...]  # per prompt: the judge's expected other words
+    colour: str | None = None  # the judge's class of the reference colour (built-ins)
+    train_mask: np.ndarray | None = None  # the user's mask at the image's size (None: auto)
+
+    @property
+    def grid(self) -> torch.Tensor:
+        return judges.to_grid(self.image)
 
 
-def cases() -> dict[str, Case]:
+def shape_prompts() -> tuple[tuple[str, ...], tuple[dict[str, str], ...]]:
+    ctx = [
+        (c, t)
+        for c in ("red", "yellow", "green", "purple")
+        for t in ("striped", "checker", "dotted")
+    ]
+    return (
+        tuple(f"a photo of a {c} {t} {TOKEN} shaped object" for c, t in ctx),
+        tuple({"colour": c, "texture": t} for c, t in ctx),
+    )
+
+
+def appearance_prompts() -> tuple[tuple[str, ...], tuple[dict[str, str], ...]]:
+    shapes = ("circle", "star", "triangle", "heart", "cross", "diamond")
+    templates = ("a photo of a {token} textured {shape}", "a {token} textured {shape}")
+    ctx = [(t, s) for t in templates for s in shapes]
+    return (
+        tuple(t.format(token=TOKEN, shape=s) for t, s in ctx),
+        tuple({"shape": s} for _, s in ctx),
+    )
+
+
+PROMPTS = {"shape": shape_prompts, "appearance": appearance_prompts}
+
+
+def builtin_references() -> dict[str, Reference]:
     moon = world.Spec("moon", "blue", "solid", cx=8, cy=8, radius=6.5, background=(240,) * 3)
     diag = world.Spec("square", "red", "diagonal", cx=8, cy=8, radius=7.4, background=(240,) * 3)
-    shape_ctx = [(c, t) for c in ("red", "yellow", "green") for t in ("striped", "checker")]
-    shapes = ("circle", "star", "triangle", "heart", "cross", "diamond")
-    return {
-        "shape": Case(
-            "shape",
-            moon,
-            tuple(f"a photo of a {c} {t} {TOKEN} shaped object" for c, t in shape_ctx),
-            tuple({"colour": c, "texture": t} for c, t in shape_ctx),
-        ),
-        "appearance": Case(
-            "appearance",
-            diag,
-            tuple(f"a photo of a {TOKEN} textured {s}" for s in shapes),
-            tuple({"shape": s} for s in shapes),
-        ),
-    }
+    refs = {}
+    for attribute, spec in (("shape", moon), ("appearance", diag)):
+        image, mask = world.render(spec)
+        prompts, others = PROMPTS[attribute]()
+        name = f"a {spec.colour} {spec.texture} {spec.shape}"
+        refs[attribute] = Reference(name, attribute, image, mask, prompts, others, spec.colour)
+    return refs
+
+
+def user_reference(
+    path: Path, attribute: str, mask_path: Path | None, resolution: int
+) -> Reference:
+    """A reference from the user's image (any size or mode) and optional mask."""
+    raw = load_image(path)
+    image = square(raw, resolution)
+    given = None
+    if mask_path is not None:
+        given = square_mask(load_mask(mask_path, raw.size), resolution)
+    full = object_mask(image) if given is None else given
+    prompts, others = PROMPTS[attribute]()
+    grid_mask = resize_mask(full, (world.GRID, world.GRID))
+    name = Path(path).name
+    return Reference(name, attribute, image, grid_mask, prompts, others, train_mask=given)
+
+
+# ------------------------------------------------------------------------------ measuring
 
 
 @torch.no_grad()
-def generate(host: DiffusersHost, prompts: list[str], seeds: list[int], steps: int = 20):
+def generate(
+    host: DiffusersHost, prompts: list[str], seeds: list[int], steps: int = 20, embeddings=None
+):
     """Batched generation → (n, 3, 16, 16) in [-1, 1] (the world's grid)."""
+    text: dict[str, Any] = {"prompt": prompts}
+    if embeddings:
+        text = {
+            "prompt_embeds": torch.cat(
+                [host.encode_prompt(p, embeddings)["encoder_hidden_states"] for p in prompts]
+            ),
+            "negative_prompt_embeds": host.encode_prompt("", embeddings)[
+                "encoder_hidden_states"
+            ].expand(len(prompts), -1, -1),
+        }
     out = host.pipe(
-        prompts,
+        **text,
         num_inference_steps=steps,
         guidance_scale=5.0,
         generator=[torch.Generator().manual_seed(s) for s in seeds],
@@ -87,38 +162,133 @@ def generate(host: DiffusersHost, prompts: list[str], seeds: list[int], steps: i
     return F.avg_pool2d(out.float() * 2 - 1, world.SCALE)
 
 
+def colour_histogram(x: torch.Tensor, mask: np.ndarray, bins: int = 4) -> np.ndarray:
+    """Normalised RGB histogram (``bins``³) of the masked pixels of a (3, H, W) image."""
+    rgb = ((x.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()[mask]
+    if len(rgb) == 0:
+        return np.zeros(bins**3)
+    idx = np.minimum((rgb * bins).astype(int), bins - 1)
+    flat = (idx[:, 0] * bins + idx[:, 1]) * bins + idx[:, 2]
+    return np.bincount(flat, minlength=bins**3) / len(flat)
+
+
+def colour_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Total-variation distance of two colour histograms (0 = same colours, 1 = disjoint)."""
+    return float(0.5 * np.abs(a - b).sum())
+
+
 @torch.no_grad()
-def score(judge, case: Case, images: torch.Tensor, prompt_idx: list[int]) -> dict[str, float]:
-    ref = torch.from_numpy(world.grid_array(case.spec))
-    ref_mask = judges.foreground(ref)
-    ref_gram = judges.gram(judge, ref, ref_mask)
+def per_sample(judge, ref: Reference, images: torch.Tensor, prompt_idx: list[int]) -> dict:
+    """Each metric for each generated image (None where the reference has no judge class)."""
+    ref_gram = judges.gram(judge, ref.grid, ref.mask)
+    ref_hist = colour_histogram(ref.grid, ref.mask)
+    ref_shape = judges.normalised(ref.mask)
     out = judge(images)
-    pred = {k: out[k].argmax(1).tolist() for k in out}
-    names = judges.HEADS
-    ious, grams, ctrl, new_shape, new_tex, colour = [], [], [], [], [], []
+    pred = {k: [judges.HEADS[k][i] for i in out[k].argmax(1).tolist()] for k in out}
+    rows: dict[str, list] = {m: [] for m in METRICS}
     for j, i in enumerate(prompt_idx):
         mask = judges.foreground(images[j])
-        ious.append(judges.iou(judges.normalised(mask), judges.normalised(ref_mask)))
-        grams.append(judges.gram_distance(judges.gram(judge, images[j], mask), ref_gram))
-        new_shape.append(names["shape"][pred["shape"][j]] == world.NEW_SHAPE)
-        new_tex.append(names["texture"][pred["texture"][j]] == world.NEW_TEXTURE)
-        colour.append(names["colour"][pred["colour"][j]] == case.spec.colour)
-        ctrl.extend(names[k][pred[k][j]] == v for k, v in case.others[i].items())
+        rows["iou"].append(judges.iou(judges.normalised(mask), ref_shape))
+        rows["gram"].append(judges.gram_distance(judges.gram(judge, images[j], mask), ref_gram))
+        rows["colour"].append(colour_distance(colour_histogram(images[j], mask), ref_hist))
+        builtin = ref.colour is not None
+        rows["p_new_shape"].append(float(pred["shape"][j] == world.NEW_SHAPE) if builtin else None)
+        rows["p_new_texture"].append(
+            float(pred["texture"][j] == world.NEW_TEXTURE) if builtin else None
+        )
+        rows["p_ref_colour"].append(float(pred["colour"][j] == ref.colour) if builtin else None)
+        rows["control"].append(float(np.mean([pred[k][j] == v for k, v in ref.others[i].items()])))
+    return rows
+
+
+def summarise(samples: dict[str, list], seed: int = 0) -> dict[str, Any]:
+    """Mean of every metric and its 95 % percentile-bootstrap interval; ``n`` samples."""
+    out: dict[str, Any] = {}
+    rng = np.random.default_rng(seed)
+    n = len(samples["control"])
+    idx = rng.integers(0, n, size=(BOOTSTRAP, n))
+    for key, values in samples.items():
+        if any(v is None for v in values):
+            out[key], out[f"{key}_ci"] = None, None
+            continue
+        v = np.asarray(values, float)
+        boot = v[idx].mean(axis=1)
+        out[key] = float(v.mean())
+        out[f"{key}_ci"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+    out["n"] = n
+    return out
+
+
+def measure(
+    host, judge, ref: Reference, seeds: list[int], embeddings=None
+) -> tuple[dict, torch.Tensor]:
+    prompts = [p for p in ref.prompts for _ in seeds]
+    idx = [i for i in range(len(ref.prompts)) for _ in seeds]
+    images = generate(host, prompts, seeds * len(ref.prompts), embeddings=embeddings)
+    return summarise(per_sample(judge, ref, images, idx)), images
+
+
+# ------------------------------------------------------------------------------ methods
+
+
+def all_attention_blocks(host) -> tuple[str, ...]:
+    """Every attention block of the UNet (DreamBooth-style LoRA)."""
+    return (*default_blocks(host.unet, "encoder"), *default_blocks(host.unet, "mid"),
+            *default_blocks(host.unet, "decoder"))  # fmt: skip
+
+
+def methods(host, attribute: str, base: AttributeConfig) -> dict[str, tuple[str, dict]]:
+    """name → (part, config overrides). Same steps and learning rate for every method."""
+    other = "appearance" if attribute == "shape" else "shape"
+    own_blocks = default_blocks(host.unet, attribute)
+    other_blocks = default_blocks(host.unet, other)
+    full = max(max(m.in_features, m.out_features) for m in _linears(host.unet))
     return {
-        "iou": float(np.mean(ious)),
-        "p_new_shape": float(np.mean(new_shape)),
-        "gram": float(np.mean(grams)),
-        "p_new_texture": float(np.mean(new_tex)),
-        "p_ref_colour": float(np.mean(colour)),
-        "control": float(np.mean(ctrl)),
+        "OSTAF hypernet (default)": ("own", {}),
+        "OSTAF hypernet, other part": ("other", {"blocks": other_blocks}),
+        "LoRA direct (same rank)": ("own", {"network": "lora", "blocks": own_blocks}),
+        "full-rank LoRA (same layers)": (
+            "own",
+            {"network": "lora", "rank": full, "blocks": own_blocks},
+        ),
+        "LoRA on every attention layer (DreamBooth-style)": (
+            "all",
+            {"network": "lora", "blocks": all_attention_blocks(host)},
+        ),
     }
 
 
-def run_case(host, judge, case: Case, seeds: list[int]) -> dict[str, float]:
-    prompts = [p for p in case.prompts for _ in seeds]
-    idx = [i for i in range(len(case.prompts)) for _ in seeds]
-    images = generate(host, prompts, seeds * len(case.prompts))
-    return score(judge, case, images, idx) | {"_images": images}  # type: ignore[dict-item]
+def _linears(unet) -> list[torch.nn.Linear]:
+    return [m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and "attn" in n]
+
+
+TI = "textual inversion (one token)"
+TI_LR = 5e-3  # the usual textual-inversion rate; steps and views as every other method
+
+
+def textual_inversion(host, ref: Reference, cfg: AttributeConfig) -> tuple[dict, float]:
+    """One new token vector for ``cfg.token`` (init: "object"), nothing else trained."""
+    t0 = time.time()
+    encoder = host.text_encoders[0]
+    vec = torch.nn.Parameter(encoder.word_vectors("object").mean(0, keepdim=True))
+    views = make_views(ref.image, ref.attribute, cfg.n_views, cfg.seed, mask=ref.train_mask,
+                       cell=host.resolution // world.GRID)  # fmt: skip
+    with torch.no_grad():
+        latents = torch.cat([host.encode_image(v) for v in views]).float()
+    g = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW([vec], lr=TI_LR, weight_decay=0.0)
+    n_t = len(host.alphas_cumprod)
+    with frozen(host.unet, encoder.model):
+        for _ in range(cfg.steps):
+            i = int(torch.randint(len(latents), (1,), generator=g))
+            t = torch.randint(0, n_t, (1,), generator=g)
+            noise = torch.randn(latents[i : i + 1].shape, generator=g)
+            cond = host.encode_prompt(cfg.training_prompt, {cfg.token: [vec]})
+            loss = diffusion_loss(host, latents[i : i + 1], noise, t, cond)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return {cfg.token: [vec.detach()]}, time.time() - t0
 
 
 def deltas(result) -> dict[str, torch.Tensor]:
@@ -126,77 +296,195 @@ def deltas(result) -> dict[str, torch.Tensor]:
     return {names[k]: m.delta() for k, m in result.lora_modules().items()}
 
 
-METHODS = {
-    "OSTAF hypernet (r4)": {"network": "hypernet", "rank": 4},
-    "LoRA direct (r4)": {"network": "lora", "rank": 4},
-    "full-rank LoRA (≈FT)": {"network": "lora", "rank": 64},
-}
+def run_reference(host, judge, ref: Reference, args, base_cfg: AttributeConfig):
+    """Base, then every method (λ sweep for the default): rows and the λ = 1 images."""
+    seeds = list(range(args.samples))
+    base, images = measure(host, judge, ref, seeds)
+    rows = [{"case": ref.attribute, "method": "base (λ=0)", "part": "-", "lambda": 0.0} | base]
+    sheet = [images]
+    print(ref.attribute, "base", _fmt(base), flush=True)
+    chosen = methods(host, ref.attribute, base_cfg)
+    if args.quick:
+        chosen = {k: v for k, v in chosen.items() if k == DEFAULT}
+    for method, (part, overrides) in chosen.items():
+        cfg = replace(base_cfg, attribute=ref.attribute, **overrides)
+        t0 = time.time()
+        res = train_attribute(host, ref.image, cfg, mask=ref.train_mask)
+        d = deltas(res)
+        for lam in args.lambdas if method == DEFAULT else [1.0]:
+            host.patcher.apply([(f"{ref.attribute}-{method}", d, lam)])
+            try:
+                m, images = measure(host, judge, ref, seeds)
+            finally:
+                host.patcher.apply([])
+            if lam == 1.0:
+                sheet.append(images)
+            rows.append(
+                {"case": ref.attribute, "method": method, "part": part, "lambda": lam}
+                | m
+                | {
+                    "train_s": round(res.seconds, 1),
+                    "params": res.network.num_parameters(),
+                    "offset_params": sum(a.numel() + b.numel() for a, b in res.factors().values()),
+                }
+            )
+            print(ref.attribute, method, part, lam, _fmt(m), f"{time.time() - t0:.0f}s", flush=True)
+    if not args.quick:
+        emb, seconds = textual_inversion(host, ref, replace(base_cfg, attribute=ref.attribute))
+        m, images = measure(host, judge, ref, seeds, embeddings=emb)
+        sheet.append(images)
+        dim = host.text_encoders[0].width
+        row = {"case": ref.attribute, "method": TI, "part": "text", "lambda": 1.0} | m
+        rows.append(row | {"train_s": round(seconds, 1), "params": dim, "offset_params": 0})
+        print(ref.attribute, TI, _fmt(m), flush=True)
+    return rows, sheet
 
 
-def train(host, case: Case, blocks: tuple[str, ...], steps: int, lr: float, seed: int, **kw):
-    image, _ = world.render(case.spec)
-    cfg = AttributeConfig(
-        attribute=case.attribute, token=TOKEN, steps=steps, lr=lr, seed=seed, blocks=blocks, **kw
-    )
-    return train_attribute(host, image, cfg)
+DEFAULT = "OSTAF hypernet (default)"
+
+
+def base_config(settings: list[str]) -> AttributeConfig:
+    """The product's defaults (``AttributeConfig()``) with ``--set key=value`` overrides."""
+    cfg = AttributeConfig(token=TOKEN)
+    types = {f.name: f.type for f in fields(AttributeConfig)}
+    changes: dict[str, Any] = {}
+    for item in settings:
+        key, _, value = item.partition("=")
+        if key not in types:
+            raise SystemExit(f"--set: unknown setting {key!r}")
+        current = getattr(cfg, key)
+        if isinstance(current, bool):
+            changes[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(current, (int, float)):
+            changes[key] = type(current)(float(value)) if isinstance(current, int) else float(value)
+        elif key in ("blocks", "attn", "proj"):
+            changes[key] = tuple(v for v in value.split(",") if v) or None
+        elif key == "timestep_range":
+            changes[key] = tuple(float(v) for v in value.split(","))
+        else:
+            changes[key] = value
+    return replace(cfg, **changes)
 
 
 def benchmark(args) -> dict:
     host = DiffusersHost.load(None)
     judge = judges.load_judge(RESULTS / "judge.safetensors")
-    seeds = list(range(args.samples))
-    table: dict = {"settings": vars(args) | {"out": str(args.out)}, "runs": []}
-    sheets: list[torch.Tensor] = []
-    for cname, case in cases().items():
-        base = run_case(host, judge, case, seeds)
-        sheets.append(base.pop("_images"))
-        table["runs"].append({"case": cname, "method": "base (λ=0)", "part": "-"} | base)
-        print(cname, "base", _fmt(base), flush=True)
-        for method, kw in METHODS.items():
-            for part, blocks in (("encoder", ENCODER), ("decoder", DECODER)):
-                t0 = time.time()
-                res = train(host, case, blocks, args.steps, args.lr, args.seed, **kw)
-                d = deltas(res)
-                lambdas = args.lambdas if kw["network"] == "hypernet" else [1.0]
-                for lam in lambdas:
-                    host.patcher.apply([(f"{cname}-{method}-{part}", d, lam)])
-                    try:
-                        m = run_case(host, judge, case, seeds)
-                    finally:
-                        host.patcher.apply([])
-                    images = m.pop("_images")
-                    if lam == 1.0:
-                        sheets.append(images)
-                    row = {"case": cname, "method": method, "part": part, "lambda": lam}
-                    row |= m | {
-                        "train_s": round(res.seconds, 1),
-                        "probe": [res.probe_loss_before, res.probe_loss_after],
-                        "params": sum(p.numel() for p in res.network.parameters()),
-                    }
-                    table["runs"].append(row)
-                    print(cname, method, part, lam, _fmt(m), f"{time.time() - t0:.0f}s", flush=True)
-    _sheet(sheets, args.out.with_suffix(".png"), per_row=len(seeds) * 6)
+    cfg = base_config(args.set)
+    if args.reference:
+        refs = [user_reference(args.reference, args.attribute, args.mask, host.resolution)]
+    else:
+        refs = [r for a, r in builtin_references().items() if a in args.attributes]
+    table: dict[str, Any] = {
+        "settings": {
+            "model": "tiny-world",
+            "config": _plain(cfg),
+            "samples_per_prompt": args.samples,
+            "lambdas": args.lambdas,
+            "bootstrap": BOOTSTRAP,
+            "references": {r.attribute: r.name for r in refs},
+            "roles": {a: {k: v[0] for k, v in r.items()} for a, r in ROLES.items()},
+        },
+        "runs": [],
+    }
+    sheets = []
+    for ref in refs:
+        rows, sheet = run_reference(host, judge, ref, args, cfg)
+        table["runs"] += rows
+        sheets += sheet
+    args.out.mkdir(parents=True, exist_ok=True)
+    _sheet(
+        sheets, args.out / "attribute_benchmark.png", per_row=len(refs[0].prompts) * args.samples
+    )
+    table["checks"] = checks(table["runs"], label_free=bool(args.reference))
     return table
 
 
+def _plain(cfg: AttributeConfig) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+
+
+# ------------------------------------------------------------------------------- targets
+
+
+def fidelity_key(case: str, label_free: bool) -> str:
+    key = ROLES[case]["fidelity"][0]
+    return LABEL_FREE[key] if label_free else key
+
+
+def gain(row: dict, base: dict, key: str, higher_is_closer: bool) -> float:
+    """How far ``row`` moved towards the reference on ``key`` (positive = closer)."""
+    d = row[key] - base[key]
+    return d if higher_is_closer else -d
+
+
+def checks(runs: list[dict], label_free: bool = False) -> dict[str, Any]:
+    """The issue's targets, evaluated on the default method (each with its numbers)."""
+    out: dict[str, Any] = {}
+    for case in ("shape", "appearance"):
+        rows = [r for r in runs if r["case"] == case]
+        if not rows:
+            continue
+        base = rows[0]
+        own = next((r for r in rows if r["method"] == DEFAULT and r["lambda"] == 1.0), None)
+        if own is None:
+            continue
+        fkey = fidelity_key(case, label_free)
+        closer = fkey not in ("gram", "colour")
+        lkey, lcloser = ROLES[case]["leak"]
+        c: dict[str, Any] = {
+            "fidelity": {"metric": fkey, "value": own[fkey], "base": base[fkey]},
+            "leak": {"metric": lkey, "gain": gain(own, base, lkey, lcloser), "limit": 0.05},
+            "control": {"value": own["control"], "base": base["control"]},
+        }
+        c["fidelity"]["pass"] = (own[fkey] >= 0.8) if not label_free else None
+        c["leak"]["pass"] = c["leak"]["gain"] <= 0.05
+        c["control"]["pass"] = own["control"] >= 0.9 * base["control"]
+        other = next((r for r in rows if r["method"] == "OSTAF hypernet, other part"), None)
+        if other is not None:
+            g_own, g_other = gain(own, base, fkey, closer), gain(other, base, fkey, closer)
+            c["diagonal"] = {
+                "own_gain": g_own,
+                "other_gain": g_other,
+                "pass": g_own > 0 and g_own >= 2 * max(g_other, 0.0),
+            }
+        sweep = [base[fkey]] + [
+            r[fkey] for r in sorted(rows, key=lambda r: r["lambda"]) if r["method"] == DEFAULT
+        ]
+        sign = 1 if closer else -1
+        c["lambda"] = {
+            "values": sweep,
+            "pass": all(sign * (b - a) > 0 for a, b in itertools.pairwise(sweep)),
+        }
+        out[case] = c
+    return out
+
+
+# ---------------------------------------------------------------------------- other modes
+
+
 def per_block(args) -> dict:
-    """Train the hypernet on one attention block at a time (diagnosing the split)."""
+    """The default method on one attention block at a time (diagnosing where each lives)."""
     host = DiffusersHost.load(None)
     judge = judges.load_judge(RESULTS / "judge.safetensors")
+    cfg = base_config(args.set)
     seeds = list(range(args.samples))
     rows = []
-    for cname, case in cases().items():
-        for block in (*ENCODER, "mid_block.attentions.0", *DECODER):
-            res = train(host, case, (block,), args.steps, args.lr, args.seed, network="hypernet")
-            host.patcher.apply([(f"{cname}-{block}", deltas(res), 1.0)])
+    for ref in builtin_references().values():
+        for block in all_attention_blocks(host):
+            res = train_attribute(
+                host, ref.image, replace(cfg, attribute=ref.attribute, blocks=(block,))
+            )
+            host.patcher.apply([(f"{ref.attribute}-{block}", deltas(res), 1.0)])
             try:
-                m = run_case(host, judge, case, seeds)
+                m, _ = measure(host, judge, ref, seeds)
             finally:
                 host.patcher.apply([])
-            m.pop("_images")
-            rows.append({"case": cname, "block": block} | m)
-            print(cname, block, _fmt(m), flush=True)
-    return {"settings": vars(args) | {"out": str(args.out)}, "per_block": rows}
+            rows.append({"case": ref.attribute, "block": block} | m)
+            print(ref.attribute, block, _fmt(m), flush=True)
+    return {
+        "settings": {"config": _plain(cfg), "samples_per_prompt": args.samples},
+        "per_block": rows,
+    }
 
 
 def pick(args) -> None:
@@ -233,6 +521,9 @@ def pick(args) -> None:
         print(ckpt.name, json.dumps(res), flush=True)
 
 
+# ------------------------------------------------------------------------------- output
+
+
 def _fmt(m: dict) -> str:
     return " ".join(f"{k}={v:.2f}" for k, v in m.items() if isinstance(v, float))
 
@@ -247,83 +538,96 @@ def _sheet(sheets: list[torch.Tensor], path: Path, per_row: int) -> None:
         canvas[:, r * 17 : r * 17 + 16, c * 17 : c * 17 + 16] = (imgs[i] + 1) / 2
     arr = (canvas.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     img = Image.fromarray(arr)
-    img.resize((img.width * 4, img.height * 4), Image.Resampling.NEAREST).save(path)
+    img.resize((img.width * 3, img.height * 3), Image.Resampling.NEAREST).save(path)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--samples", type=int, default=2, help="seeds per prompt")
-    ap.add_argument("--lambdas", type=float, nargs="+", default=[0.5, 1.0, 1.5])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--pick", type=Path, default=None)
-    ap.add_argument("--per-block", action="store_true")
-    ap.add_argument("--out", type=Path, default=RESULTS / "attribute_benchmark")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    if args.pick:
-        pick(args)
-        return
-    table = per_block(args) if args.per_block else benchmark(args)
-    args.out.with_suffix(".json").write_text(json.dumps(table, indent=1, default=str))
-    md = markdown(table)
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"wrote {args.out.with_suffix('.json')} and .md")
+def _cell(row: dict, key: str) -> str:
+    v, ci = row.get(key), row.get(f"{key}_ci")
+    if v is None:
+        return "–"
+    return f"{v:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 COLUMNS = {
-    "shape": ("iou", "p_new_shape", "control", "gram"),
-    "appearance": ("gram", "p_new_texture", "p_ref_colour", "control", "iou"),
+    "shape": ("p_new_shape", "iou", "gram", "colour", "control"),
+    "appearance": ("p_ref_colour", "p_new_texture", "colour", "gram", "iou", "control"),
 }
 
 
 def markdown(table: dict) -> str:
-    """Methods × metrics per case, the encoder/decoder matrix and the λ sweep."""
+    """Per reference: every method and metric with its interval; then the target checks."""
     if "per_block" in table:
-        lines = [
-            "| case | block | IoU | new shape | Gram ↓ | new texture | control |",
-            "|---" * 7 + "|",
-        ]
+        cols = ("iou", "p_new_shape", "gram", "colour", "p_ref_colour", "control")
+        lines = ["| case | block | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
         for r in table["per_block"]:
             lines.append(
-                f"| {r['case']} | {r['block']} | {r['iou']:.2f} | {r['p_new_shape']:.2f} | "
-                f"{r['gram']:.2f} | {r['p_new_texture']:.2f} | {r['control']:.2f} |"
+                f"| {r['case']} | {r['block']} | " + " | ".join(_cell(r, c) for c in cols) + " |"
             )
         return "\n".join(lines) + "\n"
     out = []
     runs = table["runs"]
     for case, cols in COLUMNS.items():
-        out.append(f"\n**{case}** (reference: {_ref_name(case)})\n")
-        out.append("| method | part | λ | " + " | ".join(cols) + " | train s |")
-        out.append("|---" * (len(cols) + 4) + "|")
-        for r in runs:
-            if r["case"] == case and r.get("lambda", 1.0) == 1.0:
-                vals = " | ".join(f"{r[c]:.2f}" for c in cols)
-                lam = r.get("lambda", 0)
-                out.append(
-                    f"| {r['method']} | {r['part']} | {lam:g} | {vals} | {r.get('train_s', '')} |"
-                )
-    out.append("\n**λ sweep** (OSTAF hypernet, attribute's own part)\n")
-    out.append("| case | λ | main metric | control |")
-    out.append("|---|---|---|---|")
-    for case, metric, part in (("shape", "iou", "encoder"), ("appearance", "gram", "decoder")):
-        base = next(r for r in runs if r["case"] == case and r["method"].startswith("base"))
-        out.append(f"| {case} | 0 | {metric} {base[metric]:.2f} | {base['control']:.2f} |")
-        for r in runs:
-            if r["case"] == case and r["method"].startswith("OSTAF") and r["part"] == part:
-                out.append(
-                    f"| {case} | {r['lambda']:g} | {metric} {r[metric]:.2f} | {r['control']:.2f} |"
-                )
+        rows = [r for r in runs if r["case"] == case]
+        if not rows:
+            continue
+        ref = table["settings"]["references"][case]
+        out.append(
+            f"\n**{case}** (reference: {ref}; n = {rows[0]['n']} samples per row, 95 % bootstrap)\n"
+        )
+        out.append("| method | part | λ | " + " | ".join(cols) + " | train s | params |")
+        out.append("|---" * (len(cols) + 5) + "|")
+        for r in rows:
+            vals = " | ".join(_cell(r, c) for c in cols)
+            out.append(
+                f"| {r['method']} | {r['part']} | {r['lambda']:g} | {vals} | "
+                f"{r.get('train_s', '')} | {r.get('params', '')} |"
+            )
+    out.append("\n**Targets** (default method, λ = 1)\n")
+    out.append("```\n" + json.dumps(table.get("checks", {}), indent=1) + "\n```")
     return "\n".join(out) + "\n"
 
 
-def _ref_name(case: str) -> str:
-    s = cases()[case].spec
-    return f"a {s.colour} {s.texture} {s.shape}"
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--reference", type=Path, help="an image of your own (any size or mode)")
+    ap.add_argument(
+        "--mask", type=Path, help="its object mask (white = object; default: automatic)"
+    )
+    ap.add_argument("--attribute", choices=tuple(ROLES), help="with --reference: what to learn")
+    ap.add_argument(
+        "--attributes", nargs="+", default=list(ROLES), help="built-in references to run"
+    )
+    ap.add_argument("--samples", type=int, default=4, help="seeds per prompt (12 prompts)")
+    ap.add_argument("--lambdas", type=float, nargs="+", default=[0.5, 1.0, 1.5])
+    ap.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="AttributeConfig overrides"
+    )
+    ap.add_argument("--quick", action="store_true", help="only the default method")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pick", type=Path, default=None)
+    ap.add_argument("--per-block", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    if args.reference and not args.attribute:
+        ap.error("--reference needs --attribute shape|appearance")
+    if args.mask and not args.reference:
+        ap.error("--mask goes with --reference")
+    torch.set_num_threads(args.threads)
+    if args.pick:
+        pick(args)
+        return
+    table = per_block(args) if args.per_block else benchmark(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "attribute_per_block" if args.per_block else "attribute_benchmark"
+    (args.out / f"{stem}.json").write_text(
+        json.dumps(table, indent=1, default=str, ensure_ascii=False)
+    )
+    md = markdown(table)
+    (args.out / f"{stem}.md").write_text(md)
+    print(md)
+    print(f"wrote {stem}.json and .md in {args.out.name}/")
 
 
 if __name__ == "__main__":

@@ -114,6 +114,38 @@ def _info(unet: nn.Module, info: UNetInfo | None) -> UNetInfo:
     return info if info is not None and info.attention_blocks else inspect_unet(unet)
 
 
+def block_level(block: str, n_levels: int) -> int:
+    """Resolution level of a canonical block id: 0 = full latent resolution, +1 per halving."""
+    kind, level, _ = block_sort_key(block)
+    return (n_levels - 1) if kind == 1 else level if kind == 0 else n_levels - 1 - level
+
+
+def default_blocks(
+    unet: nn.Module, attribute: str, info: UNetInfo | None = None
+) -> tuple[str, ...]:
+    """The attention blocks an attribute trains by default, chosen by resolution level.
+
+    * shape → the bottleneck: the lowest-resolution level that has attention, on both
+      sides (the encoder's last attention blocks, the mid block, the decoder's first);
+    * appearance / style → the decoder's attention blocks above that level (the higher
+      resolutions). Measured in bench/ (docs/results.md); reasons in docs/method.md.
+
+    ``attribute`` may also be a part ("encoder", "mid", "decoder") for all its blocks.
+    """
+    blocks = available_blocks(unet, info)
+    if attribute in PARTS:
+        return tuple(b for b in blocks if block_part(b) == attribute)
+    if attribute not in ATTRIBUTE_PART:
+        raise InputError(f"unknown attribute {attribute!r}; valid: {', '.join(ATTRIBUTE_PART)}")
+    # levels = down blocks = up blocks; the deepest down or the first up block may lack attention
+    n_levels = 1 + max(block_sort_key(b)[1] for b in blocks if block_part(b) != "mid")
+    levels = {b: block_level(b, n_levels) for b in blocks}
+    bottleneck = max(lv for b, lv in levels.items() if block_part(b) == "encoder")
+    if attribute == "shape":
+        return tuple(b for b in blocks if levels[b] >= bottleneck)
+    return tuple(b for b in blocks if block_part(b) == "decoder" and levels[b] < bottleneck)
+
+
 def select_targets(unet: nn.Module, spec: TargetSpec, info: UNetInfo | None = None) -> list[Target]:
     """The ``nn.Linear`` attention projections ``spec`` selects, in forward order."""
     info = _info(unet, info)
@@ -127,8 +159,8 @@ def select_targets(unet: nn.Module, spec: TargetSpec, info: UNetInfo | None = No
             )
         wanted = set(spec.blocks)
     else:
-        parts = {spec.part} | ({"mid"} if spec.include_mid else set())
-        wanted = {b for b in available if block_part(b) in parts}
+        wanted = set(default_blocks(unet, spec.attribute, info))
+        wanted |= {b for b in available if spec.include_mid and block_part(b) == "mid"}
 
     found: list[Target] = []
     skipped = 0  # matching names that are not Linear (e.g. wrapped by someone else)

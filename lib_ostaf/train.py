@@ -42,6 +42,7 @@ from .errors import InputError, Interrupted, TrainingDiverged
 from .hosts.base import Host
 from .hypernet import OFFSET_NETWORKS, HypernetConfig, LayerShape
 from .images import load_image, square
+from .masks import MaskSource, load_mask, square_mask
 from .memory import NO_PRECISION, Precision, check_options, training_options
 from .naming import UNetInfo, inspect_unet
 from .offsets import OffsetHooks, check_lambda
@@ -72,6 +73,7 @@ class AttributeConfig:
     hidden: int = 128
     n_views: int = 8
     timestep_range: tuple[float, float] = (0.0, 1.0)  # fraction of the schedule sampled
+    caption_dropout: float = 0.0  # fraction of steps on the empty prompt (docs/method.md)
     include_mid: bool = False
     attn: tuple[str, ...] = ("attn1", "attn2")
     proj: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -106,6 +108,8 @@ class AttributeConfig:
                 f"timestep_range must satisfy 0 ≤ lo < hi ≤ 1, got {self.timestep_range}"
             )
         check_lambda(self.default_lambda)
+        if not isinstance(self.caption_dropout, (int, float)) or not 0 <= self.caption_dropout < 1:
+            raise InputError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
 
     @property
     def training_prompt(self) -> str:
@@ -272,11 +276,15 @@ def run_steps(
     Progress is reported as ``first + step + 1`` of ``total`` (phases share one count);
     ``should_stop`` is checked before every step, previews run every ``preview_every``.
     A step whose loss or gradients are not finite is skipped (like a loss scaler would);
-    more than :data:`MAX_SKIPPED` of them stop the run with :class:`TrainingDiverged`.
+    more than :data:`MAX_SKIPPED` of them stop the run with :class:`TrainingDiverged`, and
+    so do all-zero gradients (:class:`~lib_ostaf.memory.ZeroGradients`).
     """
+    from .memory import ZeroGradients  # here: train.py's imports are being edited elsewhere
+
     total = first + steps if total is None else total
     losses: list[float] = []
     skipped = 0
+    zeros = ZeroGradients(steps)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for step in range(steps):
         done = first + step
@@ -286,10 +294,10 @@ def run_steps(
             loss = step_loss(step)
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss, optimizer)
-        if finite(loss, *(p.grad for p in params if p.grad is not None)):
-            precision.step(optimizer)
-        else:
-            precision.skip()
+        grads = [p.grad for p in params if p.grad is not None]
+        if finite(loss, *grads):
+            precision.step(optimizer, zero=zeros.check(grads, done + 1))
+        elif not precision.skip(loss):  # True: the loss scale was too high and falls
             skipped += 1
             log.warning("step %d: non-finite loss or gradients; step skipped", done + 1)
             if skipped > max(MAX_SKIPPED, steps // 10):
@@ -313,8 +321,14 @@ def train_attribute(
     image: Image.Image | str | Path,
     config: AttributeConfig,
     callbacks: Callbacks | None = None,
+    *,
+    mask: MaskSource | None = None,
 ) -> TrainResult:
-    """Train an OSTAF adapter on one reference image. The host's model is left as found."""
+    """Train an OSTAF adapter on one reference image. The host's model is left as found.
+
+    ``mask`` marks the reference's object (None: found automatically); the views vary
+    everything outside the attribute around it (:mod:`lib_ostaf.augment`).
+    """
     callbacks = callbacks or Callbacks()
     started = time.perf_counter()
     reference = load_image(image)
@@ -330,12 +344,20 @@ def train_attribute(
     network = OFFSET_NETWORKS[config.network](layers, net_cfg).to(host.device)
 
     # Cache: the views' latents and the prompt's conditioning are computed once.
-    views = make_views(
-        square(reference, host.resolution), config.attribute, config.n_views, config.seed
-    )
+    ref = square(reference, host.resolution)
     with torch.no_grad():
+        cell = max(1, host.resolution // host.encode_image(ref).shape[-1])
+        views = make_views(
+            ref,
+            config.attribute,
+            config.n_views,
+            config.seed,
+            mask=None if mask is None else square_mask(load_mask(mask, reference.size), ref.width),
+            cell=cell,
+        )
         latents = torch.cat([host.encode_image(v) for v in views]).float().cpu()
         cond = host.encode_prompt(config.training_prompt)
+        empty = host.encode_prompt("") if config.caption_dropout > 0 else cond
 
     n_train = len(host.alphas_cumprod)
     t_lo, t_hi = (round(f * (n_train - 1)) for f in config.timestep_range)
@@ -347,9 +369,16 @@ def train_attribute(
         i = int(torch.randint(latents.shape[0], (1,), generator=generator))
         t = torch.randint(t_lo, t_hi + 1, (1,), generator=generator)
         noise = torch.randn(latents[i : i + 1].shape, generator=generator)
+        drop = config.caption_dropout > 0 and (
+            float(torch.rand((), generator=generator)) < config.caption_dropout
+        )
         hooks.factors = network()
         return diffusion_loss(
-            host, latents[i : i + 1].to(host.device), noise.to(host.device), t, cond
+            host,
+            latents[i : i + 1].to(host.device),
+            noise.to(host.device),
+            t,
+            empty if drop else cond,
         )
 
     def set_factors() -> None:

@@ -150,24 +150,56 @@ def test_square_keeps_whole_object():
     assert np.ptp(np.asarray(out), axis=(0, 1)).max() <= 1
 
 
-def test_views_respect_the_attribute():
-    a = np.zeros((64, 64, 3), np.uint8)
-    a[16:48, 20:44] = (200, 40, 40)
-    ref = Image.fromarray(a)
-    silhouette = a.sum(-1) > 0
-    shape_views = make_views(ref, "shape", 6, seed=1)
-    assert np.asarray(shape_views[0]).tolist() == a.tolist()
-    for v in shape_views[1:]:  # colour changes, the silhouette never moves
-        arr = np.asarray(v)
-        assert ((arr.sum(-1) > 0) == silhouette).all()
-    colours = {tuple(np.asarray(v)[32, 32]) for v in shape_views}
-    assert len(colours) > 3
-    app_views = make_views(ref, "appearance", 6, seed=1)
-    moved = [((np.asarray(v).sum(-1) > 0) != silhouette).mean() for v in app_views[1:]]
-    assert max(moved) > 0.05  # geometry varies for appearance
-    assert (
-        make_views(ref, "shape", 4, seed=3)[2].tobytes()
-        == make_views(ref, "shape", 4, seed=3)[2].tobytes()
-    )
+def _striped_reference() -> tuple[Image.Image, np.ndarray]:
+    """A red object with dark diagonal stripes, 32×24 px, on a pale background."""
+    a = np.full((64, 64, 3), 235, np.uint8)
+    yy, xx = np.mgrid[0:64, 0:64]
+    obj = (yy >= 16) & (yy < 48) & (xx >= 20) & (xx < 44)
+    dark = ((xx + yy) // 4) % 2 == 1
+    a[obj] = (200, 40, 40)
+    a[obj & dark] = (70, 14, 14)
+    return Image.fromarray(a), obj
+
+
+def test_shape_views_keep_the_silhouette_in_place_and_vary_colour_and_texture():
+    ref, obj = _striped_reference()
+    views = make_views(ref, "shape", 6, seed=1, mask=obj, cell=4)
+    colours = set()
+    for v in views:
+        a = np.asarray(v).astype(int)
+        background = a[0, 0]
+        fg = np.abs(a - background).max(-1) > 0
+        assert (fg == obj).all()  # the same outline, in place
+        colours.add(tuple(a[fg].max(0)))
+    assert len(colours) == 6  # every view has a new colour
+    again = make_views(ref, "shape", 6, seed=1, mask=obj, cell=4)
+    assert [v.tobytes() for v in again] == [v.tobytes() for v in views]
+
+
+def test_appearance_views_keep_the_texture_and_vary_the_silhouette():
+    ref, obj = _striped_reference()
+    ref_colours = {tuple(c) for c in np.asarray(ref)[obj]}
+    views = make_views(ref, "appearance", 6, seed=2, mask=obj, cell=4)
+    shapes = set()
+    for v in views:
+        a = np.asarray(v)
+        inside = np.abs(a.astype(int) - 235).max(-1) > 40
+        solid = a[inside]
+        # fully covered pixels are the reference's own colours (edges are blended)
+        assert np.mean([tuple(c) in ref_colours for c in solid]) > 0.6
+        assert {(200, 40, 40), (70, 14, 14)} <= {tuple(c) for c in solid}
+        shapes.add(inside.tobytes())
+    assert len(shapes) == 6
+    # an automatic mask finds the object when none is given
+    auto = make_views(ref, "appearance", 2, seed=2, cell=4)
+    assert all(np.asarray(v).shape == (64, 64, 3) for v in auto)
+
+
+def test_views_refuse_bad_input():
+    ref, obj = _striped_reference()
     with pytest.raises(InputError, match="attribute"):
         make_views(ref, "colour", 2, seed=0)
+    with pytest.raises(InputError, match="mask"):
+        make_views(ref, "shape", 2, seed=0, mask=obj[:32])
+    style = make_views(ref, "style", 3, seed=0)
+    assert style[0] is ref and len(style) == 3

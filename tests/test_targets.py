@@ -9,12 +9,14 @@ import pytest
 from torch import nn
 
 from lib_ostaf.errors import IncompatibleModelError, InputError
-from lib_ostaf.naming import inspect_unet, ldm_to_diffusers, module_name_from_kohya
+from lib_ostaf.naming import block_part, inspect_unet, ldm_to_diffusers, module_name_from_kohya
 from lib_ostaf.targets import (
     ATTRIBUTE_PART,
+    PARTS,
     Target,
     TargetSpec,
     available_blocks,
+    default_blocks,
     find_module,
     select_targets,
 )
@@ -76,34 +78,68 @@ def test_available_blocks(family: str, layout: str) -> None:
     assert available_blocks(model, inspect_unet(model)) == BLOCKS[family]
 
 
+# The defaults by resolution level: shape = the bottleneck (the encoder's lowest-resolution
+# attention level, the mid block, the decoder's blocks at that level); appearance / style =
+# the decoder's higher-resolution attention blocks.
+DEFAULT_BLOCKS = {
+    "sd1": {
+        "shape": [
+            "down_blocks.1.attentions.0",
+            "down_blocks.1.attentions.1",
+            "mid_block.attentions.0",
+            "up_blocks.1.attentions.0",
+            "up_blocks.1.attentions.1",
+            "up_blocks.1.attentions.2",
+        ],
+        "appearance": [f"up_blocks.2.attentions.{i}" for i in range(3)],
+    },
+    "sdxl": {
+        "shape": [
+            "down_blocks.2.attentions.0",
+            "down_blocks.2.attentions.1",
+            "mid_block.attentions.0",
+            "up_blocks.0.attentions.0",
+            "up_blocks.0.attentions.1",
+            "up_blocks.0.attentions.2",
+        ],
+        "appearance": [f"up_blocks.1.attentions.{i}" for i in range(3)],
+    },
+}
+DEFAULT_BLOCKS["sd2"] = DEFAULT_BLOCKS["sd1"]
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_parts_and_counts(family: str, layout: str) -> None:
+def test_default_blocks_by_resolution_level(family: str, layout: str) -> None:
     model = unet(family, layout)
     info = inspect_unet(model)
-    n = TRANSFORMERS[family]
     enc = select(family, layout, attribute="shape")
     dec = select(family, layout, attribute="appearance")
-    assert len(enc) == n["encoder"] * 8 and len(dec) == n["decoder"] * 8
-    assert {t.part for t in enc} == {"encoder"} and {t.part for t in dec} == {"decoder"}
+    assert list(dict.fromkeys(t.block for t in enc)) == DEFAULT_BLOCKS[family]["shape"]
+    assert list(dict.fromkeys(t.block for t in dec)) == DEFAULT_BLOCKS[family]["appearance"]
+    assert {t.block for t in enc}.isdisjoint(t.block for t in dec)
+    assert {t.part for t in dec} == {"decoder"}
+    assert {t.part for t in enc} == {"encoder", "mid", "decoder"}
+    for part in PARTS:  # a part name selects all its blocks
+        assert all(block_part(b) == part for b in default_blocks(model, part))
     enc_prefix, dec_prefix = (
         ("down_blocks.", "up_blocks.")
         if layout == "diffusers"
         else ("input_blocks.", "output_blocks.")
     )
-    assert all(t.name.startswith(enc_prefix) and t.block.startswith("down_blocks.") for t in enc)
     assert all(t.name.startswith(dec_prefix) and t.block.startswith("up_blocks.") for t in dec)
+    assert any(t.name.startswith(enc_prefix) for t in enc)
     assert select(family, layout, attribute="style") == dec
     with_mid = select(family, layout, attribute="style", include_mid=True)
     mid = [t for t in with_mid if t.part == "mid"]
-    assert len(mid) == n["mid"] * 8 and with_mid == mid + dec  # forward order: mid before up
+    assert len(mid) == TRANSFORMERS[family]["mid"] * 8 and with_mid == mid + dec
     assert all(t.name.startswith(("mid_block.", "middle_block.1.")) for t in mid)
     for t in enc + with_mid:
         module = find_module(model, t.name)
         assert isinstance(module, nn.Linear)
         assert (t.in_features, t.out_features) == (module.in_features, module.out_features)
         assert module_name_from_kohya(t.kohya, info) == t.name
-    assert len({t.name for t in enc + with_mid}) == len(enc) + len(with_mid)
+    assert len({t.name for t in enc + dec}) == len(enc) + len(dec)
 
 
 @pytest.mark.parametrize("attribute", list(ATTRIBUTE_PART))
@@ -136,7 +172,7 @@ def test_order_is_forward_order_within_blocks() -> None:
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attn_and_proj_filters(family: str, layout: str) -> None:
-    n = TRANSFORMERS[family]["decoder"]
+    n = len(select(family, layout, attribute="style")) // 8  # transformer blocks
     kv = select(family, layout, attribute="style", attn=("attn2",), proj=("to_k", "to_v"))
     assert len(kv) == 2 * n
     assert {(t.attn, t.proj) for t in kv} == {("attn2", "to_k"), ("attn2", "to_v")}
@@ -146,7 +182,7 @@ def test_attn_and_proj_filters(family: str, layout: str) -> None:
     assert len(out) == n and {(t.attn, t.proj) for t in out} == {("attn1", "to_out.0")}
     assert all(t.name.endswith("attn1.to_out.0") for t in out)
     q = select(family, layout, attribute="shape", proj=("to_q",))
-    assert len(q) == 2 * TRANSFORMERS[family]["encoder"]
+    assert len(q) == 2 * len(select(family, layout, attribute="shape")) // 8
     assert all(t.in_features == t.out_features for t in q)
 
 
@@ -214,7 +250,7 @@ def test_linear_subclasses_are_selected_and_wrappers_are_not() -> None:
         holder.to_q = nn.Sequential(holder.to_q)
     with pytest.raises(InputError, match=re.escape("not nn.Linear")):
         select_targets(model, TargetSpec("shape", proj=("to_q",)), info)
-    assert len(select_targets(model, TargetSpec("shape", proj=("to_k",)), info)) == 8
+    assert len(select_targets(model, TargetSpec("shape", proj=("to_k",)), info)) == len(to_q)
 
 
 def test_find_module() -> None:

@@ -7,6 +7,7 @@ import torch
 
 from lib_ostaf.adapter_file import load_adapter, load_state
 from lib_ostaf.errors import InputError, Interrupted
+from lib_ostaf.targets import default_blocks
 from lib_ostaf.train import AttributeConfig, Callbacks, export, train_attribute
 
 from .conftest import pristine, same_weights
@@ -44,27 +45,24 @@ def test_training_is_deterministic(sd1_host, reference_image, trained):
         assert torch.equal(a, a2) and torch.equal(b, b2)
 
 
-@pytest.mark.parametrize("attribute,part", [("shape", "down_blocks"), ("appearance", "up_blocks")])
-def test_offsets_only_in_the_attributes_part(sd1_host, reference_image, attribute, part):
+@pytest.mark.parametrize("attribute", ["shape", "appearance"])
+def test_offsets_only_in_the_attributes_blocks(sd1_host, reference_image, attribute):
     result = train_attribute(
         sd1_host, reference_image, AttributeConfig(attribute=attribute, steps=3, lr=1e-3, n_views=2)
     )
+    blocks = default_blocks(sd1_host.unet, attribute)
     modules = result.lora_modules()
-    assert modules and all(part in key for key in modules)
+    keys = {"lora_unet_" + b.replace(".", "_") for b in blocks}
+    assert modules and all(key.startswith(tuple(keys)) for key in modules)
+    assert {t.block for t in result.targets} == set(blocks)
     assert any(m.up.abs().sum() > 0 for m in modules.values())  # it learned something
-    # merge: every weight outside the part is bit-identical
-    from lib_ostaf.apply import unet_deltas  # noqa: F401  (file path tested elsewhere)
-
+    # merge: every weight outside the attribute's blocks is bit-identical
     saved = pristine(sd1_host.unet)
     sd1_host.patcher.apply([("t", _deltas(sd1_host, result), 1.0)])
     try:
         state = sd1_host.unet.state_dict()
-        other = "up_blocks" if part == "down_blocks" else "down_blocks"
         changed = [k for k in saved if not torch.equal(state[k], saved[k])]
-        assert changed and all(k.startswith(part) for k in changed)
-        assert all(
-            torch.equal(state[k], saved[k]) for k in saved if k.startswith((other, "mid_block"))
-        )
+        assert changed and all(k.startswith(blocks) for k in changed)
     finally:
         sd1_host.patcher.restore()
     assert same_weights(sd1_host.unet, saved)

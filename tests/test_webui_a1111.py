@@ -76,9 +76,9 @@ def test_training_leaves_the_model_exactly_as_found(sd_model, tmp_path):
     assert all(p.requires_grad for p in sd_model.parameters())
     assert {n: m.training for n, m in sd_model.named_modules()} == modes
     assert all(not m._forward_hooks for m in sd_model.modules())
-    assert result["layers"] == 48 and result["steps"] == 2  # 6 decoder blocks × 2 attn × 4
+    assert result["layers"] == 24 and result["steps"] == 2  # 3 high-res decoder blocks × 2 × 4
     adapter = load_adapter(tmp_path / "t1.safetensors")
-    assert len(adapter.modules) == 48 and adapter.family == "sd1"
+    assert len(adapter.modules) == 24 and adapter.family == "sd1"
     assert any(m.up.abs().sum() > 0 for m in adapter.modules.values())
     assert (tmp_path / "t1.preview.png").is_file() and job.images["sweep"].size[0] == 128
 

@@ -129,7 +129,7 @@ def test_patches_equal_lambda_delta_and_clone_leaves_original(sd_model, folder):
     worst = max((after[k] - before[k] - expected[k]).abs().max().item() for k in before)
     assert worst < 1e-6
     n_layers = sum(len(a.adapter.modules) for a in plan.adapters)
-    assert sum(1 for k in before if expected[k].any()) == n_layers == 80  # decoder + encoder
+    assert sum(1 for k in before if expected[k].any()) == n_layers == 72  # appearance + shape
     # next generation without tags: the reset base is loaded → weights exactly restored
     _generate(applier, sd_model, _plan(folder))
     assert all(torch.equal(_weights(unet)[k], before[k]) for k in before)
@@ -297,7 +297,7 @@ def test_training_loads_the_model_and_leaves_weights_as_found(sd_model, folder, 
     after = _weights(unet)
     assert all(torch.equal(after[k], before[k]) for k in before)  # trained unpatched, untouched
     assert all(not m._forward_hooks for m in unet.modules())
-    assert job.result["layers"] == 48 and (out / "t1.safetensors").is_file()
+    assert job.result["layers"] == 24 and (out / "t1.safetensors").is_file()
     # the new adapter applies on Forge right away
     plan = _plan(out, ("t1", "1"))
     assert plan.adapters and _generate(applier, sd_model, plan) == []
