@@ -8,7 +8,8 @@ SD UNet has, not on a framework flag:
   bf16 where supported. ``"bf16"``/``"fp16"`` wrap each training forward in
   ``torch.autocast``. Whenever the gradients pass through fp16 — fp16 autocast, or a UNet
   whose weights are fp16 (A1111's and Forge's default on a GPU, the CLI's on a GPU without
-  bf16), whatever ``precision`` says — the loss is scaled dynamically
+  bf16), or a host that computes in fp16 under its own autocast (its ``dtype``), whatever
+  ``precision`` says — the loss is scaled dynamically
   (:class:`LossScaler`) so small gradients do not flush to zero. The trainable factors,
   their gradients and the optimizer state stay fp32; every step is checked: non-finite
   steps are skipped, and :data:`ZERO_GRAD_STEPS` all-zero steps in a row stop the run.
@@ -62,11 +63,14 @@ def autocast_dtype(precision: str, device: torch.device, model_dtype: torch.dtyp
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
-def needs_loss_scaling(autocast: torch.dtype | None, unet: nn.Module) -> bool:
-    """Whether the run's gradients pass through fp16 (fp16 autocast, or fp16 weights as
-    A1111 and Forge keep them on a GPU): then small ones flush to zero unless the loss is
-    scaled. bf16 has fp32's exponent range and needs no scaling."""
-    if autocast == torch.float16:
+def needs_loss_scaling(
+    autocast: torch.dtype | None, unet: nn.Module, compute: torch.dtype | None = None
+) -> bool:
+    """Whether the run's gradients pass through fp16 (fp16 autocast, fp16 weights as A1111
+    and Forge keep them on a GPU, or a host that computes in fp16 through its own autocast
+    — ``compute``, the host's ``dtype`` — whatever its weights): then small ones flush to
+    zero unless the loss is scaled. bf16 has fp32's exponent range and needs no scaling."""
+    if torch.float16 in (autocast, compute):
         return True
     return any(p.dtype == torch.float16 for p in unet.parameters())
 
@@ -225,12 +229,25 @@ NO_PRECISION = Precision(None, torch.device("cpu"))
 
 @contextlib.contextmanager
 def training_options(
-    unet: nn.Module, device: torch.device, family: str, precision: str, checkpointing: str
+    unet: nn.Module,
+    device: torch.device,
+    family: str,
+    precision: str,
+    checkpointing: str,
+    *,
+    compute_dtype: torch.dtype | None = None,
 ) -> Iterator[Precision]:
-    """Enter the run's options; yields the :class:`Precision` for ``run_steps``."""
+    """Enter the run's options; yields the :class:`Precision` for ``run_steps``.
+
+    ``compute_dtype``: the host's compute dtype (``host.dtype``). A1111 can keep fp32
+    weights and still run the UNet in fp16 under its own autocast; the weights' dtype
+    alone would then train unscaled (and ``auto`` would stack a second autocast on it).
+    """
     check_options(precision, checkpointing)
-    dtype = autocast_dtype(precision, device, next(unet.parameters()).dtype)
-    scaling = needs_loss_scaling(dtype, unet)
+    weights = next(unet.parameters()).dtype
+    host = compute_dtype if compute_dtype in (torch.float16, torch.bfloat16) else weights
+    dtype = autocast_dtype(precision, device, host)
+    scaling = needs_loss_scaling(dtype, unet, compute_dtype)
     with contextlib.ExitStack() as stack:
         if use_checkpointing(checkpointing, device, family):
             stack.enter_context(gradient_checkpointing(unet))

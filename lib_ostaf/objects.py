@@ -741,7 +741,7 @@ def train_objects(
             before = _probe(host, hooks, {}, probe_sets, latents, weights, tokens, vectors, config)
             options = training_options(
                 host.unet, host.device, host.family, config.precision,
-                config.gradient_checkpointing,
+                config.gradient_checkpointing, compute_dtype=host.dtype,
             )  # fmt: skip
             with options as precision:
                 if first_phase:

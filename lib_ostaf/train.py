@@ -385,7 +385,12 @@ def train_attribute(
         hooks.factors = network()
 
     options = training_options(
-        host.unet, host.device, host.family, config.precision, config.gradient_checkpointing
+        host.unet,
+        host.device,
+        host.family,
+        config.precision,
+        config.gradient_checkpointing,
+        compute_dtype=host.dtype,
     )
     try:
         with frozen(host.unet), OffsetHooks(modules) as hooks:

@@ -3,11 +3,13 @@ gradients with fewer stored activations; bf16 autocast trains; bad options are r
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lib_ostaf.errors import InputError
-from lib_ostaf.memory import gradient_checkpointing
+from lib_ostaf.memory import gradient_checkpointing, training_options
 from lib_ostaf.offsets import OffsetHooks
 from lib_ostaf.targets import TargetSpec, find_module, select_targets
 from lib_ostaf.train import AttributeConfig, train_attribute
@@ -87,3 +89,46 @@ def test_training_with_options(sd1_host, reference_image):
     for bad in ({"precision": "fp8"}, {"gradient_checkpointing": "maybe"}):
         with pytest.raises(InputError):
             AttributeConfig(**bad)
+
+
+def test_loss_scaling_follows_the_hosts_compute_dtype():
+    """A1111 can keep fp32 weights and run its UNet in fp16 under its own autocast: the
+    host's compute dtype, not only the weights', decides the loss scaling."""
+    unet = tiny_ldm_unet("sd1").eval().requires_grad_(False)  # fp32 weights
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with training_options(unet, cpu, "sd1", "auto", "off") as p:
+        assert p.scaler is None and p.dtype is None
+    for compute, scaled in ((torch.float16, True), (torch.bfloat16, False), (torch.float32, False)):
+        with training_options(unet, cpu, "sd1", "auto", "off", compute_dtype=compute) as p:
+            assert (p.scaler is not None) is scaled and p.dtype is None
+    # auto on a GPU stacks no autocast of ours on a host that already computes in fp16
+    with training_options(unet, cuda, "sd1", "auto", "off", compute_dtype=torch.float16) as p:
+        assert p.dtype is None and p.scaler is not None
+
+
+@pytest.mark.parametrize("what", ["attribute", "objects"])
+def test_trainers_pass_the_hosts_compute_dtype(what, sd1_host, reference_image, monkeypatch):
+    import lib_ostaf.objects as objects
+    import lib_ostaf.train as train
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("compute_dtype"))
+        return training_options(*args, **kwargs)
+
+    if what == "attribute":
+        monkeypatch.setattr(train, "training_options", spy)
+        train_attribute(sd1_host, reference_image, AttributeConfig(steps=1, n_views=1))
+    else:
+        monkeypatch.setattr(objects, "training_options", spy)
+        image = Image.open(reference_image).convert("RGB")
+        mask = np.zeros((image.height, image.width), dtype=bool)
+        mask[8:-8, 8:-8] = True
+        objects.train_objects(
+            sd1_host,
+            image,
+            [objects.ObjectSpec("<o1>", "ball", mask)],
+            objects.ObjectConfig(steps=1, embedding_steps=0, n_probe=1, clip="none"),
+        )
+    assert seen == [sd1_host.dtype]
