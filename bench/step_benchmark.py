@@ -420,7 +420,7 @@ def file_sizes(model: Model, runners: dict[str, Method], steps_done: int) -> dic
             seconds=0.0,
             host_meta={"base_model": model.name, "resolution": 8 * LATENT},
         )
-        kohya = export(result, out, "ostaf")
+        kohya = export(result, out, "ostaf", save_state=True)
         sizes["ostaf_kohya"] = kohya.stat().st_size
         sizes["ostaf_state"] = (out / "ostaf.ostaf-state").stat().st_size
         # peft's weights in the same kohya layout, with only the standard ss_/modelspec metadata.

@@ -5,7 +5,8 @@ The LoRA file holds only kohya keys (``<module>.lora_down.weight`` [r, in],
 ΔW = (alpha / r) · up @ down, and kohya/modelspec/``ostaf.*`` string metadata, so it loads
 unchanged in A1111, Forge, ComfyUI, diffusers and kohya. Sidecars next to it:
 
-* ``<name>.ostaf-state``: hypernetwork state (safetensors inside; A1111 does not list it).
+* ``<name>.ostaf-state``: opt-in hypernetwork state, for inspection; nothing reads it back
+  to train on (safetensors inside; A1111 does not list it).
 * ``<name>.json``: A1111 card (description, sd version, activation text, preferred weight).
 * ``<name>.preview.png``: A1111 preview image.
 

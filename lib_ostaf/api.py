@@ -47,6 +47,9 @@ class RunBody(BaseModel):
     default_lambda: float = 1.0
     resolution: int = Field(0, ge=0, le=4096, description="0 = the model's native size")
     overwrite: bool = False
+    save_state: bool = Field(
+        False, description="also write <name>.ostaf-state (hypernetwork parameters; not read back)"
+    )
     preview_every: int = Field(0, ge=0)
     preview_steps: int = Field(12, ge=1, le=150)
     preview_size: int = Field(0, ge=0, le=4096)

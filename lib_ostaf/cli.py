@@ -139,6 +139,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--default-lambda", type=float, default=None)
     t.add_argument("--overwrite", action="store_true")
+    t.add_argument(
+        "--save-state",
+        action="store_true",
+        help="also write <name>.ostaf-state (the hypernetwork's parameters; several times the "
+        "LoRA's size; nothing in OSTAF reads it back)",
+    )
     memory_args(t)
     model_arg(t, resolution=True)
 
@@ -185,6 +191,12 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=None)
     o.add_argument("--default-lambda", type=float, default=None)
     o.add_argument("--overwrite", action="store_true")
+    o.add_argument(
+        "--save-state",
+        action="store_true",
+        help="also write <name>.ostaf-state (the hypernetwork's parameters and token "
+        "vectors; several times the LoRA's size; nothing in OSTAF reads it back)",
+    )
     memory_args(o)
     model_arg(o, resolution=True)
 
@@ -277,7 +289,9 @@ def _run(args: argparse.Namespace) -> int:
         )
         host = _load(args)
         result = train_attribute(host, args.image, config, Callbacks(progress=_print_progress))
-        path = export(result, args.out, args.name, overwrite=args.overwrite)
+        path = export(
+            result, args.out, args.name, overwrite=args.overwrite, save_state=args.save_state
+        )
         print(
             f"\nloss on probe set: {result.probe_loss_before:.4f} → {result.probe_loss_after:.4f}"
         )
@@ -421,6 +435,7 @@ def _implant(args: argparse.Namespace) -> int:
         [not args.mask] * len(objects),
         bundle=args.bundle,
         embeddings_dir=args.embeddings_dir,
+        save_state=args.save_state,
     )
     if not args.overwrite:
         refuse_existing(planned)  # before training: a clash costs nothing
@@ -433,6 +448,7 @@ def _implant(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         bundle=args.bundle,
         embeddings_dir=args.embeddings_dir,
+        save_state=args.save_state,
     )
     print()
     for p in result.prototypes:

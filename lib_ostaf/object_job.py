@@ -73,6 +73,7 @@ class ObjectRequest:
     default_lambda: float = 1.0
     resolution: int = 0
     overwrite: bool = False
+    save_state: bool = False  # also write <name>.ostaf-state (lib_ostaf.objects.export_objects)
     preview_every: int = 0
     preview_steps: int = 12
     preview_size: int = 0
@@ -145,7 +146,14 @@ class ObjectRequest:
 
     def files(self, out_dir: Path | str, specs: Sequence[ObjectSpec]) -> Any:
         auto = [s.mask is None for s in specs]
-        return planned_files(out_dir, self.name, [s.token for s in specs], auto, preview=True)
+        return planned_files(
+            out_dir,
+            self.name,
+            [s.token for s in specs],
+            auto,
+            preview=True,
+            save_state=bool(self.save_state),
+        )
 
 
 def run_object_training(
@@ -202,7 +210,12 @@ def run_object_training(
             lambda: sample(result.embeddings), reporter,
         )  # fmt: skip
     files = export_objects(
-        result, out_dir, request.name, overwrite=request.overwrite, preview=card_preview
+        result,
+        out_dir,
+        request.name,
+        overwrite=request.overwrite,
+        preview=card_preview,
+        save_state=bool(request.save_state),
     )
     size = files.lora.stat().st_size
     for path in files.all():

@@ -47,13 +47,13 @@ from .adapter_file import (
     build_metadata,
     lora_state_dict,
     save_adapter,
-    save_state,
     sd_version_label,
     sshs_hashes,
     validate_name,
     write_card,
     write_preview,
 )
+from .adapter_file import save_state as write_state
 from .embeddings import (
     bundle_state_dict,
     check_new_tokens,
@@ -873,15 +873,21 @@ class ObjectFiles:
     """What :func:`export_objects` wrote."""
 
     lora: Path
-    state: Path
+    state: Path | None  # the optional .ostaf-state sidecar (``save_state``)
     card: Path
     embeddings: dict[str, Path]
     bundle: Path | None = None
     masks: dict[str, Path] = field(default_factory=dict)
     preview: Path | None = None
 
+    @property
+    def state_path(self) -> Path:
+        """Where the sidecar is (or would be) — also when this export writes none."""
+        return self.lora.with_name(self.lora.name[: -len(ADAPTER_SUFFIX)] + STATE_SUFFIX)
+
     def all(self) -> list[Path]:
-        paths = [self.lora, self.state, self.card, *self.embeddings.values(), *self.masks.values()]
+        paths = [self.lora, *([self.state] if self.state else []), self.card]
+        paths += [*self.embeddings.values(), *self.masks.values()]
         if self.bundle:
             paths += [
                 self.bundle,
@@ -899,6 +905,7 @@ def planned_files(
     bundle: bool = False,
     embeddings_dir: str | Path | None = None,
     preview: bool = False,
+    save_state: bool = False,
 ) -> ObjectFiles:
     """Where :func:`export_objects` writes (checked before training by the CLI)."""
     name = validate_name(name)
@@ -910,7 +917,7 @@ def planned_files(
     )
     return ObjectFiles(
         lora=out / (name + ADAPTER_SUFFIX),
-        state=out / (name + STATE_SUFFIX),
+        state=out / (name + STATE_SUFFIX) if save_state else None,
         card=out / (name + ".json"),
         embeddings={t: emb_dir / (file_stem(t) + ADAPTER_SUFFIX) for t in tokens},
         bundle=out / (name + BUNDLE_INFIX + ADAPTER_SUFFIX) if bundle else None,
@@ -924,8 +931,10 @@ def planned_files(
 
 
 def refuse_existing(files: ObjectFiles) -> None:
-    """InputError naming every target that already exists."""
-    existing = [str(p) for p in files.all() if p.exists() or p.is_symlink()]
+    """InputError naming every target that already exists (an old ``.ostaf-state`` too,
+    written or not, so a sidecar never describes another adapter)."""
+    paths = files.all() + ([] if files.state else [files.state_path])
+    existing = [str(p) for p in paths if p.exists() or p.is_symlink()]
     if existing:
         raise InputError(
             f"{', '.join(existing)} already exist(s); choose another name or overwrite. "
@@ -943,12 +952,16 @@ def export_objects(
     embeddings_dir: str | Path | None = None,
     preview: Image.Image | None = None,
     save_dtype: torch.dtype = torch.float32,
+    save_state: bool = False,
 ) -> ObjectFiles:
     """Write the implantation: the kohya LoRA ``<name>.safetensors`` (pure kohya keys), its
-    ``.ostaf-state`` and ``.json`` card, one portable embedding per token in
-    ``embeddings_dir`` (default ``<out>/<name>.embeddings/<token>.safetensors``), the
-    automatic masks ``<name>.mask-<token>.png`` and, with ``bundle``, the A1111 variant
+    ``.json`` card, one portable embedding per token in ``embeddings_dir`` (default
+    ``<out>/<name>.embeddings/<token>.safetensors``), the automatic masks
+    ``<name>.mask-<token>.png`` and, with ``bundle``, the A1111 variant
     ``<name>.a1111.safetensors`` (LoRA + ``bundle_emb.*``) with its own card.
+    ``save_state``: also the ``.ostaf-state`` sidecar (hypernetwork parameters and token
+    vectors, for inspection; nothing reads it back). Without it, overwriting removes a
+    stale sidecar of the same name.
 
     Every target is checked before anything is written, so a refusal loses nothing.
     """
@@ -960,6 +973,7 @@ def export_objects(
         bundle=bundle,
         embeddings_dir=embeddings_dir,
         preview=preview is not None,
+        save_state=save_state,
     )
     if not overwrite:
         refuse_existing(files)
@@ -1027,27 +1041,28 @@ def export_objects(
         )
     for token, path in files.masks.items():
         save_mask(path, result.masks[result.tokens.index(token)], overwrite=overwrite)
-    state = {
-        f"network.{k}": v.detach().float().cpu().contiguous()
-        for k, v in result.network.state_dict().items()
-    }
-    for token, vecs in result.embeddings.items():
-        for key, v in zip(portable_keys(family), vecs, strict=True):
-            state[f"embedding.{token}.{key}"] = v
-    save_state(
-        files.state,
-        state,
-        {
-            "method": "object",
-            "network": cfg.network,
-            "hypernet": result.network.config.to_dict(),
-            "layers": [asdict(layer) for layer in result.network.layers],
-            "object_config": asdict(cfg),
-            "tokens": result.tokens,
-            "classes": result.classes,
-        },
-        overwrite=overwrite,
-    )
+    if files.state is not None:
+        state = {
+            f"network.{k}": v.detach().float().cpu().contiguous()
+            for k, v in result.network.state_dict().items()
+        }
+        for token, vecs in result.embeddings.items():
+            for key, v in zip(portable_keys(family), vecs, strict=True):
+                state[f"embedding.{token}.{key}"] = v
+        write_state(
+            files.state,
+            state,
+            {
+                "method": "object",
+                "network": cfg.network,
+                "hypernet": result.network.config.to_dict(),
+                "layers": [asdict(layer) for layer in result.network.layers],
+                "object_config": asdict(cfg),
+                "tokens": result.tokens,
+                "classes": result.classes,
+            },
+            overwrite=overwrite,
+        )
     pairs = zip(result.tokens, result.classes, strict=True)
     description = "Object implantation of " + ", ".join(f"{t} ({c})" for t, c in pairs)
     write_card(
@@ -1080,6 +1095,8 @@ def export_objects(
             overwrite=overwrite,
         )
     save_adapter(files.lora, modules, lora_md, overwrite=overwrite, dtype=save_dtype)
+    if files.state is None:
+        files.state_path.unlink(missing_ok=True)  # a stale sidecar of an earlier adapter
     return files
 
 

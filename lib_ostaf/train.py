@@ -31,12 +31,12 @@ from .adapter_file import (
     LoraModule,
     build_metadata,
     save_adapter,
-    save_state,
     sd_version_label,
     validate_name,
     write_card,
     write_preview,
 )
+from .adapter_file import save_state as write_state
 from .augment import ATTRIBUTES, make_views
 from .errors import InputError, Interrupted, TrainingDiverged
 from .hosts.base import Host
@@ -446,8 +446,14 @@ def export(
     overwrite: bool = False,
     preview: Image.Image | None = None,
     save_dtype: torch.dtype = torch.float32,
+    save_state: bool = False,
 ) -> Path:
-    """Write ``<name>.safetensors`` + ``.ostaf-state`` + ``.json`` card (+ ``.preview.png``).
+    """Write ``<name>.safetensors`` + ``.json`` card (+ ``.preview.png``).
+
+    ``save_state``: also write ``<name>.ostaf-state``, the hypernetwork's parameters and
+    config (for inspection or your own tooling; nothing in OSTAF reads it back, and it is
+    several times the LoRA's size). Off by default; overwriting without it removes a
+    stale sidecar of the same name, so it never describes another adapter.
 
     Every target is checked before anything is written, so a refusal loses nothing.
     """
@@ -455,10 +461,11 @@ def export(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / name
+    state_path = stem.with_name(name + STATE_SUFFIX)
     paths = [stem.with_name(name + s) for s in (".safetensors", STATE_SUFFIX, ".json")]
     if preview is not None:
         paths.append(stem.with_name(name + ".preview.png"))
-    if not overwrite:
+    if not overwrite:  # an old sidecar counts even when none is written: never mismatched
         existing = [p.name for p in paths if p.exists()]
         if existing:
             raise InputError(
@@ -492,16 +499,17 @@ def export(
             "version": __version__,
         },
     )
-    state = {
-        k: v.detach().float().cpu().contiguous() for k, v in result.network.state_dict().items()
-    }
-    state_config = {
-        "network": cfg.network,
-        "hypernet": result.network.config.to_dict(),
-        "layers": [asdict(layer) for layer in result.network.layers],
-        "attribute_config": asdict(cfg),
-    }
-    save_state(stem.with_name(name + STATE_SUFFIX), state, state_config, overwrite=overwrite)
+    if save_state:
+        state = {
+            k: v.detach().float().cpu().contiguous() for k, v in result.network.state_dict().items()
+        }
+        state_config = {
+            "network": cfg.network,
+            "hypernet": result.network.config.to_dict(),
+            "layers": [asdict(layer) for layer in result.network.layers],
+            "attribute_config": asdict(cfg),
+        }
+        write_state(state_path, state, state_config, overwrite=overwrite)
     write_card(
         stem,
         preferred_weight=cfg.default_lambda,
@@ -514,13 +522,16 @@ def export(
     )
     if preview is not None:
         write_preview(stem, preview, overwrite=overwrite)
-    return save_adapter(
+    path = save_adapter(
         stem.with_name(name + ".safetensors"),
         result.lora_modules(),
         metadata,
         overwrite=overwrite,
         dtype=save_dtype,
     )
+    if not save_state:
+        state_path.unlink(missing_ok=True)  # a stale sidecar of an earlier adapter
+    return path
 
 
 def with_overrides(config: AttributeConfig, **changes: Any) -> AttributeConfig:

@@ -53,6 +53,7 @@ class TrainRequest:
     n_views: int = 8
     resolution: int = 0
     overwrite: bool = False
+    save_state: bool = False  # also write <name>.ostaf-state (lib_ostaf.train.export)
     preview_every: int = 0
     preview_steps: int = 12
     preview_size: int = 0
@@ -249,7 +250,14 @@ def run_training(
         strip, card_preview = sweep_and_preview(
             host, result, request.sweep, config.default_lambda, sample, reporter
         )
-    path = export(result, out_dir, request.name, overwrite=request.overwrite, preview=card_preview)
+    path = export(
+        result,
+        out_dir,
+        request.name,
+        overwrite=request.overwrite,
+        preview=card_preview,
+        save_state=bool(request.save_state),
+    )
     size = path.stat().st_size
     reporter.log(f"wrote {path} ({size / 1024:.1f} KiB)")
     return TrainOutcome(

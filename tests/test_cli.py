@@ -92,6 +92,9 @@ def test_existing_output_refused_without_overwrite(tmp_path, reference_image, ca
     assert (tmp_path / "twice.safetensors").read_bytes() == before
     assert _train(tmp_path, reference_image, "twice", "--seed", "5", "--overwrite") == 0
     assert (tmp_path / "twice.safetensors").read_bytes() != before
+    assert not (tmp_path / "twice.ostaf-state").exists()  # the sidecar is opt-in
+    assert _train(tmp_path, reference_image, "twice", "--overwrite", "--save-state") == 0
+    assert (tmp_path / "twice.ostaf-state").exists()
 
 
 @pytest.mark.parametrize(

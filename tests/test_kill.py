@@ -35,7 +35,7 @@ def _temps(folder: Path) -> list[Path]:
 def test_a_fault_at_every_write_keeps_the_old_adapter_or_the_whole_new_one(
     tmp_path, result, fault, monkeypatch
 ):
-    export(result, tmp_path, "mine")
+    export(result, tmp_path, "mine", save_state=True)  # the opt-in sidecar: three files
     real = {"fsync": os.fsync, "replace": os.replace}
     calls = {"n": 0, "fail_at": 0}
 
@@ -49,7 +49,7 @@ def test_a_fault_at_every_write_keeps_the_old_adapter_or_the_whole_new_one(
 
     monkeypatch.setattr(os, "fsync", lambda *a: counted("fsync", *a))
     monkeypatch.setattr(os, "replace", lambda *a: counted("replace", *a))
-    export(result, tmp_path, "mine", overwrite=True)  # a clean run: count the write points
+    export(result, tmp_path, "mine", overwrite=True, save_state=True)  # clean: count writes
     total, adapter_rename = calls["n"], calls["last_replace"]  # the adapter is written last
     assert total >= 6  # three files, each fsync + rename (+ best-effort folder fsyncs)
     failed = 0
@@ -57,7 +57,7 @@ def test_a_fault_at_every_write_keeps_the_old_adapter_or_the_whole_new_one(
         calls.update(n=0, fail_at=k)
         before = (tmp_path / "mine.safetensors").read_bytes()
         try:
-            export(result, tmp_path, "mine", overwrite=True)
+            export(result, tmp_path, "mine", overwrite=True, save_state=True)
             raised = False
         except (Exception, KeyboardInterrupt):
             failed, raised = failed + 1, True

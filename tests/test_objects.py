@@ -222,7 +222,7 @@ def test_two_objects_train_and_leave_the_model_as_found(sd1_host, trained):
 
 def test_files_tokens_classes_and_bundle(trained, tmp_path):
     result, _, _ = trained
-    files = export_objects(result, tmp_path, "pair", bundle=True)
+    files = export_objects(result, tmp_path, "pair", bundle=True, save_state=True)
     adapter = load_adapter(files.lora)
     assert adapter.embeddings == {}  # the plain file is pure kohya
     assert set(adapter.modules) == {t.kohya for t in result.targets}
@@ -254,6 +254,10 @@ def test_files_tokens_classes_and_bundle(trained, tmp_path):
         assert all(torch.equal(found[t][0], result.embeddings[t][0]) for t in TOKENS)
     tensors, config = load_state(files.state)
     assert config["tokens"] == TOKENS and "embedding.<obj1>.emb_params" in tensors
+    # the sidecar is opt-in: overwriting without it removes the old one
+    plain = export_objects(result, tmp_path, "pair", bundle=True, overwrite=True)
+    assert plain.state is None and not files.state.exists()
+    assert files.state not in plain.all() and plain.lora.exists()
     # nothing is overwritten: one existing target refuses the whole export
     files.embeddings["<obj2>"].write_bytes(b"keep me")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}

@@ -95,7 +95,7 @@ def test_adapter_changes_image_at_one_not_at_zero(sd1_host, trained, tmp_path):
 
 def test_export_writes_file_state_and_card(trained, tmp_path):
     result, _ = trained
-    path = export(result, tmp_path, "my adapter")
+    path = export(result, tmp_path, "my adapter", save_state=True)
     adapter = load_adapter(path)
     assert adapter.metadata["ss_output_name"] == "my adapter"
     assert adapter.metadata["ostaf.attribute"] == "appearance"
@@ -117,6 +117,21 @@ def test_export_writes_file_state_and_card(trained, tmp_path):
     assert before == {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(InputError):
         export(result, tmp_path, "../escape")
+
+
+def test_state_sidecar_is_opt_in(trained, tmp_path):
+    result, _ = trained
+    export(result, tmp_path, "plain")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json", "plain.safetensors"]
+    # an old sidecar still counts as taken (never left describing another adapter) ...
+    (tmp_path / "old.ostaf-state").write_bytes(b"x")
+    with pytest.raises(InputError, match="already exist"):
+        export(result, tmp_path, "old")
+    # ... and overwriting without save_state removes it
+    export(result, tmp_path, "old", overwrite=True)
+    assert not (tmp_path / "old.ostaf-state").exists() and (tmp_path / "old.safetensors").exists()
+    export(result, tmp_path, "old", overwrite=True, save_state=True)
+    load_state(tmp_path / "old.ostaf-state")
 
 
 def test_interrupt_writes_nothing_and_restores(sd1_host, reference_image):
