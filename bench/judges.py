@@ -163,3 +163,18 @@ def gram_distance(ga: list[torch.Tensor], gb: list[torch.Tensor]) -> float:
     return float(
         np.mean([float((a - b).norm() / (b.norm() + 1e-8)) for a, b in zip(ga, gb, strict=True)])
     )
+
+
+def colour_histogram(rgb: np.ndarray, mask: np.ndarray, bins: int = 4) -> np.ndarray:
+    """Normalised RGB histogram (``bins``³) of the masked pixels of an [H, W, 3] image in [0, 1]."""
+    pixels = np.asarray(rgb, np.float64)[mask]
+    if len(pixels) == 0:
+        return np.zeros(bins**3)
+    idx = np.minimum((pixels * bins).astype(int), bins - 1)
+    flat = (idx[:, 0] * bins + idx[:, 1]) * bins + idx[:, 2]
+    return np.bincount(flat, minlength=bins**3) / len(flat)
+
+
+def colour_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Total-variation distance of two colour histograms (0 = same colours, 1 = disjoint)."""
+    return float(0.5 * np.abs(a - b).sum())

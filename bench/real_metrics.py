@@ -13,7 +13,16 @@ the evaluation prompts at each λ, and scores every image:
 * **DINO** ↑ — cosine of DINO's CLS features of the image and of the reference (shape /
   subject fidelity);
 * **Gram** ↓ — mean over VGG-19 relu1_1…relu5_1 of the squared Frobenius distance between
-  normalised Gram matrices of the image and of the reference (appearance / style).
+  normalised Gram matrices of the image and of the reference (appearance / style);
+* **silhouette IoU** ↑ — IoU of the image's object mask and the reference's (automatic
+  masks, position and scale normalised): the shape;
+* **colour** ↓ — total-variation distance of the object's colour histogram to the
+  reference object's: the appearance, with no model at all.
+
+Each row also names the adapter's **fidelity** (its own attribute) and **leak** (the
+other attribute moving towards the reference, against λ = 0; positive = leaks): an
+appearance adapter leaks when the silhouette IoU rises, a shape adapter when the colour
+(and Gram) distance falls — the same roles as ``bench/attribute_benchmark.py``.
 
     python bench/real_metrics.py --model /models/sd15 --clip /models/clip-vit-large-patch14 \\
         --dino /models/dino-vits16 --vgg /models/vgg19.safetensors \\
@@ -148,6 +157,51 @@ class DinoScorer:
         return F.normalize(cls.float(), dim=-1).cpu()
 
 
+def object_mask(image: Image.Image) -> np.ndarray:
+    """The image's main object (automatic; the whole image if none stands out)."""
+    from lib_ostaf.augment import object_mask as find
+
+    return find(image.convert("RGB"))
+
+
+def shape_and_colour(images: Sequence[Image.Image], reference: Image.Image) -> dict[str, float]:
+    """Mean silhouette IoU and colour-histogram distance of ``images`` to ``reference``."""
+    from bench.judges import colour_distance, colour_histogram, iou, normalised
+
+    def parts(img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        img = img.convert("RGB").resize((128, 128), Image.Resampling.BOX)
+        mask = object_mask(img)
+        return normalised(mask, 64), colour_histogram(np.asarray(img) / 255.0, mask)
+
+    ref_shape, ref_hist = parts(reference)
+    pairs = [parts(img) for img in images]
+    return {
+        "silhouette_iou": statistics.fmean(iou(m, ref_shape) for m, _ in pairs),
+        "colour": statistics.fmean(colour_distance(h, ref_hist) for _, h in pairs),
+    }
+
+
+# fidelity / leak metric per attribute, and whether a higher value is closer to the reference
+ROLES = {
+    "shape": {"fidelity": ("silhouette_iou", True), "leak": ("colour", False)},
+    "appearance": {"fidelity": ("colour", False), "leak": ("silhouette_iou", True)},
+    "style": {"fidelity": ("colour", False), "leak": ("silhouette_iou", True)},
+}
+
+
+def with_roles(rows: list[dict[str, Any]], attribute: str) -> list[dict[str, Any]]:
+    """Add ``fidelity`` / ``leak`` (moves towards the reference against the λ = 0 row)."""
+    base = next((r for r in rows if r["lambda"] == 0), rows[0])
+    out = []
+    for r in rows:
+        extra = {}
+        for role, (key, higher) in ROLES[attribute].items():
+            move = r[key] - base[key]
+            extra[role] = {"metric": key, "value": r[key], "gain": move if higher else -move}
+        out.append(r | extra)
+    return out
+
+
 def score(
     images: Sequence[Image.Image],
     prompts: Sequence[str],
@@ -157,8 +211,9 @@ def score(
     dino: DinoScorer | None,
     vgg: nn.Sequential | None,
 ) -> dict[str, float]:
-    """Mean CLIP-T, DINO and Gram of ``images`` (prompts: without the placeholder)."""
-    out: dict[str, float] = {}
+    """Mean CLIP-T, DINO, Gram, silhouette IoU and colour distance of ``images`` (prompts:
+    without the placeholder)."""
+    out: dict[str, float] = shape_and_colour(images, reference)
     if clip is not None:
         out["clip_t"] = float((clip.image(images) * clip.text(prompts)).sum(-1).mean())
     if dino is not None:
@@ -221,7 +276,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(json.dumps(rows[-1]))
     host.apply_adapters([])
-    args.out.write_text(json.dumps({"adapter": str(path), "rows": rows}, indent=1) + "\n")
+    rows = with_roles(rows, args.attribute)
+    result = {"adapter": path.name, "attribute": args.attribute, "rows": rows}
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

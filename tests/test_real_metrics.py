@@ -61,7 +61,40 @@ def test_clip_t_and_dino_scores(models):
     ref = _img((200, 40, 40))
     images = [ref, _img((20, 40, 220), True)]
     out = rm.score(images, ["a red square", "a blue square"], ref, clip=clip, dino=dino, vgg=None)
-    assert set(out) == {"clip_t", "dino"} and -1.0 <= out["clip_t"] <= 1.0
+    assert set(out) == {"clip_t", "dino", "silhouette_iou", "colour"}
+    assert -1.0 <= out["clip_t"] <= 1.0
     alone = rm.score([ref], ["x"], ref, clip=None, dino=dino, vgg=None)
     assert alone["dino"] == pytest.approx(1.0, abs=1e-5)  # the reference itself
     assert out["dino"] < alone["dino"]
+
+
+def _object(shape: str, colour) -> Image.Image:
+    """A 96×96 pale image with one coloured object (a disc or a square)."""
+    a = np.full((96, 96, 3), 235, np.uint8)
+    yy, xx = np.mgrid[0:96, 0:96]
+    inside = (
+        (yy - 48) ** 2 + (xx - 48) ** 2 < 30**2
+        if shape == "disc"
+        else ((abs(yy - 48) < 26) & (abs(xx - 48) < 26))
+    )
+    a[inside] = colour
+    return Image.fromarray(a)
+
+
+def test_silhouette_and_colour_metrics_and_leak_roles():
+    red_disc = _object("disc", (200, 40, 40))
+    same = rm.shape_and_colour([_object("disc", (200, 40, 40))], red_disc)
+    assert same["silhouette_iou"] > 0.95 and same["colour"] < 0.05
+    blue_square = rm.shape_and_colour([_object("square", (40, 40, 200))], red_disc)
+    assert blue_square["silhouette_iou"] < same["silhouette_iou"] - 0.1
+    assert blue_square["colour"] > 0.9
+    # an appearance adapter whose images drift towards the disc silhouette leaks
+    rows = [
+        {"lambda": 0.0, "silhouette_iou": 0.60, "colour": 0.90},
+        {"lambda": 1.0, "silhouette_iou": 0.80, "colour": 0.30},
+    ]
+    app = rm.with_roles(rows, "appearance")[1]
+    assert app["fidelity"]["metric"] == "colour" and app["fidelity"]["gain"] == pytest.approx(0.6)
+    assert app["leak"]["metric"] == "silhouette_iou" and app["leak"]["gain"] == pytest.approx(0.2)
+    shape = rm.with_roles(rows, "shape")[1]
+    assert shape["leak"]["metric"] == "colour" and shape["leak"]["gain"] == pytest.approx(0.6)
