@@ -42,6 +42,9 @@ class Job:
     result: dict[str, Any] = field(default_factory=dict)
     preview: Any = None  # latest PIL preview image
     preview_id: int = 0
+    phase: str = ""  # "training", then e.g. "rendering the λ sweep"
+    after_total: int = 0  # progress units after the training steps (the λ sweep)
+    after_done: int = 0
     images: dict[str, Any] = field(default_factory=dict, repr=False)  # e.g. the λ sweep
     stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -53,7 +56,8 @@ class Job:
     def progress(self) -> float:
         if self.status == "done":
             return 1.0
-        return self.step / self.total if self.total else 0.0
+        units = self.total + self.after_total
+        return min(1.0, (self.step + self.after_done) / units) if units else 0.0
 
     def to_json(self, *, with_preview: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -63,6 +67,7 @@ class Job:
             "step": self.step,
             "total": self.total,
             "progress": round(self.progress, 4),
+            "phase": self.phase,
             "loss": self.loss,
             "elapsed": round((self.finished or time.time()) - (self.started or time.time()), 2),
             "log": list(self.log[-50:]),
@@ -108,13 +113,20 @@ class JobManager:
         return job
 
     # -- updates from the training thread -------------------------------------------------
-    def start(self, job: Job, total: int) -> None:
+    def start(self, job: Job, total: int, after: int = 0) -> None:
+        """``after``: progress units after the ``total`` training steps (the λ sweep)."""
         with self._lock:
             job.status, job.total, job.started = "running", total, time.time()
+            job.phase, job.after_total, job.after_done = "training", max(0, after), 0
 
     def update(self, job: Job, step: int, total: int, loss: float | None = None) -> None:
         with self._lock:
             job.step, job.total, job.loss = step, total, loss
+
+    def set_phase(self, job: Job, label: str, done: int) -> None:
+        """A phase after training: its label and the units done of ``job.after_total``."""
+        with self._lock:
+            job.phase, job.after_done = label, min(max(0, done), job.after_total)
 
     def log(self, job: Job, line: str) -> None:
         with self._lock:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .adapter_file import ADAPTER_SUFFIX, CARD_SUFFIX, STATE_SUFFIX, file_hashes, validate_name
-from .errors import InputError
+from .errors import InputError, Interrupted
 from .hosts.base import Host
 from .images import load_image
 from .naming import ATTN_NAMES, PROJ_NAMES
@@ -145,6 +145,9 @@ class Reporter:
     def progress(self, step: int, total: int, loss: float) -> None: ...
 
     def preview(self, step: int, image: Image.Image) -> None: ...
+
+    def phase(self, label: str, done: int, total: int) -> None:
+        """Work after the training steps (the λ sweep): ``done`` of ``total`` images."""
 
     def log(self, line: str) -> None: ...
 
@@ -275,6 +278,21 @@ def run_training(
     )
 
 
+def sweep_images(lambdas: Sequence[float], default_lambda: float) -> int:
+    """How many images :func:`sweep_and_preview` renders (the card preview at the
+    preferred λ is one more when the sweep leaves it out)."""
+    if not lambdas:
+        return 0
+    return len(lambdas) + (0 if float(default_lambda) in [float(x) for x in lambdas] else 1)
+
+
+def sweep_units(request: Any) -> int:
+    """Progress units of the λ sweep after training: one per sampling step of each image
+    (a training step counts one too), so the bar keeps moving until the files are written."""
+    images = sweep_images(tuple(request.sweep), request.default_lambda)
+    return images * max(1, int(request.preview_steps))
+
+
 def sweep_and_preview(
     host: Host,
     result: Any,
@@ -292,12 +310,20 @@ def sweep_and_preview(
     wanted = list(lambdas) if default_lambda in lambdas else [*lambdas, default_lambda]
     modules = {t.kohya: find_module(host.unet, t.name) for t in result.targets}
     images = []
+    label = "rendering the λ sweep"
+    reporter.phase(label, 0, len(wanted))
     with torch.no_grad(), OffsetHooks(modules) as hooks:
         hooks.factors = {
             k: (a.to(host.device), b.to(host.device)) for k, (a, b) in result.factors().items()
         }
-        for lam in wanted:
+        for i, lam in enumerate(wanted):
+            if reporter.should_stop():
+                raise Interrupted(
+                    f"interrupted during the λ sweep ({i}/{len(wanted)} images); "
+                    "nothing was written"
+                )
             hooks.scale = float(lam)
             images.append(sample())
+            reporter.phase(label, i + 1, len(wanted))
     strip = lambda_strip(images[: len(lambdas)], [f"lambda {x:g}" for x in lambdas])
     return strip, images[wanted.index(default_lambda)]

@@ -16,7 +16,7 @@ from lib_ostaf.registry import AdapterRegistry
 from lib_ostaf.training_job import TrainRequest
 
 from .conftest import pristine, same_weights
-from .webui_fakes import FakeLora, FakeSdModel, fake_modules, make_adapter
+from .webui_fakes import FakeLora, FakeSdModel, FakeState, fake_modules, make_adapter
 
 FAST = {"steps": 2, "lr": 1e-2, "n_views": 1, "resolution": 64, "sweep": (0.0, 1.0)}
 
@@ -71,7 +71,10 @@ def test_training_leaves_the_model_exactly_as_found(sd_model, tmp_path):
             job, lambda j: train_on_loaded_model(jobs, j, request, tmp_path, A1111Applier())
         ).result
         assert job.status == "done", job.error
-        assert shared.state.sampling_step == 2 and len(shared.state.images) == 2  # previews
+        assert len(shared.state.images) == 2  # previews
+        # the bar ends after the λ sweep: 2 steps + 2 images × 2 sampling steps
+        assert shared.state.sampling_step == shared.state.sampling_steps == 2 + 2 * 2
+        assert "λ sweep" in shared.state.textinfo and job.phase == "rendering the λ sweep"
     assert same_weights(sd_model, saved)
     assert all(p.requires_grad for p in sd_model.parameters())
     assert {n: m.training for n, m in sd_model.named_modules()} == modes
@@ -114,6 +117,39 @@ def test_interrupt_mid_training_writes_nothing(sd_model, tmp_path):
     assert job.status == "interrupted" and "step 1/50" in job.error
     assert not list(tmp_path.iterdir())
     assert same_weights(sd_model, saved)
+
+
+class _SweepWatch(FakeState):
+    """Records the progress bar; presses Interrupt once the sweep's first image is done."""
+
+    def __setattr__(self, key, value):
+        super().__setattr__(key, value)
+        if key == "textinfo" and value:
+            self.seen = [
+                *getattr(self, "seen", []),
+                (self.sampling_step, self.sampling_steps, value),
+            ]
+            if "image 1/" in value:
+                self.interrupted = True
+
+
+def test_progress_covers_the_sweep_and_interrupt_stops_it(sd_model, tmp_path):
+    jobs = JobManager()
+    job = jobs.begin()
+    request = TrainRequest(image=_image(), name="swept", **(FAST | {"sweep": (0.0, 0.5, 1.0)}))
+    request.preview_steps = 3
+    with fake_modules(sd_model) as shared:
+        shared.state = state = _SweepWatch()
+        jobs.run(job, lambda j: train_on_loaded_model(jobs, j, request, tmp_path, A1111Applier()))
+    assert job.status == "interrupted" and "λ sweep (1/3 images)" in job.error
+    assert not list(tmp_path.iterdir())  # nothing written
+    total = 2 + 3 * 3  # training steps + 3 sweep images × 3 sampling steps
+    training = [(s, n) for s, n, t in state.seen if t.startswith("OSTAF training")]
+    sweep = [(s, n, t) for s, n, t in state.seen if "λ sweep" in t]
+    assert training == [(1, total), (2, total)]
+    assert [(s, n) for s, n, _ in sweep] == [(2, total), (5, total)]
+    assert sweep[-1][2] == "OSTAF: rendering the λ sweep, image 1/3"
+    assert job.phase == "rendering the λ sweep" and job.progress == pytest.approx(5 / total)
 
 
 # --------------------------------------------------------------------------- generation

@@ -102,7 +102,8 @@ def test_object_training_in_the_webui_leaves_model_and_database_as_found(tmp_pat
     assert job.status == "done", job.error
     result = job.result
     assert result["tokens"] == ["<mug1>", "<cup2>"] and result["steps"] == 5
-    assert shared.state.sampling_steps == 5  # the WebUI's progress bar saw every step
+    # the WebUI's progress bar saw every step, then the λ sweep (2 images × 12 steps)
+    assert shared.state.sampling_step == shared.state.sampling_steps == 5 + 2 * 12
     assert same_weights(sd_model, before)  # UNet and text encoders bit-identical
     assert {n: p.requires_grad for n, p in sd_model.named_parameters()} == flags
     assert sd_model.embedding_db.word_embeddings == {}

@@ -72,7 +72,8 @@ def test_object_training_on_forge_and_tokens_apply(tmp_path, family):
         job = jobs.begin("objects")
         jobs.run(job, lambda j: train_on_loaded_model(jobs, j, request, tmp_path, applier))
         assert job.status == "done", job.error
-        assert fakes.shared.state.sampling_steps == 3 and len(fakes.shared.state.images) == 3
+        assert fakes.shared.state.sampling_steps == 3 + 2 * 12  # steps, then the λ sweep
+        assert len(fakes.shared.state.images) == 3
         after = _state(sd_model)
         assert all(torch.equal(after[k], before[k]) for k in before)
         assert all(e.embeddings.word_embeddings == {} for e in sd_model.engines())

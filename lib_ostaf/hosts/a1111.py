@@ -36,7 +36,13 @@ from ..naming import UNetInfo, inspect_unet
 from ..object_job import ObjectRequest, run_object_training
 from ..offsets import WeightPatcher
 from ..registry import AdapterRegistry
-from ..training_job import Reporter, TrainRequest, preserve_module_state, run_training
+from ..training_job import (
+    Reporter,
+    TrainRequest,
+    preserve_module_state,
+    run_training,
+    sweep_units,
+)
 from .webui import WebuiText, clear_cond_cache, embedding_class, make_embedding, wanted_tokens
 
 NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
@@ -437,22 +443,37 @@ class StateReporter(Reporter):
     """Forwards a run's progress to the job and to ``shared.state`` (the WebUI's progress bar
     and live preview); stops on the job's interrupt or the WebUI's Interrupt button."""
 
-    def __init__(self, jobs: JobManager, job: Job, state: Any) -> None:
+    def __init__(
+        self, jobs: JobManager, job: Job, state: Any, steps: int = 0, after: int = 0
+    ) -> None:
         self.jobs, self.job, self.state = jobs, job, state
+        self.steps, self.after = steps, after
 
     @classmethod
-    def begin(cls, jobs: JobManager, job: Job, steps: int, state: Any) -> StateReporter:
-        """Start ``job`` and put the WebUI's progress bar at step 0 of ``steps``."""
-        jobs.start(job, steps)
+    def begin(
+        cls, jobs: JobManager, job: Job, steps: int, state: Any, after: int = 0
+    ) -> StateReporter:
+        """Start ``job`` and put the WebUI's progress bar at 0 of ``steps`` training steps
+        plus ``after`` units of the λ sweep (:func:`~lib_ostaf.training_job.sweep_units`),
+        so the bar reaches its end only when the run does."""
+        jobs.start(job, steps, after)
         state.job_count, state.job_no = 1, 0
-        state.sampling_steps, state.sampling_step = steps, 0
+        state.sampling_steps, state.sampling_step = steps + after, 0
         state.textinfo = "OSTAF: preparing"
-        return cls(jobs, job, state)
+        return cls(jobs, job, state, steps, after)
 
     def progress(self, step: int, total: int, loss: float) -> None:
+        self.steps = total
         self.jobs.update(self.job, step, total, loss)
-        self.state.sampling_step, self.state.sampling_steps = step, total
+        self.state.sampling_step, self.state.sampling_steps = step, total + self.after
         self.state.textinfo = html.escape(f"OSTAF training: step {step}/{total}, loss {loss:.4f}")
+
+    def phase(self, label: str, done: int, total: int) -> None:
+        units = self.after * done // total if total else self.after
+        self.jobs.set_phase(self.job, label, units)
+        self.state.sampling_step = self.steps + units
+        self.state.sampling_steps = self.steps + self.after
+        self.state.textinfo = html.escape(f"OSTAF: {label}, image {done}/{total}")
 
     def preview(self, step: int, image: Image.Image) -> None:
         self.jobs.set_preview(self.job, image)
@@ -488,7 +509,7 @@ def train_on_loaded_model(
     objects = isinstance(request, ObjectRequest)
     total = request.total_steps if objects else request.steps
     state = shared.state
-    reporter = StateReporter.begin(jobs, job, total, state)
+    reporter = StateReporter.begin(jobs, job, total, state, sweep_units(request))
     host = A1111Host.from_webui(resolution=request.resolution or None)
     applier.clear_for_training(host.sd_model)
     try:

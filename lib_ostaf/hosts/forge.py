@@ -47,7 +47,7 @@ from ..images import square
 from ..jobs import Job, JobManager
 from ..naming import UNetInfo, inspect_unet, module_name_from_kohya
 from ..object_job import ObjectRequest, run_object_training
-from ..training_job import TrainRequest, preserve_module_state, run_training
+from ..training_job import TrainRequest, preserve_module_state, run_training, sweep_units
 from . import a1111, webui
 from .a1111 import NATIVE_RESOLUTION, A1111Applier, A1111Host, StateReporter
 from .webui import WebuiText, clear_cond_cache, embedding_class, wanted_tokens
@@ -643,7 +643,7 @@ def train_on_loaded_model(
     objects = isinstance(request, ObjectRequest)
     state = shared.state
     total = request.total_steps if objects else request.steps
-    reporter = StateReporter.begin(jobs, job, total, state)
+    reporter = StateReporter.begin(jobs, job, total, state, sweep_units(request))
     host = ForgeHost.from_webui(resolution=request.resolution or None)
     applier.clear_for_training(host.sd_model)
     try:
