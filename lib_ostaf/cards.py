@@ -7,6 +7,7 @@ model hubs and their metadata / card text may carry HTML or script.
 from __future__ import annotations
 
 import html
+import re
 from typing import Any
 
 from .adapter_file import sd_version_label
@@ -78,3 +79,26 @@ def result_html(result: dict[str, Any]) -> str:
         f"<div class='ostaf-result'><h3>{html.escape(name)}</h3>"
         f"<table class='ostaf-result-table'>{body}</table></div>"
     )
+
+
+_BUTTON = re.compile(r"<button\b([^>]*)>(.*?)</button>", re.S)
+
+
+def without_folder_buttons(dirs_html: str, folder_suffix: str) -> str:
+    """A1111's folder-filter buttons (``ExtraNetworksPage.create_dirs_view_html``) less the
+    folders whose name ends with ``folder_suffix`` (object adapters' ``<name>.embeddings/``
+    hold token embeddings, not adapters). Only the "all" button left → no buttons, as A1111
+    shows for a folder without subfolders."""
+    kept, dropped = [], 0
+    for m in _BUTTON.finditer(dirs_html):
+        label = html.unescape(m.group(2)).strip()
+        parts = [p for p in re.split(r"[/\\]", label) if p]
+        if any(p.endswith(folder_suffix) for p in parts):
+            dropped += 1
+        else:
+            kept.append(m)
+    if not dropped:
+        return dirs_html
+    if all("search-all" in m.group(1) for m in kept):
+        return ""
+    return "".join(m.group(0) for m in kept)

@@ -41,6 +41,7 @@ from PIL import Image
 from . import __version__
 from .adapter_file import (
     ADAPTER_SUFFIX,
+    PREVIEW_SUFFIX,
     STATE_SUFFIX,
     LoraModule,
     atomic_write,
@@ -1097,6 +1098,8 @@ def export_objects(
     save_adapter(files.lora, modules, lora_md, overwrite=overwrite, dtype=save_dtype)
     if files.state is None:
         files.state_path.unlink(missing_ok=True)  # a stale sidecar of an earlier adapter
+    if files.preview is None and overwrite:  # an earlier adapter's card picture
+        files.lora.with_name(name + PREVIEW_SUFFIX).unlink(missing_ok=True)
     return files
 
 

@@ -27,6 +27,7 @@ from PIL import Image
 
 from . import __version__
 from .adapter_file import (
+    PREVIEW_SUFFIX,
     STATE_SUFFIX,
     LoraModule,
     build_metadata,
@@ -455,7 +456,9 @@ def export(
     several times the LoRA's size). Off by default; overwriting without it removes a
     stale sidecar of the same name, so it never describes another adapter.
 
-    Every target is checked before anything is written, so a refusal loses nothing.
+    Overwriting without a ``preview`` removes the old ``.preview.png``: the card never
+    shows an earlier adapter's picture. Every target is checked before anything is
+    written, so a refusal loses nothing.
     """
     name = validate_name(name)
     out = Path(out_dir)
@@ -531,6 +534,8 @@ def export(
     )
     if not save_state:
         state_path.unlink(missing_ok=True)  # a stale sidecar of an earlier adapter
+    if preview is None and overwrite:  # an earlier adapter's card picture
+        stem.with_name(name + PREVIEW_SUFFIX).unlink(missing_ok=True)
     return path
 
 

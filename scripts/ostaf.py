@@ -34,6 +34,7 @@ from lib_ostaf.masks import auto_masks, mask_from_editor, mask_overlay
 from lib_ostaf.memory import CHECKPOINTING, PRECISIONS
 from lib_ostaf.naming import ATTN_NAMES, PROJ_NAMES
 from lib_ostaf.object_job import ObjectRequest
+from lib_ostaf.objects import EMBEDDINGS_FOLDER
 from lib_ostaf.registry import resolve_adapters_dir
 from lib_ostaf.train import DEFAULT_PROMPTS
 from lib_ostaf.training_job import TrainRequest
@@ -173,6 +174,13 @@ class ExtraNetworksPageOstaf(ui_extra_networks.ExtraNetworksPage):
 
     def allowed_directories_for_previews(self):
         return [str(REGISTRY.root)]
+
+    def create_dirs_view_html(self, tabname):
+        # object adapters keep their token embeddings in <name>.embeddings/: not a folder
+        # of adapters, so no filter button for it (the tree view already skips it)
+        return cards.without_folder_buttons(
+            super().create_dirs_view_html(tabname), EMBEDDINGS_FOLDER
+        )
 
 
 # --------------------------------------------------------------------------- script
@@ -563,9 +571,7 @@ def _object_tab():
                 train = gr.Button("Train", variant="primary", elem_id="ostaf_obj_train")
         with gr.Column():
             gr.HTML(elem_id="ostaf_obj_textinfo")
-            gallery = gr.Gallery(
-                label="Preview", show_label=False, elem_id="ostaf_obj_gallery", columns=1
-            )
+            gallery = _result_gallery("ostaf_obj_gallery")
             log = gr.Textbox(label="Log", lines=6, interactive=False, elem_id="ostaf_obj_log")
             result = gr.HTML(elem_id="ostaf_obj_result")
     # A1111 keys saved UI defaults (ui-config.json) by tab + label: the attribute tab's
@@ -689,9 +695,7 @@ def _attribute_tab():
                 train = gr.Button("Train", variant="primary", elem_id="ostaf_train")
         with gr.Column():
             gr.HTML(elem_id="ostaf_textinfo")
-            gallery = gr.Gallery(
-                label="Preview", show_label=False, elem_id="ostaf_gallery", columns=1
-            )
+            gallery = _result_gallery("ostaf_gallery")
             log = gr.Textbox(label="Log", lines=6, interactive=False, elem_id="ostaf_log")
             result = gr.HTML(elem_id="ostaf_result")
     train.click(
@@ -723,6 +727,19 @@ def _attribute_tab():
         outputs=[gallery, log, result],
     )
     interrupt.click(fn=_interrupt_ui, inputs=[], outputs=[])
+
+
+def _result_gallery(elem_id):
+    """The live preview while training, then the λ-sweep strip. A wide strip is shown
+    whole ("contain"); Gradio's default "cover" crops it to its middle."""
+    return gr.Gallery(
+        label="Live preview, then the λ sweep",
+        show_label=True,
+        elem_id=elem_id,
+        columns=1,
+        object_fit="contain",
+        preview=True,
+    )
 
 
 def _memory_options(prefix):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
 from lib_ostaf.adapter_file import load_adapter, load_state
 from lib_ostaf.errors import InputError, Interrupted
@@ -132,6 +133,16 @@ def test_state_sidecar_is_opt_in(trained, tmp_path):
     assert not (tmp_path / "old.ostaf-state").exists() and (tmp_path / "old.safetensors").exists()
     export(result, tmp_path, "old", overwrite=True, save_state=True)
     load_state(tmp_path / "old.ostaf-state")
+
+
+def test_retraining_replaces_the_card_preview(trained, tmp_path):
+    result, _ = trained
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    export(result, tmp_path, "card", preview=red)
+    export(result, tmp_path, "card", preview=blue, overwrite=True)
+    assert Image.open(tmp_path / "card.preview.png").getpixel((0, 0)) == (0, 0, 255)
+    export(result, tmp_path, "card", overwrite=True)  # no picture this time (empty sweep)
+    assert not (tmp_path / "card.preview.png").exists()  # never the earlier adapter's
 
 
 def test_interrupt_writes_nothing_and_restores(sd1_host, reference_image):

@@ -115,6 +115,16 @@ def _fake_modules(tmp_path: Path, sd_model) -> dict[str, types.ModuleType]:
         def get_sort_keys(self, path):
             return {"name": Path(path).name}
 
+        def create_dirs_view_html(self, tabname):  # A1111 1.10: a button per subfolder
+            root = Path(self.allowed_directories_for_previews()[0])
+            subdirs = sorted(str(d.relative_to(root)) + "/" for d in root.rglob("*") if d.is_dir())
+            labels = ["", *subdirs] if subdirs else []
+            return "".join(
+                f"<button class='lg secondary{' search-all' if not x else ''}' "
+                f"onclick='f(event)'>\n        {x or 'all'}\n        </button>\n"
+                for x in labels
+            )
+
         def read_user_metadata(self, item):
             card = Path(item["filename"][: -len(".safetensors")] + ".json")
             item["user_metadata"] = json.loads(card.read_text()) if card.exists() else {}
@@ -281,6 +291,13 @@ def test_cards_page(glue):
     assert item["sd_version"] == "SD1" and len(item["shorthash"]) == 12
     assert page.create_item("../escape") is None
     assert page.allowed_directories_for_previews() == [str(glue.dir.absolute())]
+    # an object adapter's <name>.embeddings/ holds embeddings, not adapters: no folder button
+    (glue.dir / "pair.embeddings").mkdir()
+    (glue.dir / "pair.embeddings" / "obj1.safetensors").write_bytes(b"x")
+    assert page.create_dirs_view_html("txt2img") == ""
+    (glue.dir / "faces").mkdir()
+    buttons = page.create_dirs_view_html("txt2img")
+    assert "faces/" in buttons and "all" in buttons and "embeddings" not in buttons
 
 
 def test_tab_train_button(glue):
@@ -480,3 +497,22 @@ def _png_b64() -> str:
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, "PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_folder_buttons_filter_keeps_other_folders():
+    from lib_ostaf.cards import without_folder_buttons
+
+    def button(label, extra=""):
+        return f"<button class='lg secondary{extra}' onclick='x(event)'>\n  {label}\n  </button>"
+
+    html = button("all", " search-all") + button("a/b.embeddings/") + button("loras/")
+    assert without_folder_buttons(html, ".embeddings") == button("all", " search-all") + button(
+        "loras/"
+    )
+    assert (
+        without_folder_buttons(
+            button("all", " search-all") + button("x.embeddings/"), ".embeddings"
+        )
+        == ""
+    )
+    assert without_folder_buttons(button("loras/"), ".embeddings") == button("loras/")  # as is
