@@ -162,19 +162,12 @@ def generate(
     return F.avg_pool2d(out.float() * 2 - 1, world.SCALE)
 
 
-def colour_histogram(x: torch.Tensor, mask: np.ndarray, bins: int = 4) -> np.ndarray:
-    """Normalised RGB histogram (``bins``³) of the masked pixels of a (3, H, W) image."""
-    rgb = ((x.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()[mask]
-    if len(rgb) == 0:
-        return np.zeros(bins**3)
-    idx = np.minimum((rgb * bins).astype(int), bins - 1)
-    flat = (idx[:, 0] * bins + idx[:, 1]) * bins + idx[:, 2]
-    return np.bincount(flat, minlength=bins**3) / len(flat)
+def colour_histogram(x: torch.Tensor, mask: np.ndarray) -> np.ndarray:
+    """The colour histogram of a (3, H, W) image in [-1, 1] over ``mask``."""
+    return judges.colour_histogram(((x.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy(), mask)
 
 
-def colour_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Total-variation distance of two colour histograms (0 = same colours, 1 = disjoint)."""
-    return float(0.5 * np.abs(a - b).sum())
+colour_distance = judges.colour_distance
 
 
 @torch.no_grad()
@@ -242,10 +235,12 @@ def methods(host, attribute: str, base: AttributeConfig) -> dict[str, tuple[str,
     other = "appearance" if attribute == "shape" else "shape"
     own_blocks = default_blocks(host.unet, attribute)
     other_blocks = default_blocks(host.unet, other)
+    paper_blocks = default_blocks(host.unet, PAPER_PART[attribute])
     full = max(max(m.in_features, m.out_features) for m in _linears(host.unet))
     return {
         "OSTAF hypernet (default)": ("own", {}),
         "OSTAF hypernet, other part": ("other", {"blocks": other_blocks}),
+        "OSTAF hypernet, paper's part": (PAPER_PART[attribute], {"blocks": paper_blocks}),
         "LoRA direct (same rank)": ("own", {"network": "lora", "blocks": own_blocks}),
         "full-rank LoRA (same layers)": (
             "own",
@@ -302,6 +297,7 @@ def run_reference(host, judge, ref: Reference, args, base_cfg: AttributeConfig):
     base, images = measure(host, judge, ref, seeds)
     rows = [{"case": ref.attribute, "method": "base (λ=0)", "part": "-", "lambda": 0.0} | base]
     sheet = [images]
+    sweep = {0.0: images}
     print(ref.attribute, "base", _fmt(base), flush=True)
     chosen = methods(host, ref.attribute, base_cfg)
     if args.quick:
@@ -319,6 +315,8 @@ def run_reference(host, judge, ref: Reference, args, base_cfg: AttributeConfig):
                 host.patcher.apply([])
             if lam == 1.0:
                 sheet.append(images)
+            if method == DEFAULT:
+                sweep[lam] = images
             rows.append(
                 {"case": ref.attribute, "method": method, "part": part, "lambda": lam}
                 | m
@@ -337,10 +335,12 @@ def run_reference(host, judge, ref: Reference, args, base_cfg: AttributeConfig):
         row = {"case": ref.attribute, "method": TI, "part": "text", "lambda": 1.0} | m
         rows.append(row | {"train_s": round(seconds, 1), "params": dim, "offset_params": 0})
         print(ref.attribute, TI, _fmt(m), flush=True)
+    _sweep_png(sweep, args.samples, args.out / f"attribute_sweep_{ref.attribute}.png")
     return rows, sheet
 
 
 DEFAULT = "OSTAF hypernet (default)"
+PAPER_PART = {"shape": "encoder", "appearance": "decoder"}  # the paper's wording
 
 
 def base_config(settings: list[str]) -> AttributeConfig:
@@ -459,6 +459,17 @@ def checks(runs: list[dict], label_free: bool = False) -> dict[str, Any]:
     return out
 
 
+def merge(dirs: list[Path]) -> dict:
+    """One table from runs of single references (e.g. one process per attribute)."""
+    tables = [json.loads((d / "attribute_benchmark.json").read_text()) for d in dirs]
+    table = tables[0]
+    for other in tables[1:]:
+        table["runs"] += other["runs"]
+        table["settings"]["references"] |= other["settings"]["references"]
+    table["checks"] = checks(table["runs"])
+    return table
+
+
 # ---------------------------------------------------------------------------- other modes
 
 
@@ -541,6 +552,15 @@ def _sheet(sheets: list[torch.Tensor], path: Path, per_row: int) -> None:
     img.resize((img.width * 3, img.height * 3), Image.Resampling.NEAREST).save(path)
 
 
+def _sweep_png(sweep: dict[float, torch.Tensor], per_prompt: int, path: Path) -> None:
+    """Rows: the first seed of each new prompt; columns: λ (0 = the base model)."""
+    lams = sorted(sweep)
+    n = sweep[lams[0]].shape[0] // per_prompt
+    cells = [sweep[lam][i * per_prompt] for i in range(n) for lam in lams]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _sheet([torch.stack(cells)], path, per_row=len(lams))
+
+
 def _cell(row: dict, key: str) -> str:
     v, ci = row.get(key), row.get(f"{key}_ci")
     if v is None:
@@ -608,6 +628,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pick", type=Path, default=None)
     ap.add_argument("--per-block", action="store_true")
+    ap.add_argument("--merge", type=Path, nargs="+", help="combine runs of --attributes X")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if args.reference and not args.attribute:
@@ -618,7 +639,10 @@ def main() -> None:
     if args.pick:
         pick(args)
         return
-    table = per_block(args) if args.per_block else benchmark(args)
+    if args.merge:
+        table = merge(args.merge)
+    else:
+        table = per_block(args) if args.per_block else benchmark(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "attribute_per_block" if args.per_block else "attribute_benchmark"
     (args.out / f"{stem}.json").write_text(

@@ -69,7 +69,7 @@ class TrainBody(RunBody):
     prompt: str = ""
     steps: int = Field(400, ge=1, le=100_000)
     rank: int = Field(4, ge=1, le=256)
-    lr: float = Field(2e-4, gt=0, lt=1)
+    lr: float = Field(TrainRequest.lr, gt=0, lt=1)
     network: str = "hypernet"
     include_mid: bool = False
     attn: list[str] | None = None

@@ -55,6 +55,9 @@ DEFAULT_PROMPTS = {
     "appearance": "a photo of a {token} textured object",
     "style": "a painting in {token} style",
 }
+# Appearance and style are fine detail: trained on the less noisy half of the schedule,
+# where that detail is decided (measured on tiny-world, docs/results.md).
+ATTRIBUTE_TIMESTEPS = {"shape": (0.0, 1.0), "appearance": (0.0, 0.5), "style": (0.0, 0.5)}
 TOKEN_PATTERN = re.compile(r"^[^\s<>:,()\[\]{}|\\]{1,40}$")
 
 
@@ -67,13 +70,14 @@ class AttributeConfig:
     prompt: str = ""  # "" → DEFAULT_PROMPTS[attribute]; must contain "{token}"
     steps: int = 400
     rank: int = 4
-    lr: float = 2e-4
+    lr: float = 3e-3
     seed: int = 0
     network: str = "hypernet"  # "lora" = the ablation: tune factors directly
     code_dim: int = 32
     hidden: int = 128
     n_views: int = 8
-    timestep_range: tuple[float, float] = (0.0, 1.0)  # fraction of the schedule sampled
+    # fraction of the schedule sampled; None = the attribute's (ATTRIBUTE_TIMESTEPS)
+    timestep_range: tuple[float, float] | None = None
     caption_dropout: float = 0.0  # fraction of steps on the empty prompt (docs/method.md)
     include_mid: bool = False
     attn: tuple[str, ...] = ("attn1", "attn2")
@@ -103,7 +107,7 @@ class AttributeConfig:
             raise InputError("the training prompt must contain {token}")
         if self.network not in OFFSET_NETWORKS:
             raise InputError(f"network must be one of {', '.join(OFFSET_NETWORKS)}")
-        lo, hi = self.timestep_range
+        lo, hi = self.timesteps
         if not 0.0 <= lo < hi <= 1.0:
             raise InputError(
                 f"timestep_range must satisfy 0 ≤ lo < hi ≤ 1, got {self.timestep_range}"
@@ -111,6 +115,11 @@ class AttributeConfig:
         check_lambda(self.default_lambda)
         if not isinstance(self.caption_dropout, (int, float)) or not 0 <= self.caption_dropout < 1:
             raise InputError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
+
+    @property
+    def timesteps(self) -> tuple[float, float]:
+        """The sampled fraction of the noise schedule (the attribute's default if unset)."""
+        return tuple(self.timestep_range or ATTRIBUTE_TIMESTEPS[self.attribute])  # type: ignore[return-value]
 
     @property
     def training_prompt(self) -> str:
@@ -361,7 +370,7 @@ def train_attribute(
         empty = host.encode_prompt("") if config.caption_dropout > 0 else cond
 
     n_train = len(host.alphas_cumprod)
-    t_lo, t_hi = (round(f * (n_train - 1)) for f in config.timestep_range)
+    t_lo, t_hi = (round(f * (n_train - 1)) for f in config.timesteps)
     probe = _Probe(latents, torch.linspace(t_lo, t_hi, 16).round().long().tolist(), config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=0.0)
@@ -477,7 +486,11 @@ def export(
     cfg = result.config
     meta = result.host_meta
     targets = [t.kohya for t in result.targets]
-    training = asdict(cfg) | {"steps_done": len(result.losses), "seconds": round(result.seconds, 1)}
+    training = asdict(cfg) | {
+        "timestep_range": list(cfg.timesteps),
+        "steps_done": len(result.losses),
+        "seconds": round(result.seconds, 1),
+    }
     metadata = build_metadata(
         name=name,
         family=result.info.family,

@@ -42,7 +42,7 @@ class TrainRequest:
     prompt: str = ""
     steps: int = 400
     rank: int = 4
-    lr: float = 2e-4
+    lr: float = AttributeConfig.lr
     seed: int = 0
     network: str = "hypernet"
     include_mid: bool = False

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 from PIL import Image
@@ -203,11 +206,39 @@ def test_v_prediction_target(sd1_host, reference_image, monkeypatch):
         ({"default_lambda": "abc"}, "λ"),
         ({"network": "mlp"}, "network"),
         ({"timestep_range": (0.5, 0.2)}, "timestep"),
+        ({"caption_dropout": 1.0}, "caption_dropout"),
+        ({"caption_dropout": -0.1}, "caption_dropout"),
     ],
 )
 def test_bad_config(changes, match):
     with pytest.raises(InputError, match=match):
         AttributeConfig(**changes)
+
+
+def test_timesteps_default_by_attribute_and_recorded(trained, tmp_path):
+    assert AttributeConfig(attribute="shape").timesteps == (0.0, 1.0)
+    assert AttributeConfig(attribute="appearance").timesteps == (0.0, 0.5)
+    assert AttributeConfig(attribute="style", timestep_range=(0.2, 0.9)).timesteps == (0.2, 0.9)
+    result, _ = trained
+    path = export(result, tmp_path, "ts")
+    training = json.loads(load_adapter(path).metadata["ostaf.training"])
+    assert training["timestep_range"] == [0.0, 0.5]  # appearance's default, resolved
+
+
+def test_user_mask_of_another_size_and_photo_not_at_model_size(sd1_host):
+    """A 300×200 photo with a 150×100 mask: the views keep the masked object's colours."""
+    from PIL import Image
+
+    photo = Image.new("RGB", (300, 200), (240, 240, 240))
+    photo.paste((200, 30, 30), (120, 60, 200, 140))
+    photo.paste((30, 30, 200), (10, 10, 40, 40))  # a second object the mask leaves out
+    mask = Image.new("L", (150, 100), 0)
+    mask.paste(255, (60, 30, 100, 70))
+    cfg = AttributeConfig(attribute="appearance", steps=2, n_views=3)
+    result = train_attribute(sd1_host, photo, cfg, mask=mask)
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+    with pytest.raises(InputError, match="empty"):
+        train_attribute(sd1_host, photo, cfg, mask=Image.new("L", (150, 100), 0))
 
 
 def test_bad_image(sd1_host, tmp_path):
