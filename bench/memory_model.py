@@ -77,11 +77,19 @@ def inputs(unet: nn.Module, latent: int, ctx: tuple[int, int], dtype, device) ->
         "encoder_hidden_states": torch.randn(1, *ctx, device=device, dtype=dtype),
     }
     if unet.config.addition_embed_type == "text_time":
+        pooled = pooled_dim(unet.config)
         kw["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(1, 1280, device=device, dtype=dtype),
+            "text_embeds": torch.randn(1, pooled, device=device, dtype=dtype),
             "time_ids": torch.randn(1, 6, device=device, dtype=dtype),
         }
     return kw
+
+
+def pooled_dim(config: Any) -> int:
+    """Width of the pooled text embedding an SDXL-type (``text_time``) UNet expects: what
+    its added projection takes beyond the six time ids (1280 on SDXL)."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
+    return get("projection_class_embeddings_input_dim") - 6 * get("addition_time_embed_dim")
 
 
 @contextmanager
@@ -160,26 +168,35 @@ def _null() -> Iterator[None]:
     yield
 
 
+def predict_row(
+    unet: nn.Module, name: str, px: int, ctx: tuple[int, int], ckpt: bool, label: str = ""
+) -> dict[str, Any]:
+    """Predicted peak of one option set for ``unet`` (built on ``meta`` in its weights'
+    dtype) at ``px`` pixels; ``bench/gpu_check.py`` compares it with a GPU's."""
+    dtype = next(unet.parameters()).dtype
+    weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+    c = count_saved(unet, px // 8, ctx, dtype, "meta", ckpt)
+    state = c["trainable"] * 16  # fp32 param + grad + 2 AdamW moments
+    act = c["saved"] + c["block"]
+    # memory-efficient attention (SDPA flash/mem-efficient, xformers) keeps no
+    # [HW, HW] probabilities; with checkpointing they only live inside one block
+    lean = c["saved"] - c["scores"] + c["block_lean"]
+    return {
+        "model": name, "size": px, "weights": label or str(dtype).removeprefix("torch."),
+        "checkpointing": ckpt, "weights_gib": weights / GIB, "activations_gib": act / GIB,
+        "lean_activations_gib": lean / GIB, "state_gib": state / GIB,
+        "peak_gib": (weights + act + state) / GIB,
+        "lean_peak_gib": (weights + lean + state) / GIB,
+    }  # fmt: skip
+
+
 def predict(name: str) -> list[dict[str, Any]]:
     config, px, ctx_len, ctx_dim = MODELS[name]
     rows = []
     for dtype, label in ((torch.float32, "fp32"), (torch.float16, "fp16/bf16")):
         unet = build(config, "meta").to(dtype)
-        weights = sum(p.numel() for p in unet.parameters()) * (4 if dtype == torch.float32 else 2)
         for ckpt in (False, True):
-            c = count_saved(unet, px // 8, (ctx_len, ctx_dim), dtype, "meta", ckpt)
-            state = c["trainable"] * 16  # fp32 param + grad + 2 AdamW moments
-            act = c["saved"] + c["block"]
-            # memory-efficient attention (SDPA flash/mem-efficient, xformers) keeps no
-            # [HW, HW] probabilities; with checkpointing they only live inside one block
-            lean = c["saved"] - c["scores"] + c["block_lean"]
-            rows.append({
-                "model": name, "size": px, "weights": label, "checkpointing": ckpt,
-                "weights_gib": weights / GIB, "activations_gib": act / GIB,
-                "lean_activations_gib": lean / GIB, "state_gib": state / GIB,
-                "peak_gib": (weights + act + state) / GIB,
-                "lean_peak_gib": (weights + lean + state) / GIB,
-            })  # fmt: skip
+            rows.append(predict_row(unet, name, px, (ctx_len, ctx_dim), ckpt, label))
         del unet
     return rows
 
