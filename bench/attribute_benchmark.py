@@ -286,6 +286,18 @@ def textual_inversion(host, ref: Reference, cfg: AttributeConfig) -> tuple[dict,
     return {cfg.token: [vec.detach()]}, time.time() - t0
 
 
+def token_at(result, lam: float) -> dict | None:
+    """The learned placeholder at intensity λ (v₀ + λ·(v − v₀), λ clamped to [0, 1]), as
+    generation applies it (:func:`lib_ostaf.embeddings.scaled_embeddings`)."""
+    if not result.embeddings:
+        return None
+    lam = min(max(lam, 0.0), 1.0)
+    return {
+        t: tuple(s + lam * (v - s) for v, s in zip(vs, result.token_init[t], strict=True))
+        for t, vs in result.embeddings.items()
+    }
+
+
 def deltas(result) -> dict[str, torch.Tensor]:
     names = {t.kohya: t.name for t in result.targets}
     return {names[k]: m.delta() for k, m in result.lora_modules().items()}
@@ -310,7 +322,7 @@ def run_reference(host, judge, ref: Reference, args, base_cfg: AttributeConfig):
         for lam in args.lambdas if method == DEFAULT else [1.0]:
             host.patcher.apply([(f"{ref.attribute}-{method}", d, lam)])
             try:
-                m, images = measure(host, judge, ref, seeds)
+                m, images = measure(host, judge, ref, seeds, embeddings=token_at(res, lam))
             finally:
                 host.patcher.apply([])
             if lam == 1.0:
@@ -352,11 +364,13 @@ def base_config(settings: list[str]) -> AttributeConfig:
         key, _, value = item.partition("=")
         if key not in types:
             raise SystemExit(f"--set: unknown setting {key!r}")
-        current = getattr(cfg, key)
-        if isinstance(current, bool):
+        kind = str(types[key])
+        if kind.startswith("bool"):
             changes[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(current, (int, float)):
-            changes[key] = type(current)(float(value)) if isinstance(current, int) else float(value)
+        elif kind.startswith("int"):
+            changes[key] = int(float(value))
+        elif kind.startswith("float"):
+            changes[key] = float(value)
         elif key in ("blocks", "attn", "proj"):
             changes[key] = tuple(v for v in value.split(",") if v) or None
         elif key == "timestep_range":

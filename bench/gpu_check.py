@@ -268,7 +268,7 @@ class Trainer:
         torch.manual_seed(CONFIG.seed)
         net_cfg = HypernetConfig(rank=CONFIG.rank, code_dim=CONFIG.code_dim, hidden=CONFIG.hidden)
         self.network = OstafHypernet(layers, net_cfg).to(unet.device)
-        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=CONFIG.lr, weight_decay=0)
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=CONFIG.lr_, weight_decay=0)
         g = torch.Generator().manual_seed(CONFIG.seed)
         latent = px // 8
         self.latents = torch.randn(n_views, 4, latent, latent, generator=g)

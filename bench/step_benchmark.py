@@ -236,7 +236,7 @@ class HookMethod(Method):
         self.network = FACTOR_NETWORKS[name](layers, cfg)
         self.hooks = OffsetHooks({t.kohya: find_module(unet, t.name) for t in model.targets})
         self.trainable = list(self.network.parameters())
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=CONFIG.lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=CONFIG.lr_, weight_decay=0.0)
 
     def step(self, noise: torch.Tensor, t: torch.Tensor) -> float:
         self.hooks.factors = self.network()
@@ -275,7 +275,7 @@ class PeftMethod(Method):
         wrapped = [n for n, m in unet.named_modules() if hasattr(m, "lora_A") and n in set(names)]
         if len(wrapped) != len(names) or len(self.trainable) != 2 * len(names):
             raise RuntimeError("peft did not wrap exactly the OSTAF target layers")
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=CONFIG.lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=CONFIG.lr_, weight_decay=0.0)
 
     def step(self, noise: torch.Tensor, t: torch.Tensor) -> float:
         loss = self._loss(noise, t)

@@ -69,7 +69,7 @@ class TrainBody(RunBody):
     prompt: str = ""
     steps: int = Field(400, ge=1, le=100_000)
     rank: int = Field(4, ge=1, le=256)
-    lr: float = Field(TrainRequest.lr, gt=0, lt=1)
+    lr: float | None = Field(TrainRequest.lr, ge=0, lt=1, description="0/null: by attribute")
     network: str = "hypernet"
     include_mid: bool = False
     attn: list[str] | None = None

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from .adapter_file import ADAPTER_SUFFIX, AdapterFile, load_adapter
 from .augment import ATTRIBUTES
 from .devices import DTYPES
-from .embeddings import adapter_embeddings, load_embedding, validate_token
+from .embeddings import adapter_embeddings, load_embedding, scaled_embeddings, validate_token
 from .errors import InputError, OstafError
 from .memory import CHECKPOINTING, PRECISIONS
 from .offsets import check_lambda
@@ -71,13 +71,17 @@ def lambda_sweep(
 ) -> Image.Image:
     """Rows = prompts, columns = λ; the same seed in every cell. Model restored after.
 
-    ``embeddings``: object tokens' vectors (they stay on at every λ; λ scales the LoRA)."""
+    ``embeddings``: the adapter's tokens. Object tokens stay on at every λ (λ scales the
+    LoRA); an attribute adapter's learned placeholder is scaled with λ as ΔW is."""
     cells = []
-    extra = {"embeddings": embeddings} if embeddings else {}
     try:
         for prompt in prompts:
             for lam in lambdas:
                 host.apply_adapters([(adapter, lam)])
+                extra = {}
+                if embeddings:
+                    scaled = scaled_embeddings(adapter, embeddings, lam, host.text_encoders)
+                    extra = {"embeddings": scaled}
                 cells.append(host.generate(prompt, seed=seed, steps=steps, **extra))
     finally:
         host.apply_adapters([])
@@ -307,13 +311,15 @@ def _run(args: argparse.Namespace) -> int:
         embeddings: dict = {}
         for spec in args.adapter:
             adapter, lam = resolve_adapter(spec, args.adapters_dir)
-            adapters.append((adapter, adapter.default_lambda if lam is None else lam))
-            embeddings |= adapter_embeddings(adapter, host.family)
+            lam = adapter.default_lambda if lam is None else lam
+            adapters.append((adapter, lam))
+            found = adapter_embeddings(adapter, host.family)
+            embeddings |= scaled_embeddings(adapter, found, lam, host.text_encoders)
         for spec in args.embedding:
             token, vectors = _embedding_file(spec, host.family)
             embeddings[token] = vectors
         if embeddings:
-            print(f"object tokens: {', '.join(embeddings)}")
+            print(f"tokens: {', '.join(embeddings)}")
         host.apply_adapters(adapters)
         try:
             image = host.generate(
@@ -353,15 +359,24 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "demo":
         host = DiffusersHost.load(None)
-        config = AttributeConfig(attribute="appearance", steps=args.steps, lr=1e-3, seed=0)
+        config = AttributeConfig(attribute="appearance", steps=args.steps, seed=0)
         result = train_attribute(host, DEMO_IMAGE, config, Callbacks(progress=_print_progress))
         path = export(result, args.out, "demo_appearance", overwrite=True)
+        adapter = load_adapter(path)
         prompts = [
             config.training_prompt,
             "a photo of a ostafv textured circle",
             "a blue ostafv textured star",
         ]
-        sweep = lambda_sweep(host, load_adapter(path), prompts, [0, 0.5, 1, 1.5], seed=0, steps=20)
+        sweep = lambda_sweep(
+            host,
+            adapter,
+            prompts,
+            [0, 0.5, 1, 1.5],
+            seed=0,
+            steps=20,
+            embeddings=adapter_embeddings(adapter, host.family) or None,
+        )
         sweep_path = args.out / "demo_sweep.png"
         sweep.save(sweep_path)
         print(

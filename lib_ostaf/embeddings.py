@@ -35,6 +35,7 @@ from .errors import AdapterFileError, IncompatibleModelError, InputError
 Embeddings = Mapping[str, Sequence[torch.Tensor]]
 
 EMBEDDING_SUFFIX = ".safetensors"
+EMBEDDINGS_FOLDER = ".embeddings"  # an adapter's tokens: <name>.embeddings/<token>.safetensors
 BUNDLE_PREFIX = "bundle_emb."
 # A token is a word (letters, digits, _ -), optionally in angle brackets: mug1, <mug1>.
 # No '.', ':' or spaces: A1111 splits bundle keys on '.', prompts on ':' and spaces.
@@ -347,7 +348,8 @@ def check_embeddings(embeddings: Embeddings, widths: Sequence[int], where: str =
 def adapter_embeddings(
     adapter: Any, family: str | None = None
 ) -> dict[str, tuple[torch.Tensor, ...]]:
-    """The token embeddings that belong to an object adapter (an ``AdapterFile``).
+    """The token embeddings that belong to an adapter (an ``AdapterFile``): an object
+    adapter's tokens, or an attribute adapter's learned placeholder.
 
     Looked up in order: ``bundle_emb.*`` inside the file; the files listed in its
     ``ostaf.embeddings`` metadata (relative to the adapter's folder); ``<name>.embeddings/``
@@ -359,7 +361,10 @@ def adapter_embeddings(
             token: vectors_from_state(state, family, f"{adapter.path} bundle_emb.{token}")
             for token, state in adapter.embeddings.items()
         }
-    if adapter.metadata.get("ostaf.method") != "object":
+    if (
+        adapter.metadata.get("ostaf.method") != "object"
+        and "ostaf.embeddings" not in adapter.metadata
+    ):
         return {}
     folder = adapter.path.parent
     listed: dict[str, str] = {}
@@ -412,3 +417,24 @@ def load_into_pipeline(pipe: Any, embeddings: Embeddings, family: str) -> Callab
             )
 
     return undo
+
+
+def scaled_embeddings(
+    adapter: Any, vectors: Mapping[str, Sequence[torch.Tensor]], lam: float, encoders: Sequence[Any]
+) -> dict[str, tuple[torch.Tensor, ...]]:
+    """An attribute adapter's learned placeholder at intensity λ: ``v₀ + λ·(v − v₀)``, where
+    ``v₀`` is the host's own vector of the word it started from (``ostaf.token_init``), so
+    λ = 0 is that plain word and λ scales the token as it scales ΔW. λ is clamped to [0, 1]
+    for the token: an embedding extrapolated past the learned vector leaves the words'
+    manifold (measured: the reference colour fell from 0.94 to 0.83 at λ = 1.5), so beyond
+    1 only the weights are extrapolated. Object tokens (no ``ostaf.token_init``) are
+    returned unchanged."""
+    word = adapter.metadata.get("ostaf.token_init")
+    lam = min(max(float(lam), 0.0), 1.0)
+    if not word or lam == 1:
+        return {t: tuple(v) for t, v in vectors.items()}
+    start = [e.word_vectors(word).mean(0, keepdim=True) for e in encoders]
+    return {
+        t: tuple(s.to(v) + lam * (v - s.to(v)) for v, s in zip(vs, start, strict=True))
+        for t, vs in vectors.items()
+    }

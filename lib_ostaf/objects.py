@@ -56,6 +56,7 @@ from .adapter_file import (
 )
 from .adapter_file import save_state as write_state
 from .embeddings import (
+    EMBEDDINGS_FOLDER,
     bundle_state_dict,
     check_new_tokens,
     file_stem,
@@ -106,7 +107,6 @@ KNOWN_TOWERS = {
     1280: "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",  # SDXL CLIP-G
 }
 BUNDLE_INFIX = ".a1111"  # <name>.a1111.safetensors: LoRA + bundle_emb for A1111
-EMBEDDINGS_FOLDER = ".embeddings"  # <name>.embeddings/<token>.safetensors
 MASK_INFIX = ".mask-"  # <name>.mask-<token>.png (automatic masks)
 
 

@@ -39,6 +39,13 @@ from .adapter_file import (
 )
 from .adapter_file import save_state as write_state
 from .augment import ATTRIBUTES, make_views
+from .embeddings import (
+    EMBEDDING_SUFFIX,
+    EMBEDDINGS_FOLDER,
+    check_new_tokens,
+    file_stem,
+    save_embedding,
+)
 from .errors import InputError, Interrupted, TrainingDiverged
 from .hosts.base import Host
 from .hypernet import OFFSET_NETWORKS, HypernetConfig, LayerShape
@@ -58,6 +65,13 @@ DEFAULT_PROMPTS = {
 # Appearance and style are fine detail: trained on the less noisy half of the schedule,
 # where that detail is decided (measured on tiny-world, docs/results.md).
 ATTRIBUTE_TIMESTEPS = {"shape": (0.0, 1.0), "appearance": (0.0, 0.5), "style": (0.0, 0.5)}
+# Appearance and style also learn the placeholder's own vector (a textual-inversion token,
+# scaled by λ at generation); shape does not (measured on tiny-world, docs/results.md).
+ATTRIBUTE_TOKEN_LR = {"shape": 0.0, "appearance": 5e-3, "style": 5e-3}
+# The offsets' learning rate: with the learned placeholder carrying the colour, appearance
+# needs a gentler rate than shape (measured on tiny-world, docs/results.md).
+ATTRIBUTE_LR = {"shape": 3e-3, "appearance": 1e-3, "style": 1e-3}
+TOKEN_INIT = "object"  # the word the placeholder vector starts from (λ = 0 gives it back)
 TOKEN_PATTERN = re.compile(r"^[^\s<>:,()\[\]{}|\\]{1,40}$")
 
 
@@ -70,7 +84,7 @@ class AttributeConfig:
     prompt: str = ""  # "" → DEFAULT_PROMPTS[attribute]; must contain "{token}"
     steps: int = 400
     rank: int = 4
-    lr: float = 3e-3
+    lr: float | None = None  # None = the attribute's (ATTRIBUTE_LR)
     seed: int = 0
     network: str = "hypernet"  # "lora" = the ablation: tune factors directly
     code_dim: int = 32
@@ -79,6 +93,8 @@ class AttributeConfig:
     # fraction of the schedule sampled; None = the attribute's (ATTRIBUTE_TIMESTEPS)
     timestep_range: tuple[float, float] | None = None
     caption_dropout: float = 0.0  # fraction of steps on the empty prompt (docs/method.md)
+    # learning rate of the placeholder's own vector (0 = none); None = ATTRIBUTE_TOKEN_LR
+    token_lr: float | None = None
     include_mid: bool = False
     attn: tuple[str, ...] = ("attn1", "attn2")
     proj: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -97,7 +113,7 @@ class AttributeConfig:
         _positive_int("steps", self.steps)
         _positive_int("rank", self.rank)
         _positive_int("n_views", self.n_views)
-        if not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
+        if not isinstance(self.lr_, (int, float)) or not 0 < self.lr_ < 1:
             raise InputError(f"learning rate must be in (0, 1), got {self.lr!r}")
         if not TOKEN_PATTERN.match(self.token):
             raise InputError(
@@ -113,6 +129,8 @@ class AttributeConfig:
                 f"timestep_range must satisfy 0 ≤ lo < hi ≤ 1, got {self.timestep_range}"
             )
         check_lambda(self.default_lambda)
+        if not isinstance(self.token_lr_, (int, float)) or not 0 <= self.token_lr_ < 1:
+            raise InputError(f"token_lr must be in [0, 1), got {self.token_lr!r}")
         if not isinstance(self.caption_dropout, (int, float)) or not 0 <= self.caption_dropout < 1:
             raise InputError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
 
@@ -120,6 +138,16 @@ class AttributeConfig:
     def timesteps(self) -> tuple[float, float]:
         """The sampled fraction of the noise schedule (the attribute's default if unset)."""
         return tuple(self.timestep_range or ATTRIBUTE_TIMESTEPS[self.attribute])  # type: ignore[return-value]
+
+    @property
+    def lr_(self) -> float:
+        """The offsets' learning rate (the attribute's default if unset)."""
+        return ATTRIBUTE_LR[self.attribute] if self.lr is None else self.lr
+
+    @property
+    def token_lr_(self) -> float:
+        """The placeholder vector's learning rate (the attribute's default if unset)."""
+        return ATTRIBUTE_TOKEN_LR[self.attribute] if self.token_lr is None else self.token_lr
 
     @property
     def training_prompt(self) -> str:
@@ -162,6 +190,9 @@ class TrainResult:
     probe_loss_after: float
     seconds: float
     host_meta: dict[str, Any] = field(default_factory=dict)
+    # the placeholder's learned vectors (one per text encoder) and where they started
+    embeddings: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    token_init: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return detached_factors(self.network)
@@ -366,14 +397,18 @@ def train_attribute(
             cell=cell,
         )
         latents = torch.cat([host.encode_image(v) for v in views]).float().cpu()
-        cond = host.encode_prompt(config.training_prompt)
-        empty = host.encode_prompt("") if config.caption_dropout > 0 else cond
+        empty = host.encode_prompt("") if config.caption_dropout > 0 else None
+    token = Placeholder(host, config)
+    cond = token.cond()
 
     n_train = len(host.alphas_cumprod)
     t_lo, t_hi = (round(f * (n_train - 1)) for f in config.timesteps)
     probe = _Probe(latents, torch.linspace(t_lo, t_hi, 16).round().long().tolist(), config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=0.0)
+    groups = [{"params": list(network.parameters()), "lr": config.lr_}]
+    if token.vectors:
+        groups.append({"params": token.vectors, "lr": config.token_lr_})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
     def step_loss(step: int) -> torch.Tensor:
         i = int(torch.randint(latents.shape[0], (1,), generator=generator))
@@ -388,11 +423,12 @@ def train_attribute(
             latents[i : i + 1].to(host.device),
             noise.to(host.device),
             t,
-            empty if drop else cond,
+            empty if drop else token.cond(),
         )
 
     def set_factors() -> None:
         hooks.factors = network()
+        callbacks.preview_embeddings = token.current() or None
 
     options = training_options(
         host.unet,
@@ -403,7 +439,7 @@ def train_attribute(
         compute_dtype=host.dtype,
     )
     try:
-        with frozen(host.unet), OffsetHooks(modules) as hooks:
+        with frozen(host.unet, *token.encoders), OffsetHooks(modules) as hooks:
             before = _probe_loss(host, network, hooks, probe, cond)
             with options as precision:
                 losses = run_steps(
@@ -417,10 +453,13 @@ def train_attribute(
                 )
             with torch.no_grad():
                 check_finite_factors(network())
+                check_finite_factors({k: (v[0], v[0]) for k, v in token.current().items()})
+                cond = token.cond()
             after = _probe_loss(host, network, hooks, probe, cond)
             check_finite_probe([after])
     finally:
         optimizer.state.clear()
+        callbacks.preview_embeddings = None
     return TrainResult(
         config=config,
         network=network.eval(),
@@ -435,7 +474,53 @@ def train_attribute(
             "prediction_type": host.prediction_type,
             "resolution": host.resolution,
         },
+        embeddings=token.current(),
+        token_init=token.init(),
     )
+
+
+class Placeholder:
+    """The placeholder word's conditioning: fixed text, or a learned vector per text encoder.
+
+    With ``token_lr > 0`` the word gets its own input-embedding vector, started from
+    :data:`TOKEN_INIT` (textual inversion, trained jointly with the offsets); the prompt is
+    then encoded each step, with gradients to the vector only.
+    """
+
+    def __init__(self, host: Host, config: AttributeConfig) -> None:
+        self.host, self.config = host, config
+        self.vectors: list[torch.nn.Parameter] = []
+        self.encoders: list[torch.nn.Module] = []
+        self._start: tuple[torch.Tensor, ...] = ()
+        if config.token_lr_ <= 0:
+            with torch.no_grad():
+                self._fixed = host.encode_prompt(config.training_prompt)
+            return
+        encoders = list(getattr(host, "text_encoders", None) or [])
+        if not encoders:
+            log.warning("this host cannot learn a token vector; training the offsets only")
+            with torch.no_grad():
+                self._fixed = host.encode_prompt(config.training_prompt)
+            return
+        check_new_tokens([config.token], encoders)
+        self._start = tuple(e.word_vectors(TOKEN_INIT).mean(0, keepdim=True) for e in encoders)
+        self.vectors = [torch.nn.Parameter(v.clone().to(host.device)) for v in self._start]
+        self.encoders = [m for e in encoders if (m := getattr(e, "model", None)) is not None]
+
+    def cond(self) -> dict[str, Any]:
+        if not self.vectors:
+            return self._fixed
+        return self.host.encode_prompt(
+            self.config.training_prompt, {self.config.token: self.vectors}
+        )
+
+    def current(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        if not self.vectors:
+            return {}
+        return {self.config.token: tuple(v.detach().float().cpu() for v in self.vectors)}
+
+    def init(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        return {self.config.token: self._start} if self.vectors else {}
 
 
 @torch.no_grad()
@@ -475,6 +560,9 @@ def export(
     stem = out / name
     state_path = stem.with_name(name + STATE_SUFFIX)
     paths = [stem.with_name(name + s) for s in (".safetensors", STATE_SUFFIX, ".json")]
+    emb_dir = stem.with_name(name + EMBEDDINGS_FOLDER)
+    emb_paths = {t: emb_dir / (file_stem(t) + EMBEDDING_SUFFIX) for t in result.embeddings}
+    paths += emb_paths.values()
     if preview is not None:
         paths.append(stem.with_name(name + ".preview.png"))
     if not overwrite:  # an old sidecar counts even when none is written: never mismatched
@@ -488,6 +576,8 @@ def export(
     targets = [t.kohya for t in result.targets]
     training = asdict(cfg) | {
         "timestep_range": list(cfg.timesteps),
+        "lr": cfg.lr_,
+        "token_lr": cfg.token_lr_,
         "steps_done": len(result.losses),
         "seconds": round(result.seconds, 1),
     }
@@ -513,7 +603,15 @@ def export(
             "training": training,
             "loss_probe": [round(result.probe_loss_before, 6), round(result.probe_loss_after, 6)],
             "version": __version__,
-        },
+        }
+        | (
+            {
+                "embeddings": {t: f"{emb_dir.name}/{p.name}" for t, p in emb_paths.items()},
+                "token_init": TOKEN_INIT,
+            }
+            if emb_paths
+            else {}
+        ),
     )
     if save_state:
         state = {
@@ -538,6 +636,9 @@ def export(
     )
     if preview is not None:
         write_preview(stem, preview, overwrite=overwrite)
+    for token, p in emb_paths.items():
+        emb_dir.mkdir(exist_ok=True)
+        save_embedding(p, result.embeddings[token], result.info.family, overwrite=overwrite)
     path = save_adapter(
         stem.with_name(name + ".safetensors"),
         result.lora_modules(),

@@ -42,7 +42,7 @@ class TrainRequest:
     prompt: str = ""
     steps: int = 400
     rank: int = 4
-    lr: float = AttributeConfig.lr
+    lr: float | None = AttributeConfig.lr  # None or 0: the attribute's default
     seed: int = 0
     network: str = "hypernet"
     include_mid: bool = False
@@ -76,7 +76,7 @@ class TrainRequest:
             prompt=self.prompt.strip(),
             steps=self.steps,
             rank=self.rank,
-            lr=self.lr,
+            lr=self.lr or None,
             seed=self.seed,
             network=self.network,
             n_views=self.n_views,

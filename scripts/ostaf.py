@@ -36,7 +36,7 @@ from lib_ostaf.naming import ATTN_NAMES, PROJ_NAMES
 from lib_ostaf.object_job import ObjectRequest
 from lib_ostaf.objects import EMBEDDINGS_FOLDER
 from lib_ostaf.registry import resolve_adapters_dir
-from lib_ostaf.train import DEFAULT_PROMPTS, AttributeConfig
+from lib_ostaf.train import DEFAULT_PROMPTS
 from lib_ostaf.training_job import TrainRequest
 
 N_SLOTS = 3  # adapters the accordion can pick
@@ -94,7 +94,9 @@ shared.options_templates.update(
                 4, "Training: default rank", gr.Number, {"precision": 0}
             ),
             "ostaf_default_lr": shared.OptionInfo(
-                AttributeConfig.lr, "Training: default learning rate", gr.Number
+                0.0,
+                "Training: default learning rate (0 = the attribute's own default)",
+                gr.Number,
             ),
             "ostaf_infotext": shared.OptionInfo(
                 True, "Write applied OSTAF adapters (name:λ (hash)) into infotext"
@@ -638,8 +640,8 @@ def _attribute_tab():
                     elem_id="ostaf_rank",
                 )
                 lr = gr.Number(
-                    value=float(_opt("ostaf_default_lr", AttributeConfig.lr)),
-                    label="Learning rate",
+                    value=float(_opt("ostaf_default_lr", 0.0) or 0.0),
+                    label="Learning rate (0 = the attribute's default)",
                     elem_id="ostaf_lr",
                 )
                 seed = gr.Number(value=0, precision=0, label="Seed", elem_id="ostaf_seed")

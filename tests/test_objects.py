@@ -427,7 +427,7 @@ def test_cli_implant_with_auto_masks_then_generate(two_objects, tmp_path, capsys
     gen += ["--adapters-dir", str(out), "--embedding", loose]
     gen += ["--steps", "1", "--output", str(png)]
     assert main(gen) == 0
-    assert "object tokens: <obj1>, <obj2>, <x9>" in capsys.readouterr().out
+    assert "tokens: <obj1>, <obj2>, <x9>" in capsys.readouterr().out
     assert Image.open(png).size == (128, 128)
 
 

@@ -14,7 +14,7 @@ from lib_ostaf.errors import InputError, Interrupted
 from lib_ostaf.targets import default_blocks
 from lib_ostaf.train import AttributeConfig, Callbacks, export, train_attribute
 
-from .conftest import pristine, same_weights
+from .conftest import DEMO_IMAGE, pristine, same_weights
 
 FAST = {"steps": 25, "lr": 1e-3, "n_views": 4}
 
@@ -115,18 +115,54 @@ def test_export_writes_file_state_and_card(trained, tmp_path):
     card = json.loads((tmp_path / "my adapter.json").read_text())
     assert card["preferred weight"] == 1.0 and card["activation text"] == "ostafv"
     # refuse to overwrite; nothing touched
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    files = lambda: {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
     with pytest.raises(InputError, match="already exist"):
         export(result, tmp_path, "my adapter")
-    assert before == {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert before == files()
     with pytest.raises(InputError):
         export(result, tmp_path, "../escape")
+
+
+def test_appearance_learns_its_placeholder_and_lambda_scales_it(sd1_host, trained, tmp_path):
+    from lib_ostaf.embeddings import adapter_embeddings, scaled_embeddings
+    from lib_ostaf.train import TOKEN_INIT
+
+    result, _ = trained
+    (vec,) = result.embeddings["ostafv"]
+    (start,) = result.token_init["ostafv"]
+    encoders = sd1_host.text_encoders
+    torch.testing.assert_close(start, encoders[0].word_vectors(TOKEN_INIT).mean(0, keepdim=True))
+    assert vec.shape == (1, encoders[0].width) and (vec - start).norm() > 1e-3  # it moved
+    adapter = load_adapter(export(result, tmp_path, "tok"))
+    assert json.loads(adapter.metadata["ostaf.embeddings"]) == {
+        "ostafv": "tok.embeddings/ostafv.safetensors"
+    }
+    found = adapter_embeddings(adapter, "sd1")
+    torch.testing.assert_close(found["ostafv"][0], vec, rtol=0, atol=0)
+    for lam in (0.0, 0.5, 1.0, 1.5):
+        (got,) = scaled_embeddings(adapter, found, lam, encoders)["ostafv"]
+        t = min(lam, 1.0)  # the token is clamped to [0, 1]; beyond, only ΔW grows
+        torch.testing.assert_close(got, start + t * (vec - start))
+    # shape learns no vector by default; token_lr=0 turns it off for appearance too
+    assert AttributeConfig(attribute="shape").token_lr_ == 0
+    off = train_attribute(
+        sd1_host,
+        DEMO_IMAGE,
+        AttributeConfig(attribute="appearance", steps=1, n_views=1, token_lr=0),
+    )
+    assert off.embeddings == {} and off.token_init == {}
+    assert not (tmp_path / "off.embeddings").exists()
 
 
 def test_state_sidecar_is_opt_in(trained, tmp_path):
     result, _ = trained
     export(result, tmp_path, "plain")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json", "plain.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "plain.embeddings",  # the learned placeholder (appearance)
+        "plain.json",
+        "plain.safetensors",
+    ]
     # an old sidecar still counts as taken (never left describing another adapter) ...
     (tmp_path / "old.ostaf-state").write_bytes(b"x")
     with pytest.raises(InputError, match="already exist"):

@@ -295,7 +295,9 @@ class A1111Applier:
         (before the prompts are encoded); a token of an adapter no longer active is removed."""
         db = self.database()
         family = model_family(sd_model)
-        wanted, messages = wanted_tokens(adapters, family)
+        wanted, messages = wanted_tokens(
+            adapters, family, lambda: A1111Host(sd_model).text_encoders
+        )
         if db is None:
             if wanted:
                 messages.append("OSTAF: no embedding database in this WebUI; tokens skipped.")
@@ -309,7 +311,8 @@ class A1111Applier:
         device = getattr(sys.modules.get("modules.devices"), "device", None)  # as A1111's TI
         for token, (planned, vectors) in wanted.items():
             known = self._tokens.get(token)
-            if known and known[0] == planned.identity and db.word_embeddings.get(token) is known[1]:
+            key = (planned.identity, planned.weight)  # a learned placeholder scales with λ
+            if known and known[0] == key and db.word_embeddings.get(token) is known[1]:
                 continue  # registered and still there (a TI reload clears the database)
             try:
                 emb = make_embedding(
@@ -320,7 +323,7 @@ class A1111Applier:
                 continue
             emb.filename = str(planned.adapter.path)
             db.register_embedding_by_name(emb, sd_model, token)
-            self._tokens[token] = (planned.identity, emb)
+            self._tokens[token] = (key, emb)
             changed = True
         if changed:
             clear_cond_cache()  # same prompt text, different vectors

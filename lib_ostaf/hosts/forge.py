@@ -521,7 +521,9 @@ class ForgeApplier:
         if not engines and a1111.embedding_db() is not None:  # Forge Classic, reForge
             return self._legacy.register_embeddings(sd_model, adapters)
         family = model_family(sd_model) or "sd1"
-        wanted, messages = wanted_tokens(adapters, family)
+        wanted, messages = wanted_tokens(
+            adapters, family, lambda: tuple(ForgeText(e) for e in engines)
+        )
         dbs = tuple(id(getattr(e, "embeddings", None)) for e in engines)
         changed = False
         for token in [t for t in self._tokens if t not in wanted]:
@@ -533,7 +535,7 @@ class ForgeApplier:
             messages.append("OSTAF: this Forge model has no text engine; object tokens skipped.")
             return messages
         for token, (planned, vectors) in wanted.items():
-            key = (*planned.identity, dbs)
+            key = (*planned.identity, planned.weight, dbs)  # a learned placeholder scales with λ
             if self._tokens.get(token) == key:
                 continue
             try:

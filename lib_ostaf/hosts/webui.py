@@ -9,7 +9,7 @@ each encoder picks its key. Nothing here imports a WebUI module at import time.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -98,11 +98,13 @@ class WebuiText:
 
 
 def wanted_tokens(
-    adapters: Sequence[Any], family: str
+    adapters: Sequence[Any], family: str, encoders: Callable[[], Sequence[Any]] | None = None
 ) -> tuple[dict[str, tuple[Any, Sequence[torch.Tensor]]], list[str]]:
-    """The object tokens of the planned ``adapters``: token → (adapter, vectors), plus a
-    message for each adapter whose embeddings cannot be read (its tokens are skipped)."""
-    from ..embeddings import adapter_embeddings
+    """The tokens of the planned ``adapters``: token → (adapter, vectors), plus a message
+    for each adapter whose embeddings cannot be read (its tokens are skipped). With
+    ``encoders`` (the model's text encoders, built on demand), an attribute adapter's
+    learned placeholder is scaled by its λ (:func:`~lib_ostaf.embeddings.scaled_embeddings`)."""
+    from ..embeddings import adapter_embeddings, scaled_embeddings
     from ..errors import OstafError
 
     wanted: dict[str, tuple[Any, Sequence[torch.Tensor]]] = {}
@@ -113,6 +115,11 @@ def wanted_tokens(
         except OstafError as e:
             messages.append(f"OSTAF: {planned.name}: {e}; its tokens are not available.")
             continue
+        if found and encoders is not None and planned.adapter.metadata.get("ostaf.token_init"):
+            try:
+                found = scaled_embeddings(planned.adapter, found, planned.weight, encoders())
+            except (OstafError, NotImplementedError) as e:
+                messages.append(f"OSTAF: {planned.name}: token not scaled by λ ({e}).")
         for token, vectors in found.items():
             wanted[token] = (planned, vectors)
     return wanted, messages
