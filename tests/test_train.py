@@ -308,3 +308,24 @@ def test_non_finite_steps_are_skipped_then_training_stops():
     with pytest.raises(TrainingDiverged, match="lower the learning rate"):
         run_steps(10, lambda step: (w * float("nan")).sum(), opt, Callbacks())
     assert torch.isfinite(w).all()
+
+
+def test_webui_tokens_scale_with_each_adapters_lambda(sd1_host, tmp_path):
+    """The WebUI appliers' token list: a learned placeholder at the adapter's λ."""
+    from types import SimpleNamespace
+
+    from lib_ostaf.embeddings import adapter_embeddings
+    from lib_ostaf.hosts.webui import wanted_tokens
+
+    cfg = AttributeConfig(attribute="appearance", steps=2, n_views=1, token_lr=0.05)
+    result = train_attribute(sd1_host, DEMO_IMAGE, cfg)
+    adapter = load_adapter(export(result, tmp_path, "a"))
+    (v,) = adapter_embeddings(adapter, "sd1")["ostafv"]
+    (v0,) = result.token_init["ostafv"]
+    for lam, t in ((0.0, 0.0), (0.5, 0.5), (2.0, 1.0)):
+        planned = SimpleNamespace(adapter=adapter, weight=lam, name="a")
+        wanted, messages = wanted_tokens([planned], "sd1", lambda: sd1_host.text_encoders)
+        assert messages == []
+        torch.testing.assert_close(wanted["ostafv"][1][0], v0 + t * (v - v0))
+    unscaled, _ = wanted_tokens([planned], "sd1")  # no encoders: the file's vector
+    torch.testing.assert_close(unscaled["ostafv"][1][0], v)
