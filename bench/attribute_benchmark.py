@@ -44,6 +44,7 @@ from PIL import Image
 from bench import judges
 from lib_ostaf import world
 from lib_ostaf.augment import make_views, object_mask
+from lib_ostaf.embeddings import placeholder_at
 from lib_ostaf.hosts.diffusers_host import DiffusersHost
 from lib_ostaf.images import load_image, square
 from lib_ostaf.masks import load_mask, resize_mask, square_mask
@@ -291,11 +292,7 @@ def token_at(result, lam: float) -> dict | None:
     generation applies it (:func:`lib_ostaf.embeddings.scaled_embeddings`)."""
     if not result.embeddings:
         return None
-    lam = min(max(lam, 0.0), 1.0)
-    return {
-        t: tuple(s + lam * (v - s) for v, s in zip(vs, result.token_init[t], strict=True))
-        for t, vs in result.embeddings.items()
-    }
+    return placeholder_at(result.embeddings, result.token_init, lam)
 
 
 def deltas(result) -> dict[str, torch.Tensor]:

@@ -430,11 +430,20 @@ def scaled_embeddings(
     1 only the weights are extrapolated. Object tokens (no ``ostaf.token_init``) are
     returned unchanged."""
     word = adapter.metadata.get("ostaf.token_init")
-    lam = min(max(float(lam), 0.0), 1.0)
-    if not word or lam == 1:
+    if not word or min(max(float(lam), 0.0), 1.0) == 1:
         return {t: tuple(v) for t, v in vectors.items()}
-    start = [e.word_vectors(word).mean(0, keepdim=True) for e in encoders]
+    start = tuple(e.word_vectors(word).mean(0, keepdim=True) for e in encoders)
+    return placeholder_at(vectors, dict.fromkeys(vectors, start), lam)
+
+
+def placeholder_at(
+    learned: Mapping[str, Sequence[torch.Tensor]],
+    start: Mapping[str, Sequence[torch.Tensor]],
+    lam: float,
+) -> dict[str, tuple[torch.Tensor, ...]]:
+    """``v₀ + λ·(v − v₀)`` per token and text encoder, λ clamped to [0, 1]."""
+    t = min(max(float(lam), 0.0), 1.0)
     return {
-        t: tuple(s.to(v) + lam * (v - s.to(v)) for v, s in zip(vs, start, strict=True))
-        for t, vs in vectors.items()
+        k: tuple(s.to(v) + t * (v - s.to(v)) for v, s in zip(vs, start[k], strict=True))
+        for k, vs in learned.items()
     }

@@ -207,7 +207,7 @@ def run_object_training(
             reporter.log(f"object loss '{label}': {before:.4f} → {after:.4f}")
         strip, card_preview = sweep_and_preview(
             host, result, request.sweep, config.default_lambda,
-            lambda: sample(result.embeddings), reporter,
+            lambda _lam: sample(result.embeddings), reporter,
         )  # fmt: skip
     files = export_objects(
         result,

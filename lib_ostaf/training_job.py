@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from .adapter_file import ADAPTER_SUFFIX, CARD_SUFFIX, STATE_SUFFIX, file_hashes, validate_name
+from .embeddings import placeholder_at
 from .errors import InputError, Interrupted
 from .hosts.base import Host
 from .images import load_image
@@ -212,46 +213,44 @@ def run_training(
     preview_size = int(request.preview_size or host.resolution)
     need_samples = bool(config.preview_every) or bool(request.sweep)
     with torch.inference_mode(False), torch.enable_grad():
-        cond = uncond = None
+        uncond = None
         if need_samples:
             with torch.no_grad():
-                cond = host.encode_prompt(config.training_prompt)
                 uncond = host.encode_prompt("") if request.guidance != 1.0 else None
 
-        def sample(seed: int = 0) -> Image.Image:
+        def sample(embeddings: dict | None = None) -> Image.Image:
+            with torch.no_grad():  # the learned placeholder, when there is one
+                cond = host.encode_prompt(config.training_prompt, embeddings or None)
             return render(
                 host,
                 cond,
                 uncond,
                 steps=request.preview_steps,
-                seed=request.seed + seed,
+                seed=request.seed,
                 size=preview_size,
                 guidance=request.guidance,
             )
 
+        callbacks = Callbacks(progress=reporter.progress, should_stop=reporter.should_stop)
+
         def on_preview(step: int) -> None:
-            reporter.preview(step, sample())
+            reporter.preview(step, sample(callbacks.preview_embeddings))
+
+        def at_lambda(lam: float) -> Image.Image:  # the placeholder scaled as at generation
+            return sample(placeholder_at(result.embeddings, result.token_init, lam))
 
         reporter.log(
             f"training {config.attribute} adapter {request.name!r}: {config.steps} steps, "
             f"rank {config.rank}, prompt '{config.training_prompt}'"
         )
-        result = train_attribute(
-            host,
-            image,
-            config,
-            Callbacks(
-                progress=reporter.progress,
-                preview=on_preview if config.preview_every else None,
-                should_stop=reporter.should_stop,
-            ),
-        )
+        callbacks.preview = on_preview if config.preview_every else None
+        result = train_attribute(host, image, config, callbacks)
         reporter.log(
             f"trained {len(result.targets)} layers in {result.seconds:.1f} s; probe loss "
             f"{result.probe_loss_before:.4f} → {result.probe_loss_after:.4f}"
         )
         strip, card_preview = sweep_and_preview(
-            host, result, request.sweep, config.default_lambda, sample, reporter
+            host, result, request.sweep, config.default_lambda, at_lambda, reporter
         )
     path = export(
         result,
@@ -298,12 +297,13 @@ def sweep_and_preview(
     result: Any,
     lambdas: Sequence[float],
     default_lambda: float,
-    sample: Callable[[], Image.Image],
+    sample: Callable[[float], Image.Image],
     reporter: Reporter,
 ) -> tuple[Image.Image | None, Image.Image | None]:
     """The λ-sweep strip of a trained result and the card preview (the image at the
     preferred λ), rendered through forward hooks: the weights are never written.
-    ``result`` has ``targets`` and ``factors()`` (attribute and object results)."""
+    ``result`` has ``targets`` and ``factors()`` (attribute and object results);
+    ``sample(λ)`` renders one image (λ is for what the hooks do not scale, e.g. a token)."""
     if not lambdas:
         return None, None
     reporter.log("rendering the λ sweep")
@@ -323,7 +323,7 @@ def sweep_and_preview(
                     "nothing was written"
                 )
             hooks.scale = float(lam)
-            images.append(sample())
+            images.append(sample(float(lam)))
             reporter.phase(label, i + 1, len(wanted))
     strip = lambda_strip(images[: len(lambdas)], [f"lambda {x:g}" for x in lambdas])
     return strip, images[wanted.index(default_lambda)]
