@@ -23,14 +23,14 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from .adapter_file import load_adapter, validate_name
 from .devices import DTYPES
 from .errors import OstafError
-from .train import AttributeConfig
+from .train import AttributeConfig, settings_record
 
 REQUIRED = ("image", "attribute", "name")
 _FIELDS = {f.name: f for f in fields(AttributeConfig)}
@@ -123,7 +123,7 @@ def is_done(out_dir: Path, name: str, config: AttributeConfig) -> bool:
         stored = json.loads(load_adapter(path).metadata.get("ostaf.training", "{}"))
     except (OstafError, json.JSONDecodeError):
         return False
-    wanted = json.loads(json.dumps(asdict(config)))  # tuples → lists, as stored
+    wanted = json.loads(json.dumps(settings_record(config)))  # tuples → lists, as stored
     return all(stored.get(k) == v for k, v in wanted.items())
 
 

@@ -574,10 +574,7 @@ def export(
     cfg = result.config
     meta = result.host_meta
     targets = [t.kohya for t in result.targets]
-    training = asdict(cfg) | {
-        "timestep_range": list(cfg.timesteps),
-        "lr": cfg.lr_,
-        "token_lr": cfg.token_lr_,
+    training = settings_record(cfg) | {
         "steps_done": len(result.losses),
         "seconds": round(result.seconds, 1),
     }
@@ -651,6 +648,15 @@ def export(
     if preview is None and overwrite:  # an earlier adapter's card picture
         stem.with_name(name + PREVIEW_SUFFIX).unlink(missing_ok=True)
     return path
+
+
+def settings_record(config: AttributeConfig) -> dict[str, Any]:
+    """The settings as ``ostaf.training`` records them: the attribute's defaults resolved."""
+    return asdict(config) | {
+        "timestep_range": list(config.timesteps),
+        "lr": config.lr_,
+        "token_lr": config.token_lr_,
+    }
 
 
 def with_overrides(config: AttributeConfig, **changes: Any) -> AttributeConfig:
