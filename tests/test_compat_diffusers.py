@@ -13,6 +13,7 @@ import torch
 
 from lib_ostaf.adapter_file import load_adapter
 from lib_ostaf.hosts.diffusers_host import DiffusersHost
+from lib_ostaf.targets import default_blocks
 from lib_ostaf.train import AttributeConfig, export, train_attribute
 
 from .conftest import pristine, same_weights
@@ -48,13 +49,14 @@ def _kohya_expected(unet: torch.nn.Module, family: str, part: str) -> set[str]:
 )
 def test_diffusers_load_lora_weights_equals_our_merge(family, attribute, reference_image, tmp_path):
     ours = DiffusersHost.load(f"tiny-{family}")
-    result = train_attribute(
-        ours, reference_image, AttributeConfig(attribute=attribute, steps=4, lr=3e-3, n_views=2)
-    )
+    part = "down" if attribute == "shape" else "up"
+    # the whole encoder / decoder (the paper's parts), so the names follow one rule here
+    blocks = default_blocks(ours.unet, "encoder" if part == "down" else "decoder")
+    cfg = AttributeConfig(attribute=attribute, steps=4, lr=3e-3, n_views=2, blocks=blocks)
+    result = train_attribute(ours, reference_image, cfg)
     path = export(result, tmp_path, f"{family}_{attribute}")
     adapter = load_adapter(path)
 
-    part = "down" if attribute == "shape" else "up"
     assert set(adapter.modules) == _kohya_expected(ours.unet, family, part)
     prefix = "lora_unet_input_blocks_" if family == "sdxl" and part == "down" else None
     if prefix:
