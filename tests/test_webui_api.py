@@ -80,7 +80,7 @@ def test_train_body_validation():
     for bad in (
         {"steps": 0},
         {"rank": 0},
-        {"lr": 0},
+        {"lr": -0.001},
         {"lr": 2},
         {"resolution": -1},
         {"steps": "many"},
@@ -90,6 +90,15 @@ def test_train_body_validation():
             TrainBody(image=_png(), name="x", **bad)
     with pytest.raises(ValidationError):
         TrainBody(name="x")  # image required
+    # lr 0 or null: each attribute's own default (one table, lib_ostaf.train.ATTRIBUTE_LR)
+    from lib_ostaf.train import ATTRIBUTE_LR
+    from lib_ostaf.training_job import TrainRequest
+
+    for lr in (0, None):
+        assert TrainBody(image=_png(), name="x", lr=lr).lr == lr
+        for attribute, rate in ATTRIBUTE_LR.items():
+            request = TrainRequest(image=None, name="x", attribute=attribute, lr=lr)
+            assert request.config().lr_ == rate
 
 
 def test_decode_image():
