@@ -44,23 +44,37 @@ def _kohya_expected(unet: torch.nn.Module, family: str, part: str) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "family,attribute",
-    [("sd1", "appearance"), ("sd1", "shape"), ("sdxl", "appearance"), ("sdxl", "shape")],
+    "family,attribute,blocks",
+    [
+        ("sd1", "appearance", "part"),
+        ("sd1", "shape", "part"),
+        ("sdxl", "appearance", "part"),
+        ("sdxl", "shape", "part"),
+        ("sd1", "shape", "default"),  # the bottleneck: encoder, mid and decoder keys
+        ("sdxl", "shape", "default"),
+    ],
 )
-def test_diffusers_load_lora_weights_equals_our_merge(family, attribute, reference_image, tmp_path):
+def test_diffusers_load_lora_weights_equals_our_merge(
+    family, attribute, blocks, reference_image, tmp_path
+):
     ours = DiffusersHost.load(f"tiny-{family}")
     part = "down" if attribute == "shape" else "up"
-    # the whole encoder / decoder (the paper's parts), so the names follow one rule here
-    blocks = default_blocks(ours.unet, "encoder" if part == "down" else "decoder")
-    cfg = AttributeConfig(attribute=attribute, steps=4, lr=3e-3, n_views=2, blocks=blocks)
+    chosen = None
+    if blocks == "part":  # the whole encoder / decoder, so the names follow one rule here
+        chosen = default_blocks(ours.unet, "encoder" if part == "down" else "decoder")
+    cfg = AttributeConfig(attribute=attribute, steps=4, lr=3e-3, n_views=2, blocks=chosen)
     result = train_attribute(ours, reference_image, cfg)
     path = export(result, tmp_path, f"{family}_{attribute}")
     adapter = load_adapter(path)
 
-    assert set(adapter.modules) == _kohya_expected(ours.unet, family, part)
-    prefix = "lora_unet_input_blocks_" if family == "sdxl" and part == "down" else None
-    if prefix:
-        assert all(k.startswith(prefix) for k in adapter.modules)
+    if blocks == "part":
+        assert set(adapter.modules) == _kohya_expected(ours.unet, family, part)
+        prefix = "lora_unet_input_blocks_" if family == "sdxl" and part == "down" else None
+        if prefix:
+            assert all(k.startswith(prefix) for k in adapter.modules)
+    else:
+        mid = "lora_unet_middle_block_1_" if family == "sdxl" else "lora_unet_mid_block_"
+        assert any(k.startswith(mid) for k in adapter.modules)
 
     base = pristine(ours.unet)
     ours.apply_adapters([(adapter, LAMBDA)])
