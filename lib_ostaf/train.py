@@ -77,7 +77,9 @@ TOKEN_PATTERN = re.compile(r"^[^\s<>:,()\[\]{}|\\]{1,40}$")
 
 @dataclass(frozen=True)
 class AttributeConfig:
-    """Settings of one OSTAF run. Defaults are for real SD checkpoints (docs/method.md)."""
+    """Settings of one OSTAF run. ``None`` fields take the attribute's default from the
+    tables above (measured on tiny-world; not yet tried on a real checkpoint; style follows
+    appearance unmeasured). Reasons in docs/method.md."""
 
     attribute: str = "appearance"
     token: str = "ostafv"
