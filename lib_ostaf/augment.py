@@ -79,6 +79,10 @@ def _restyled(rgb: np.ndarray, obj: np.ndarray, rng: np.random.Generator, cell: 
     """The silhouette, in place, with a new colour and pattern on a new pale background.
 
     Not shifted: shifting it by whole latent cells measured far worse (docs/results.md)."""
+    if obj.all():  # no silhouette to keep (no object found): rotate the image's hues
+        hsv = np.asarray(Image.fromarray(rgb).convert("HSV")).copy()
+        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(rng.integers(256))) % 256
+        return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
     h, w = obj.shape
     colour = _random_colour(rng)
     k = _pattern(h, w, rng, cell)[..., None]

@@ -195,6 +195,21 @@ def test_appearance_views_keep_the_texture_and_vary_the_silhouette():
     assert all(np.asarray(v).shape == (64, 64, 3) for v in auto)
 
 
+def test_shape_views_without_an_object_keep_the_image_structure():
+    """Nothing stands out (a full-frame texture): the views vary its hues, not a blank fill."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    a = np.stack([(xx * 4) % 256, (yy * 4) % 256, np.full_like(xx, 90)], -1).astype(np.uint8)
+    ref = Image.fromarray(a)
+    views = make_views(ref, "shape", 4, seed=0, mask=np.ones((64, 64), bool))
+    ref_hsv = np.asarray(ref.convert("HSV")).astype(int)
+    hues = set()
+    for v in views:
+        hsv = np.asarray(v.convert("HSV")).astype(int)
+        assert np.abs(hsv[..., 2] - ref_hsv[..., 2]).max() <= 3  # brightness structure kept
+        hues.add(int(np.median((hsv[..., 0] - ref_hsv[..., 0]) % 256)))
+    assert len(hues) == 4  # each view a different hue rotation
+
+
 def test_views_refuse_bad_input():
     ref, obj = _striped_reference()
     with pytest.raises(InputError, match="attribute"):
