@@ -51,9 +51,12 @@ MAX_OBJECTS = 4
 class ObjectRequest:
     """What the tab or the API asks for: parallel lists, one entry per object.
 
-    ``masks`` is empty (automatic masks) or one mask per object. ``clip`` is "none" in a
-    WebUI by default: the prototypical initialisation needs a CLIP image tower, which a
-    WebUI does not load (the class word is used instead, and the card says so).
+    ``masks`` is empty (automatic masks) or one mask per object. ``clip`` is the CLIP image
+    tower of the prototypical initialisation: a folder (the WebUI setting), "auto" (below
+    ``clip_dirs``, the WebUI's image-encoder folders, then the local Hugging Face cache;
+    :func:`lib_ostaf.towers.find_tower`, never a download) or "none". Without a tower that
+    matches the loaded text encoder the class word is used, and the log and card say why.
+    ``clip_dirs`` is set by the host glue, never by an API body.
     """
 
     image: Image.Image | str | Path | None
@@ -69,7 +72,8 @@ class ObjectRequest:
     class_weight: float = 1.0
     background_weight: float = 0.0
     seed: int = 0
-    clip: str = "none"
+    clip: str = "auto"
+    clip_dirs: tuple[str, ...] = ()
     default_lambda: float = 1.0
     resolution: int = 0
     overwrite: bool = False
@@ -84,6 +88,8 @@ class ObjectRequest:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ObjectRequest:
+        if "clip_dirs" in data:
+            raise InputError("unknown object settings: clip_dirs")
         return request_from_dict(cls, data, "object")
 
     @property
@@ -114,6 +120,12 @@ class ObjectRequest:
     def config(self) -> ObjectConfig:
         if int(self.steps) > MAX_STEPS or int(self.embedding_steps) > MAX_STEPS:
             raise InputError(f"steps must be at most {MAX_STEPS}")
+        clip = str(self.clip or "auto").strip() or "auto"
+        if clip.lower() not in ("auto", "none") and not Path(clip).expanduser().is_dir():
+            raise InputError(
+                f"CLIP vision tower {clip!r} is not a folder (a CLIPModel or "
+                "CLIPVisionModelWithProjection folder with config.json; empty = auto)"
+            )
         return with_overrides(
             ObjectConfig(),
             steps=int(self.steps),
@@ -124,7 +136,7 @@ class ObjectRequest:
             class_weight=float(self.class_weight),
             background_weight=float(self.background_weight),
             seed=int(self.seed),
-            clip=self.clip,
+            clip=str(Path(clip).expanduser()) if clip.lower() not in ("auto", "none") else clip,
             default_lambda=check_lambda(self.default_lambda),
             preview_every=max(0, int(self.preview_every)),
             precision=self.precision,
@@ -194,7 +206,10 @@ def run_object_training(
         + ("" if specs[0].mask is not None else "; automatic masks")
     )
     with torch.inference_mode(False), torch.enable_grad():
-        result = train_objects(host, image, specs, config, callbacks)
+        result = train_objects(
+            host, image, specs, config, callbacks, tower_dirs=tuple(request.clip_dirs)
+        )
+        reporter.log(result.prototype_summary())
         for p in result.prototypes:
             if p.cos_prototype is not None:
                 reporter.log(
@@ -202,7 +217,7 @@ def run_object_training(
                     f"{p.cos_class_word:.3f} → {p.cos_prototype:.3f}"
                 )
             else:
-                reporter.log(f"{p.token}: starts from its class word ({p.note or p.method})")
+                reporter.log(f"{p.token}: starts from its class word (fell back to the class word)")
         for label, (before, after) in result.probe.items():
             reporter.log(f"object loss '{label}': {before:.4f} → {after:.4f}")
         strip, card_preview = sweep_and_preview(

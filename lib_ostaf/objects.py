@@ -63,6 +63,8 @@ from .embeddings import (
     portable_keys,
     save_embedding,
 )
+from .embeddings import _splice as splice_rows
+from .embeddings import _split as split_prompt
 from .errors import IncompatibleModelError, InputError, TrainingDiverged
 from .hosts.base import Host
 from .hypernet import OFFSET_NETWORKS, HypernetConfig, LayerShape
@@ -81,6 +83,7 @@ from .memory import check_options, training_options
 from .naming import UNetInfo, block_part, inspect_unet
 from .offsets import OffsetHooks, check_lambda
 from .targets import PARTS, Target, TargetSpec, available_blocks, find_module, select_targets
+from .towers import find_tower
 from .train import (
     Callbacks,
     check_finite_factors,
@@ -100,12 +103,6 @@ FALLBACK = "class-word-fallback"
 # CLIP's image normalisation (OpenAI and OpenCLIP towers alike).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# Local Hugging Face cache ids tried by clip="auto", by text-encoder width (never downloaded).
-KNOWN_TOWERS = {
-    768: "openai/clip-vit-large-patch14",  # SD1.x, SDXL CLIP-L
-    1024: "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",  # SD2.x
-    1280: "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",  # SDXL CLIP-G
-}
 BUNDLE_INFIX = ".a1111"  # <name>.a1111.safetensors: LoRA + bundle_emb for A1111
 MASK_INFIX = ".mask-"  # <name>.mask-<token>.png (automatic masks)
 
@@ -373,13 +370,32 @@ class ClipTower:
         return self.model.visual_projection(pooled).float()
 
     def match(self, encoders: Sequence[Any]) -> int | str:
-        """Index of the text encoder whose CLIP space this tower shares, or the reason none."""
+        """Index of the text encoder whose CLIP space this tower shares, or the reason none.
+
+        A full CLIPModel pairs only with an encoder that is its text tower (same token
+        rows, :meth:`same_text`): its text projection is applied to that encoder's pooled
+        feature. An encoder without its own pooled feature (a WebUI's, ``has_pooled``
+        False) then gets it from the tower's own text model (:meth:`text_feature`)."""
+        reasons: list[str] = []
         for i, enc in enumerate(encoders):
+            own = getattr(enc, "has_pooled", True)
             if self.text_projection is not None:
-                if self.text_projection.in_features == enc.width:
-                    return i
-            elif enc.projection_dim == self.projection_dim:
+                if self.text_projection.in_features != enc.width:
+                    continue
+                why = self.same_text(enc)
+                if why:
+                    reasons.append(why)
+                    continue
                 return i
+            elif enc.projection_dim == self.projection_dim:
+                if own:
+                    return i
+                reasons.append(
+                    f"{enc.key} gives no pooled feature in this WebUI; an image-only tower "
+                    "needs one (give a full CLIPModel folder)"
+                )
+        if reasons:
+            return "; ".join(reasons)
         widths = ", ".join(f"{e.key} {e.width}" for e in encoders)
         if self.text_projection is None:
             return (
@@ -388,19 +404,71 @@ class ClipTower:
             )
         return f"the CLIP model's text width {self.text_projection.in_features} ≠ {widths}"
 
+    def same_text(self, encoder: Any, text: str = "a photo of a dog on the table") -> str:
+        """ "" when this CLIPModel's token table agrees with ``encoder``'s rows for ``text``
+        (mean cosine ≥ 0.9: the same text encoder, perhaps fine-tuned), else the reason."""
+        table = self.model.text_model.embeddings.token_embedding.weight
+        ids_of = getattr(encoder, "ids", None) or encoder.word_ids
+        ids = [int(i) for i in ids_of(text)]
+        if not ids or max(ids) >= table.shape[0]:
+            return f"the CLIP model's vocabulary is not {encoder.key}'s"
+        mine = table[torch.tensor(ids, device=table.device)].detach().float().cpu()
+        theirs = encoder.word_vectors(text)[: len(ids)].detach().float().cpu()
+        if theirs.shape != mine.shape:
+            return f"the CLIP model's vocabulary is not {encoder.key}'s"
+        cos = float(F.cosine_similarity(mine, theirs, dim=-1).mean())
+        if cos < 0.9:
+            return (
+                f"the CLIP model's text tower is not the loaded {encoder.key} "
+                f"(token rows' cosine {cos:.2f} < 0.9)"
+            )
+        return ""
+
     def text_feature(self, encoder: Any, prompt: str, vectors: dict | None) -> torch.Tensor:
         """The prompt's pooled (EOS) feature in this tower's CLIP space (differentiable)."""
+        if self.text_projection is not None and not getattr(encoder, "has_pooled", True):
+            pooled = self._own_pooled(encoder, prompt, vectors)
+            weight = self.text_projection.weight
+            return F.linear(pooled.float(), weight.to(pooled.device, torch.float32))
         if self.text_projection is not None:
             pooled = encoder.pooled(prompt, vectors, project=False)
             weight = self.text_projection.weight
             return F.linear(pooled.float(), weight.to(pooled.device, torch.float32))
         return encoder.pooled(prompt, vectors, project=True).float()
 
+    def _own_pooled(self, encoder: Any, prompt: str, vectors: dict | None) -> torch.Tensor:
+        """The EOS feature of ``prompt`` through this CLIPModel's own text model, with the
+        encoder's token ids and ``vectors`` spliced in (for a WebUI's encoder, which has
+        none; :meth:`same_text` checked the two agree)."""
+        text_model = self.model.text_model
+        cfg = self.model.config.text_config
+        bos, eos = int(cfg.bos_token_id), int(cfg.eos_token_id)
+        vectors = dict(vectors or {})
+        body: list[int] = []
+        slots: list[tuple[int, str, int]] = []
+        for piece, token in split_prompt(prompt, list(vectors)):
+            if token is None and piece.strip():
+                body.extend(int(i) for i in encoder.ids(piece))
+            elif token is not None:
+                for j in range(vectors[token].shape[0]):
+                    slots.append((1 + len(body), token, j))
+                    body.append(bos)
+        limit = int(cfg.max_position_embeddings)
+        body = body[: limit - 2]
+        slots = [s for s in slots if s[0] < limit - 1]
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([[bos, *body, eos]], device=device)
+        with splice_rows(text_model.embeddings.token_embedding, slots, vectors):
+            return text_model(input_ids=ids).pooler_output[0]
+
 
 def resolve_tower(
-    clip: str | Path | ClipTower | torch.nn.Module | None, host: Host
+    clip: str | Path | ClipTower | torch.nn.Module | None,
+    host: Host,
+    search: Sequence[str | Path] = (),
 ) -> tuple[ClipTower | None, str]:
-    """(tower, note): a tower object, a folder, "auto" (local Hugging Face cache), or none."""
+    """(tower, note): a tower object, a folder, "auto" (below the ``search`` folders, then
+    the local Hugging Face cache: :func:`lib_ostaf.towers.find_tower`), or none."""
     if isinstance(clip, ClipTower):
         return clip, clip.name
     if isinstance(clip, torch.nn.Module):
@@ -408,16 +476,11 @@ def resolve_tower(
     if clip is None or str(clip).lower() in ("", "none"):
         return None, "no CLIP image tower given"
     if str(clip).lower() == "auto":
-        for enc in reversed(list(host.text_encoders)):
-            repo = KNOWN_TOWERS.get(enc.width)
-            if repo is None:
-                continue
-            try:
-                return ClipTower.load(repo, local_only=True), repo
-            except InputError:
-                continue
-        return None, "no CLIP image tower for this model in the local cache"
-    return ClipTower.load(clip), str(clip)
+        found = find_tower(list(host.text_encoders), list(search))
+        if found.folder is None:
+            return None, found.note()
+        return ClipTower.load(found.folder), found.note()
+    return ClipTower.load(clip), f"CLIP image tower {clip}"
 
 
 def masked_object(image: Image.Image, mask: np.ndarray, margin: float = 0.1) -> Image.Image:
@@ -536,6 +599,14 @@ class ObjectResult:
     def prototype_method(self) -> str:
         return PROTOTYPE if all(p.method == PROTOTYPE for p in self.prototypes) else FALLBACK
 
+    def prototype_summary(self) -> str:
+        """One line for the card and the log: the tower used, or why it fell back."""
+        notes = list(dict.fromkeys(p.note for p in self.prototypes if p.note))
+        if self.prototype_method == PROTOTYPE:
+            encoders = ", ".join(dict.fromkeys(p.encoder for p in self.prototypes))
+            return f"prototypical embedding ({encoders}) from {'; '.join(notes)}"
+        return "fell back to the class word: " + ("; ".join(notes) or "no CLIP image tower")
+
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return detached_factors(self.network)
 
@@ -577,11 +648,13 @@ def train_objects(
     callbacks: Callbacks | None = None,
     *,
     tower: ClipTower | torch.nn.Module | str | Path | None = None,
+    tower_dirs: Sequence[str | Path] = (),
 ) -> ObjectResult:
     """Implant the objects of one image as new tokens. The host's model is left as found.
 
     ``tower`` overrides ``config.clip`` (a loaded :class:`ClipTower`, a transformers CLIP
-    model, or a folder).
+    model, or a folder). With "auto", ``tower_dirs`` (a WebUI's image-encoder folders) are
+    searched before the local Hugging Face cache.
     """
     config = config or ObjectConfig()
     callbacks = callbacks or Callbacks()
@@ -629,12 +702,12 @@ def train_objects(
     )  # [views, objects, 1, h, w]
 
     # Prototypical embedding (or the class word), per object.
-    the_tower, note = resolve_tower(tower if tower is not None else config.clip, host)
+    the_tower, note = resolve_tower(tower if tower is not None else config.clip, host, tower_dirs)
     matched: int | None = None
     if the_tower is not None:
         found = the_tower.match(host.text_encoders)
         if isinstance(found, str):
-            note, the_tower = found, None
+            note, the_tower = f"{note} not used: {found}", None
         else:
             matched = found
     prototypes: list[PrototypeInfo] = []
@@ -1072,7 +1145,7 @@ def export_objects(
         activation_text=activation,
         description=description,
         sd_version=sd_version_label(family),
-        notes=f"token embeddings: {', '.join(rel.values())}",
+        notes=f"token embeddings: {', '.join(rel.values())}; {result.prototype_summary()}",
         overwrite=overwrite,
     )
     if preview is not None:

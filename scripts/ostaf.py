@@ -4,6 +4,7 @@
 # callbacks are registered from this file's body so "Reload UI" re-registers them.
 
 import html
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
@@ -97,6 +98,12 @@ shared.options_templates.update(
                 0.0,
                 "Training: default learning rate (0 = the attribute's own default)",
                 gr.Number,
+            ),
+            "ostaf_clip_tower": shared.OptionInfo(
+                "",
+                "OSTAF: CLIP vision tower for the prototype (a folder with config.json; "
+                "empty = auto: IP-Adapter image-encoder folders, then the local Hugging Face "
+                "cache; never downloads)",
             ),
             "ostaf_infotext": shared.OptionInfo(
                 True, "Write applied OSTAF adapters (name:λ (hash)) into infotext"
@@ -397,9 +404,30 @@ def _run_settings(default_lambda, resolution, overwrite, preview_every, precisio
     }
 
 
+def _tower_dirs() -> tuple[str, ...]:
+    """Folders where WebUI users keep image encoders (IP-Adapter): searched by "auto"."""
+    models = Path(paths.models_path)
+    found = [models / "clip_vision", models / "ipadapter", models / "ControlNet"]
+    root = getattr(paths, "script_path", None)
+    if root:
+        found.append(Path(root) / "extensions" / "sd-webui-controlnet" / "annotator")
+    return tuple(str(d) for d in found if d.is_dir())
+
+
+def _with_tower(request):
+    """An object request with the tower setting (when it asks for "auto") and the folders."""
+    if not isinstance(request, ObjectRequest):
+        return request
+    clip = request.clip
+    if str(clip or "auto").strip().lower() == "auto":
+        clip = str(_opt("ostaf_clip_tower", "") or "").strip() or "auto"
+    return replace(request, clip=clip, clip_dirs=_tower_dirs())
+
+
 def _run_job(kind, request):
     """Run a validated request on the loaded model: (gallery, log, result card)."""
     try:
+        request = _with_tower(request)
         request.validate(REGISTRY.root)
         job = JOBS.begin(kind)
     except (OstafError, ValueError, TypeError) as e:
@@ -764,6 +792,7 @@ def _api_runner(job, request):
     with call_queue.queue_lock:
         shared.state.begin(job="ostaf_train")
         try:
+            request = _with_tower(request)
             return HOST.train_on_loaded_model(JOBS, job, request, REGISTRY.root, APPLIER)
         finally:
             shared.state.end()

@@ -491,7 +491,9 @@ def test_cli_implants_a_rotated_jpeg_with_a_clip_folder(sd1_host, tmp_path, caps
     exif[0x0112] = 6  # "rotate 90° clockwise to display"
     image.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "photo.jpg", exif=exif, quality=95)
     Image.fromarray(truth[0].astype(np.uint8) * 255).save(tmp_path / "mask.png")
-    tiny.clip_tower(sd1_host.pipe.text_encoder).save_pretrained(tmp_path / "clip")
+    # the tower's text tower must be the CLI's model's (tiny-world), not another CLIP's
+    world = tiny.components("sd1", world=True)["text_encoder"]
+    tiny.clip_tower(world).save_pretrained(tmp_path / "clip")
     args = ["implant", "--image", str(tmp_path / "photo.jpg"), "--mask", str(tmp_path / "mask.png")]
     args += ["--token", "<o1>", "--class", "ball", "--clip", str(tmp_path / "clip")]
     args += ["--name", "rot", "--out", str(tmp_path / "out"), "--steps", "1"]

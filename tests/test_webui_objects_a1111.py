@@ -186,3 +186,91 @@ def test_existing_files_are_refused_and_kept(tmp_path):
     with pytest.raises(InputError, match="already exist"):
         request.validate(tmp_path)
     assert (tmp_path / "pair.safetensors").read_bytes() == b"mine"
+
+
+def _webui_tower(sd_model, folder):
+    """A tiny full CLIPModel whose text tower has the fake SD1 encoder's token table (as
+    openai/clip-vit-large-patch14 has SD1's), saved as a model folder."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from lib_ostaf import tiny
+
+    table = sd_model.cond_stage_model.token_embedding.weight
+    text = {
+        "vocab_size": table.shape[0],
+        "hidden_size": table.shape[1],
+        "intermediate_size": 48,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 77,
+        "bos_token_id": table.shape[0] - 2,
+        "eos_token_id": table.shape[0] - 1,
+        "pad_token_id": table.shape[0] - 1,
+    }
+    torch.manual_seed(5)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=tiny.VISION, projection_dim=16))
+    with torch.no_grad():
+        model.text_model.embeddings.token_embedding.weight.copy_(table)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _implant(sd_model, tmp_path, **extra):
+    import json
+
+    jobs = JobManager()
+    request = ObjectRequest(
+        image=_image(),
+        name="pair",
+        tokens=["<mug1>", "<cup2>"],
+        classes=["mug", "cup"],
+        masks=_halves(),
+        **FAST,
+        **extra,
+    )
+    with fake_modules(sd_model):
+        job = jobs.begin("objects")
+        jobs.run(job, lambda j: train_on_loaded_model(jobs, j, request, tmp_path, A1111Applier()))
+    assert job.status == "done", job.error
+    card = json.loads((tmp_path / "pair.json").read_text())
+    return "\n".join(job.log), card
+
+
+def test_object_job_uses_the_tower_the_setting_points_to(tmp_path):
+    sd_model = FakeSdModel()
+    folder = _webui_tower(sd_model, tmp_path / "tower")
+    log, card = _implant(sd_model, tmp_path / "out", clip=str(folder))
+    assert "prototypical embedding (clip_l) from CLIP image tower" in log
+    assert "<mug1>: prototypical embedding (clip_l), cosine to the prototype" in log
+    assert "fell back" not in log
+    assert f"prototypical embedding (clip_l) from CLIP image tower {folder}" in card["notes"]
+
+
+def test_object_job_auto_finds_an_image_encoder_folder(tmp_path, monkeypatch):
+    sd_model = FakeSdModel()
+    _webui_tower(sd_model, tmp_path / "models" / "clip_vision" / "mine")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    log, card = _implant(sd_model, tmp_path / "out", clip_dirs=(str(tmp_path / "models"),))
+    assert "found automatically" in log and "prototypical embedding (clip_l)" in card["notes"]
+
+
+def test_object_job_falls_back_to_the_class_word_and_says_why(tmp_path, monkeypatch):
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    sd_model = FakeSdModel()
+    other = FakeSdModel(seed=1)  # a CLIP whose text tower is not the loaded encoder
+    _webui_tower(other, tmp_path / "models" / "clip_vision" / "other")
+    log, card = _implant(sd_model, tmp_path / "out", clip_dirs=(str(tmp_path / "models"),))
+    assert "fell back to the class word" in log and "fell back to the class word" in card["notes"]
+    assert "is not the loaded clip_l" in log  # the reason the found tower was not used
+
+
+def test_a_tower_setting_that_is_no_folder_is_refused(tmp_path):
+    with pytest.raises(InputError, match="is not a folder"):
+        ObjectRequest(
+            image=_image(), name="x", tokens=["<a1>"], classes=["mug"], clip=str(tmp_path / "no")
+        ).validate(tmp_path)
+    with pytest.raises(InputError, match="clip_dirs"):
+        ObjectRequest.from_dict({"image": None, "name": "x", "clip_dirs": ["/"]})

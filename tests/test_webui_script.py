@@ -371,6 +371,22 @@ def test_object_tab_train_button(glue):
     assert "already exist" in out[2]  # same name, no overwrite: refused before training
 
 
+def test_object_tab_uses_the_clip_tower_setting(glue):
+    from .test_webui_objects_a1111 import _webui_tower
+
+    opts = glue.fakes["modules.shared"].opts
+    assert "ostaf_clip_tower" in glue.fakes["modules.shared"].options_templates
+    opts.ostaf_sweep, opts.ostaf_preview_steps = "0", 1
+    left = Image.new("L", (64, 64), 0)
+    left.paste(255, (0, 0, 32, 64))
+    drawn = {"image": disc_image(), "mask": left.convert("RGBA")}
+    opts.ostaf_clip_tower = str(_webui_tower(glue.sd_model, glue.dir / "tower"))
+    _, log, card = glue.m._object_ui(*_object_args("proto", ("<mug1>", "mug", drawn, None)))
+    assert "prototypical embedding (clip_l) from CLIP image tower" in log, (log, card)
+    notes = json.loads((glue.dir / "proto.json").read_text())["notes"]
+    assert "prototypical embedding (clip_l)" in notes
+
+
 def test_auto_masks_button(glue):
     overlays, note, first, *_ = glue.m._auto_masks_ui(disc_image(), "<mug1>", "", "")
     assert len(overlays) == 1 and "check" in note

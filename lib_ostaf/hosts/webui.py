@@ -71,12 +71,15 @@ def make_embedding(
 class WebuiText:
     """A WebUI text encoder as a ``TextEncoder`` (hosts/base.py): subclasses give the token
     ids of a text (:meth:`ids`) and its rows of the input-embedding table (:meth:`rows`).
-    A WebUI loads no CLIP image tower, so there is no pooled feature (class-word init)."""
+    There is no pooled feature here (``has_pooled``): the prototypical embedding takes it
+    from a full CLIPModel's own text tower when its token rows are this encoder's
+    (``objects.ClipTower.match``), else the class word is used."""
 
     key: str
     width: int
     model: torch.nn.Module  # frozen by the trainer
     projection_dim: int | None = None
+    has_pooled = False
 
     def ids(self, text: str) -> list[int]:
         raise NotImplementedError
