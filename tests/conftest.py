@@ -56,3 +56,13 @@ def disc_image(size: int = 64) -> Image.Image:
     r = size * 15 // 64
     img[(x - size * 30 // 64) ** 2 + (y - size * 34 // 64) ** 2 < r**2] = (200, 30, 30)
     return Image.fromarray(img)
+
+
+@pytest.fixture(autouse=True)
+def _no_machine_hf_cache(monkeypatch):
+    """Tower auto-detection never sees this machine's Hugging Face cache (tests that want
+    a cache pass ``env=`` explicitly)."""
+    from lib_ostaf import towers
+
+    real = towers.hf_cache_dirs
+    monkeypatch.setattr(towers, "hf_cache_dirs", lambda env=None: real(env) if env else [])
