@@ -180,12 +180,12 @@ def per_sample(judge, ref: Reference, images: torch.Tensor, prompt_idx: list[int
     out = judge(images)
     pred = {k: [judges.HEADS[k][i] for i in out[k].argmax(1).tolist()] for k in out}
     rows: dict[str, list] = {m: [] for m in METRICS}
+    builtin = ref.colour is not None  # judge classes exist only for the built-in references
     for j, i in enumerate(prompt_idx):
         mask = judges.foreground(images[j])
         rows["iou"].append(judges.iou(judges.normalised(mask), ref_shape))
         rows["gram"].append(judges.gram_distance(judges.gram(judge, images[j], mask), ref_gram))
         rows["colour"].append(colour_distance(colour_histogram(images[j], mask), ref_hist))
-        builtin = ref.colour is not None
         rows["p_new_shape"].append(float(pred["shape"][j] == world.NEW_SHAPE) if builtin else None)
         rows["p_new_texture"].append(
             float(pred["texture"][j] == world.NEW_TEXTURE) if builtin else None

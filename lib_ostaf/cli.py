@@ -74,15 +74,17 @@ def lambda_sweep(
     ``embeddings``: the adapter's tokens. Object tokens stay on at every λ (λ scales the
     LoRA); an attribute adapter's learned placeholder is scaled with λ as ΔW is."""
     cells = []
+    extra = {
+        lam: {"embeddings": scaled_embeddings(adapter, embeddings, lam, host.text_encoders)}
+        if embeddings
+        else {}
+        for lam in lambdas
+    }
     try:
         for prompt in prompts:
             for lam in lambdas:
                 host.apply_adapters([(adapter, lam)])
-                extra = {}
-                if embeddings:
-                    scaled = scaled_embeddings(adapter, embeddings, lam, host.text_encoders)
-                    extra = {"embeddings": scaled}
-                cells.append(host.generate(prompt, seed=seed, steps=steps, **extra))
+                cells.append(host.generate(prompt, seed=seed, steps=steps, **extra[lam]))
     finally:
         host.apply_adapters([])
     return grid(cells, len(lambdas), [f"lambda {lam:g}" for lam in lambdas])

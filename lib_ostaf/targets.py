@@ -132,14 +132,13 @@ def default_blocks(
 
     ``attribute`` may also be a part ("encoder", "mid", "decoder") for all its blocks.
     """
+    info = _info(unet, info)
     blocks = available_blocks(unet, info)
     if attribute in PARTS:
         return tuple(b for b in blocks if block_part(b) == attribute)
     if attribute not in ATTRIBUTE_PART:
         raise InputError(f"unknown attribute {attribute!r}; valid: {', '.join(ATTRIBUTE_PART)}")
-    # levels = down blocks = up blocks; the deepest down or the first up block may lack attention
-    n_levels = 1 + max(block_sort_key(b)[1] for b in blocks if block_part(b) != "mid")
-    levels = {b: block_level(b, n_levels) for b in blocks}
+    levels = {b: block_level(b, info.num_levels) for b in blocks}
     bottleneck = max(lv for b, lv in levels.items() if block_part(b) == "encoder")
     if attribute == "shape":
         return tuple(b for b in blocks if levels[b] >= bottleneck)

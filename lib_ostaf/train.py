@@ -51,7 +51,7 @@ from .hosts.base import Host
 from .hypernet import OFFSET_NETWORKS, HypernetConfig, LayerShape
 from .images import load_image, square
 from .masks import MaskSource, load_mask, square_mask
-from .memory import NO_PRECISION, Precision, check_options, training_options
+from .memory import NO_PRECISION, Precision, ZeroGradients, check_options, training_options
 from .naming import UNetInfo, inspect_unet
 from .offsets import OffsetHooks, check_lambda
 from .targets import Target, TargetSpec, find_module, select_targets
@@ -322,8 +322,6 @@ def run_steps(
     more than :data:`MAX_SKIPPED` of them stop the run with :class:`TrainingDiverged`, and
     so do all-zero gradients (:class:`~lib_ostaf.memory.ZeroGradients`).
     """
-    from .memory import ZeroGradients  # here: train.py's imports are being edited elsewhere
-
     total = first + steps if total is None else total
     losses: list[float] = []
     skipped = 0
@@ -401,7 +399,8 @@ def train_attribute(
         latents = torch.cat([host.encode_image(v) for v in views]).float().cpu()
         empty = host.encode_prompt("") if config.caption_dropout > 0 else None
     token = Placeholder(host, config)
-    cond = token.cond()
+    with torch.no_grad():
+        cond = token.cond()  # for the probe before training
 
     n_train = len(host.alphas_cumprod)
     t_lo, t_hi = (round(f * (n_train - 1)) for f in config.timesteps)
@@ -455,7 +454,11 @@ def train_attribute(
                 )
             with torch.no_grad():
                 check_finite_factors(network())
-                check_finite_factors({k: (v[0], v[0]) for k, v in token.current().items()})
+                if not finite(*token.vectors):
+                    raise TrainingDiverged(
+                        "training diverged: the learned token vector is not finite; lower "
+                        "token_lr. Nothing was written."
+                    )
                 cond = token.cond()
             after = _probe_loss(host, network, hooks, probe, cond)
             check_finite_probe([after])
@@ -494,13 +497,10 @@ class Placeholder:
         self.vectors: list[torch.nn.Parameter] = []
         self.encoders: list[torch.nn.Module] = []
         self._start: tuple[torch.Tensor, ...] = ()
-        if config.token_lr_ <= 0:
-            with torch.no_grad():
-                self._fixed = host.encode_prompt(config.training_prompt)
-            return
         encoders = list(getattr(host, "text_encoders", None) or [])
-        if not encoders:
+        if config.token_lr_ > 0 and not encoders:
             log.warning("this host cannot learn a token vector; training the offsets only")
+        if config.token_lr_ <= 0 or not encoders:
             with torch.no_grad():
                 self._fixed = host.encode_prompt(config.training_prompt)
             return
