@@ -4,6 +4,8 @@
 # callbacks are registered from this file's body so "Reload UI" re-registers them.
 
 import html
+import inspect
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,6 +48,30 @@ GRADIO4 = int(str(getattr(gr, "__version__", "3")).split(".")[0]) >= 4
 FORGE = forge.is_forge()  # one codebase: Forge gets its own host/applier (research §8.7)
 HOST = forge if FORGE else a1111
 STATE = HOST.webui_state()  # survives "Reload UI" (lives in lib_ostaf, not in this file)
+
+
+def wire(fn, components: dict) -> list:
+    """The ``inputs`` of an event that calls ``fn``: ``components[name]`` for each parameter
+    of ``fn``, in the signature's order, so the list cannot drift from the function (the
+    rule: every ``.click``/``.change`` builds its inputs this way). A ``*args`` parameter
+    takes a list of components under its own name. Pass the plain function, not a wrapper:
+    ``wire(_train_ui, …)`` beside ``fn=wrap_gradio_gpu_call(_train_ui)``. A parameter
+    without a component, or a component without a parameter, is an error at UI build."""
+    params = inspect.signature(fn).parameters.values()
+    fed = [p for p in params if p.kind not in (p.KEYWORD_ONLY, p.VAR_KEYWORD)]
+    missing = [p.name for p in fed if p.name not in components]
+    unused = sorted(set(components) - {p.name for p in fed})
+    if missing or unused:
+        raise ValueError(
+            f"wire({fn.__name__}): no component for {missing}, no parameter for {unused}"
+        )
+    inputs = []
+    for p in fed:
+        if p.kind is p.VAR_POSITIONAL:
+            inputs += components[p.name]
+        else:
+            inputs.append(components[p.name])
+    return inputs
 
 
 # --------------------------------------------------------------------------- settings
@@ -226,11 +252,7 @@ class OstafScript(scripts.Script):
                 slots += [name, lam]
             refresh = gr.Button("Refresh adapter list", elem_id=self.elem_id("ostaf_refresh"))
         names = slots[0::2]
-        refresh.click(
-            fn=lambda: [gr.update(choices=[activation.NONE_CHOICE, *REGISTRY.names()])] * N_SLOTS,
-            inputs=[],
-            outputs=names,
-        )
+        refresh.click(fn=_refresh_names, inputs=wire(_refresh_names, {}), outputs=names)
         self.infotext_fields = [(enabled, _paste_enabled)] + [
             (slots[j], _paste_slot(j // 2, j % 2)) for j in range(len(slots))
         ]
@@ -262,6 +284,10 @@ class OstafScript(scripts.Script):
         # Forge only: patch a clone of forge_objects.unet (Forge resets it before each call)
         if FORGE:
             _report(p, APPLIER.patch_unet(p))
+
+
+def _refresh_names():
+    return [gr.update(choices=[activation.NONE_CHOICE, *REGISTRY.names()])] * N_SLOTS
 
 
 def _report(p, messages):
@@ -444,12 +470,18 @@ def _interrupt_ui():
     JOBS.interrupt()  # our job's own stop flag: never the WebUI's running generation
 
 
+def _object_settings(
+    steps, embedding_steps, rank, lr, embedding_lr, class_weight, background_weight, seed,
+    default_lambda, resolution, preview_every, overwrite, precision="auto", checkpointing="auto",
+):  # fmt: skip
+    """The Object sub-tab's values after its slots, by name: this signature is their order."""
+    return types.SimpleNamespace(**locals())
+
+
 def _object_ui(id_task, image, name, *values):
-    """The Object implantation sub-tab's Train: one (token, class, drawing, file) per slot."""
-    slots, rest = values[: 4 * OBJECT_SLOTS], values[4 * OBJECT_SLOTS :]
-    (steps, embedding_steps, rank, lr, embedding_lr, class_weight, background_weight) = rest[:7]
-    seed, default_lambda, resolution, preview_every, overwrite = rest[7:12]
-    precision, checkpointing = (*rest[12:14], "auto", "auto")[:2]
+    """The Object implantation sub-tab's Train. ``values``: (token, class, drawing, file) for
+    each slot, then the parameters of :func:`_object_settings` in its order."""
+    slots, s = values[: 4 * OBJECT_SLOTS], _object_settings(*values[4 * OBJECT_SLOTS :])
     try:
         tokens, classes, masks = [], [], []
         for i in range(OBJECT_SLOTS):
@@ -465,16 +497,21 @@ def _object_ui(id_task, image, name, *values):
             tokens=tokens,
             classes=classes,
             masks=masks if any(m is not None for m in masks) else [],
-            steps=int(steps),
-            embedding_steps=int(embedding_steps),
-            rank=int(rank),
-            lr=float(lr),
-            embedding_lr=float(embedding_lr),
-            class_weight=float(class_weight),
-            background_weight=float(background_weight),
-            seed=int(seed),
+            steps=int(s.steps),
+            embedding_steps=int(s.embedding_steps),
+            rank=int(s.rank),
+            lr=float(s.lr),
+            embedding_lr=float(s.embedding_lr),
+            class_weight=float(s.class_weight),
+            background_weight=float(s.background_weight),
+            seed=int(s.seed),
             **_run_settings(
-                default_lambda, resolution, overwrite, preview_every, precision, checkpointing
+                s.default_lambda,
+                s.resolution,
+                s.overwrite,
+                s.preview_every,
+                s.precision,
+                s.checkpointing,
             ),
         )
     except (OstafError, ValueError, TypeError) as e:
@@ -610,20 +647,43 @@ def _object_tab():
                      precision, checkpointing, log, gallery]  # fmt: skip
     for component in shared_labels:
         component.do_not_save_to_config = True
-    # the drawing canvases start from the uploaded image: only the strokes need drawing
-    image.change(fn=lambda im: [im] * OBJECT_SLOTS, inputs=[image], outputs=editors)
-    auto.click(fn=_auto_masks_ui, inputs=[image, *tokens], outputs=[gallery, result, *files])
+    image.change(
+        fn=_image_to_editors, inputs=wire(_image_to_editors, {"image": image}), outputs=editors
+    )
+    auto.click(
+        fn=_auto_masks_ui,
+        inputs=wire(_auto_masks_ui, {"image": image, "tokens": tokens}),
+        outputs=[gallery, result, *files],
+    )
+    settings = {
+        "steps": steps,
+        "embedding_steps": embedding_steps,
+        "rank": rank,
+        "lr": lr,
+        "embedding_lr": embedding_lr,
+        "class_weight": class_weight,
+        "background_weight": background_weight,
+        "seed": seed,
+        "default_lambda": default_lambda,
+        "resolution": resolution,
+        "preview_every": preview_every,
+        "overwrite": overwrite,
+        "precision": precision,
+        "checkpointing": checkpointing,
+    }
+    values = [*slots, *wire(_object_settings, settings)]
     train.click(
         fn=call_queue.wrap_gradio_gpu_call(_object_ui, extra_outputs=[[], ""]),
         _js="ostaf_start_implant",
-        inputs=[
-            dummy, image, name, *slots, steps, embedding_steps, rank, lr, embedding_lr,
-            class_weight, background_weight, seed, default_lambda, resolution, preview_every,
-            overwrite, precision, checkpointing,
-        ],
+        inputs=wire(_object_ui, {"id_task": dummy, "image": image, "name": name, "values": values}),
         outputs=[gallery, log, result],
-    )  # fmt: skip
-    interrupt.click(fn=_interrupt_ui, inputs=[], outputs=[])
+    )
+    interrupt.click(fn=_interrupt_ui, inputs=wire(_interrupt_ui, {}), outputs=[])
+
+
+def _image_to_editors(image):
+    """The drawing canvases start from the uploaded image: only the strokes need drawing."""
+    return [image] * OBJECT_SLOTS
 
 
 def _ui_tab():
@@ -728,35 +788,36 @@ def _attribute_tab():
             gallery = _result_gallery("ostaf_gallery")
             log = gr.Textbox(label="Log", lines=6, interactive=False, elem_id="ostaf_log")
             result = gr.HTML(elem_id="ostaf_result")
+    inputs = {
+        "id_task": dummy,
+        "image": image,
+        "attribute": attribute,
+        "name": name,
+        "token": token,
+        "prompt": prompt,
+        "steps": steps,
+        "rank": rank,
+        "lr": lr,
+        "seed": seed,
+        "network": network,
+        "include_mid": include_mid,
+        "attn": attn,
+        "proj": proj,
+        "blocks": blocks,
+        "default_lambda": default_lambda,
+        "resolution": resolution,
+        "preview_every": preview_every,
+        "overwrite": overwrite,
+        "precision": precision,
+        "checkpointing": checkpointing,
+    }
     train.click(
         fn=call_queue.wrap_gradio_gpu_call(_train_ui, extra_outputs=[[], ""]),
         _js="ostaf_start_training",
-        inputs=[
-            dummy,
-            image,
-            attribute,
-            name,
-            token,
-            prompt,
-            steps,
-            rank,
-            lr,
-            seed,
-            network,
-            include_mid,
-            attn,
-            proj,
-            blocks,
-            default_lambda,
-            resolution,
-            preview_every,
-            overwrite,
-            precision,
-            checkpointing,
-        ],
+        inputs=wire(_train_ui, inputs),
         outputs=[gallery, log, result],
     )
-    interrupt.click(fn=_interrupt_ui, inputs=[], outputs=[])
+    interrupt.click(fn=_interrupt_ui, inputs=wire(_interrupt_ui, {}), outputs=[])
 
 
 def _result_gallery(elem_id):
