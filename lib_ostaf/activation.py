@@ -8,13 +8,14 @@ A problem never stops the generation: the adapter is skipped and the message say
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
-from .adapter_file import AdapterFile, sd_version_label
+from .adapter_file import AdapterFile, LoraModule, sd_version_label
 from .errors import OstafError
 from .offsets import check_lambda
-from .prompt_tags import AdapterRequest, format_infotext, request_from_items
+from .parts import part_names, split_by_part
+from .prompt_tags import AdapterRequest, Dials, format_infotext, request_from_items
 from .registry import AdapterRegistry, preferred_weight
 
 NONE_CHOICE = "None"
@@ -24,13 +25,34 @@ NONE_CHOICE = "None"
 class PlannedAdapter:
     name: str
     adapter: AdapterFile
-    weight: float
+    weight: float  # λ; also the default of every part the dials leave out
     short_hash: str
+    dials: Dials = field(default_factory=Dials)
 
     @property
     def identity(self) -> tuple[object, ...]:
         """Names the file's content: a retrained file of the same name differs."""
         return (*self.adapter.identity, self.short_hash)
+
+    def part_weight(self, part: str) -> float:
+        return self.dials.part_weight(part, self.weight)
+
+    def groups(self) -> list[tuple[str, dict[str, LoraModule], float]]:
+        """``[(part, {kohya key: module}, λ_part)]``: what to merge, W + Σ λ_part·ΔW_part."""
+        return split_by_part(self.adapter, dict(self.dials.parts), self.weight)
+
+    @property
+    def split(self) -> bool:
+        """True when the parts are weighed apart (else one λ for the whole file)."""
+        return any(w != self.weight for _, _, w in self.groups())
+
+    @property
+    def token_weight(self) -> float:
+        """λ of an attribute's learned token: its appearance or style part's, else the
+        file's λ (a shape part learns no token)."""
+        names = part_names(self.adapter)
+        token_part = next((p for p in ("appearance", "style") if p in names), None)
+        return self.weight if token_part is None else self.part_weight(token_part)
 
 
 @dataclass
@@ -39,21 +61,24 @@ class Plan:
     messages: list[str] = field(default_factory=list)
 
     def infotext(self) -> str:
-        return format_infotext((a.name, a.weight, a.short_hash) for a in self.adapters)
+        return format_infotext((a.name, a.weight, a.short_hash, a.dials) for a in self.adapters)
 
     @property
     def key(self) -> tuple[object, ...]:
-        return tuple((a.identity, a.weight) for a in self.adapters)
+        return tuple((a.identity, a.weight, a.dials) for a in self.adapters)
 
 
 def requests_for(
     tag_items: Sequence[Sequence[str]],
-    ui: Sequence[tuple[str, object]] = (),
+    ui: Sequence[tuple[str, object] | tuple[str, object, str]] = (),
     *,
     xyz_adapter: str | None = None,
     xyz_lambda: float | None = None,
+    xyz_parts: Mapping[str, float] | None = None,
 ) -> tuple[list[AdapterRequest], list[str]]:
-    """Parse tags and accordion picks into requests (bad ones become messages)."""
+    """Parse tags and accordion picks (name, λ[, dials text "shape=0.6:end=0.8"]) into
+    requests (bad ones become messages). X/Y/Z values override every request's λ
+    (``xyz_lambda``) or one part's λ (``xyz_parts``)."""
     requests: list[AdapterRequest] = []
     messages: list[str] = []
     for items in tag_items:
@@ -61,19 +86,28 @@ def requests_for(
             requests.append(request_from_items(items, "tag"))
         except OstafError as e:
             messages.append(f"OSTAF: {e}; the tag is ignored.")
-    for name, weight in ui:
+    for name, weight, *dials in ui:
         if not name or name == NONE_CHOICE:
             continue
         try:
-            requests.append(AdapterRequest(str(name), check_lambda(weight), "ui"))
+            items = [str(name), str(check_lambda(weight))]
+            items += [d for d in str(dials[0] if dials else "").split(":") if d.strip()]
+            requests.append(request_from_items(items, "ui"))
         except OstafError as e:
             messages.append(f"OSTAF: {name}: {e}; skipped.")
     if xyz_adapter and xyz_adapter != NONE_CHOICE:
         requests.append(AdapterRequest(xyz_adapter, None, "xyz"))
     if xyz_lambda is not None:
         lam = check_lambda(xyz_lambda)
-        requests = [AdapterRequest(r.name, lam, r.source) for r in requests]
+        requests = [replace(r, weight=lam) for r in requests]
+    for part, lam in (xyz_parts or {}).items():
+        requests = [_with_part(r, part, check_lambda(lam)) for r in requests]
     return requests, messages
+
+
+def _with_part(request: AdapterRequest, part: str, weight: float) -> AdapterRequest:
+    parts = dict(request.dials.parts) | {part: weight}
+    return replace(request, dials=replace(request.dials, parts=tuple(parts.items())))
 
 
 def plan_generation(
@@ -101,7 +135,13 @@ def plan_generation(
             )
             continue
         weight = entry_weight if req.weight is None else req.weight
-        planned = PlannedAdapter(req.name, adapter, weight, short)
+        dials, unknown = _known_parts(req.dials, part_names(adapter))
+        if unknown:
+            plan.messages.append(
+                f"OSTAF: {req.name} has no {', '.join(unknown)} part "
+                f"(its parts: {', '.join(part_names(adapter)) or 'none recorded'}); ignored."
+            )
+        planned = PlannedAdapter(req.name, adapter, weight, short, dials)
         if req.name in by_name:
             plan.messages.append(f"OSTAF: {req.name} is asked for twice; using λ={weight:g}.")
             plan.adapters[by_name[req.name]] = planned
@@ -109,6 +149,13 @@ def plan_generation(
         by_name[req.name] = len(plan.adapters)
         plan.adapters.append(planned)
     return plan
+
+
+def _known_parts(dials: Dials, parts: Sequence[str]) -> tuple[Dials, list[str]]:
+    """``dials`` keeping only the parts the file has, and the names of the others."""
+    unknown = [p for p, _ in dials.parts if p not in parts]
+    kept = tuple((p, w) for p, w in dials.parts if p in parts)
+    return replace(dials, parts=kept), unknown
 
 
 def _default_weight(registry: AdapterRegistry, name: str, adapter: AdapterFile) -> float:

@@ -3,6 +3,11 @@
 Host-agnostic: A1111 and Forge hand the tag's arguments over already split on ``:`` (their
 ``ExtraNetworkParams.items``); this module turns them into :class:`AdapterRequest`s and
 formats / parses what goes into the image's generation parameters.
+
+After the name and the optional λ come the *dials*, ``key=value`` items in any order:
+a λ per part (``shape=0.6``, ``appearance=1.2``: :mod:`lib_ostaf.parts`) and a step
+schedule (``start=0.2``, ``end=0.8``: fractions of the sampling steps). Example:
+``<ostaf:cat:1:shape=0.6:appearance=1.2:start=0.2:end=0.8>``.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from .augment import ATTRIBUTES
 from .errors import InputError
 from .offsets import check_lambda
 
@@ -19,8 +25,55 @@ INFOTEXT_KEY = "OSTAF"
 # Same shape as the WebUI's extra-network regex, restricted to our network name.
 TAG_RE = re.compile(r"<ostaf:([^>]+)>", re.IGNORECASE)
 _INFOTEXT_ENTRY = re.compile(
-    r"^\s*(?P<name>[^:,]+?)\s*:\s*(?P<weight>[^\s,()]+)\s*(?:\((?P<hash>[0-9a-fA-F]{1,64})\))?\s*$"
+    r"^\s*(?P<name>[^:,]+?)\s*:\s*(?P<args>[^\s,()]+)\s*(?:\((?P<hash>[0-9a-fA-F]{1,64})\))?\s*$"
 )
+SCHEDULE_KEYS = ("start", "end")
+
+
+@dataclass(frozen=True)
+class Dials:
+    """What a request sets beyond λ: a λ per part and the steps it acts on."""
+
+    parts: tuple[tuple[str, float], ...] = ()  # (part, λ), in the order given
+    start: float = 0.0  # fraction of the sampling steps where the adapter switches on
+    end: float = 1.0  # … and off
+
+    @property
+    def scheduled(self) -> bool:
+        return (self.start, self.end) != (0.0, 1.0)
+
+    def part_weight(self, part: str, default: float) -> float:
+        return dict(self.parts).get(part, default)
+
+    @property
+    def items(self) -> list[str]:
+        """As tag items: ``["shape=0.6", "start=0.2"]`` (defaults left out)."""
+        out = [f"{p}={format_weight(w)}" for p, w in self.parts]
+        out += [f"start={format_weight(self.start)}"] if self.start != 0.0 else []
+        return out + ([f"end={format_weight(self.end)}"] if self.end != 1.0 else [])
+
+    @classmethod
+    def parse(cls, items: Sequence[str]) -> Dials:
+        """``["shape=0.6", "end=0.8"]`` → Dials; InputError names the bad item."""
+        values: dict[str, float] = {}
+        for item in items:
+            key, eq, value = (x.strip() for x in str(item).partition("="))
+            key = key.lower()
+            if not eq or key not in (*ATTRIBUTES, *SCHEDULE_KEYS):
+                raise InputError(
+                    f"{item!r} is not a dial; use part=λ ({', '.join(ATTRIBUTES)}) or "
+                    "start=/end= (fractions of the sampling steps)"
+                )
+            if key in values:
+                raise InputError(f"{key} is given twice")
+            try:
+                values[key] = check_lambda(value)
+            except InputError:
+                raise InputError(f"{key} must be a number, got {value!r}") from None
+        start, end = values.pop("start", 0.0), values.pop("end", 1.0)
+        if not 0.0 <= start < end <= 1.0:
+            raise InputError(f"start/end must satisfy 0 ≤ start < end ≤ 1, got {start:g}/{end:g}")
+        return cls(tuple(values.items()), start, end)
 
 
 @dataclass(frozen=True)
@@ -30,23 +83,32 @@ class AdapterRequest:
     name: str
     weight: float | None  # None: the file's preferred weight
     source: str = "tag"  # "tag" | "ui" | "xyz"
+    dials: Dials = Dials()
 
 
 def request_from_items(items: Sequence[str], source: str = "tag") -> AdapterRequest:
-    """``["name"]`` or ``["name", "0.8"]`` (a tag's arguments) → request; InputError if bad."""
+    """``["name"]``, ``["name", "0.8"]``, ``["name", "0.8", "shape=0.5", "end=0.6"]`` (a tag's
+    arguments) → request; InputError if bad."""
     parts = [str(x).strip() for x in items]
     shown = "<ostaf:" + ":".join(parts) + ">"
     if not parts or not parts[0]:
         raise InputError(f"{shown}: the tag needs an adapter name, e.g. <ostaf:my_style:0.8>")
-    if len(parts) > 2:
-        raise InputError(f"{shown}: expected <ostaf:name> or <ostaf:name:λ>")
+    if "=" in parts[0]:
+        raise InputError(f"{shown}: the adapter name comes first, e.g. <ostaf:name:1:shape=0.6>")
+    rest = parts[1:]
     weight = None
-    if len(parts) == 2 and parts[1]:
-        try:
-            weight = check_lambda(parts[1])
-        except InputError:
-            raise InputError(f"{shown}: λ must be a number, got {parts[1]!r}") from None
-    return AdapterRequest(parts[0], weight, source)
+    if rest and "=" not in rest[0]:
+        if rest[0]:
+            try:
+                weight = check_lambda(rest[0])
+            except InputError:
+                raise InputError(f"{shown}: λ must be a number, got {rest[0]!r}") from None
+        rest = rest[1:]
+    try:
+        dials = Dials.parse(rest)
+    except InputError as e:
+        raise InputError(f"{shown}: {e}") from None
+    return AdapterRequest(parts[0], weight, source, dials)
 
 
 def find_tags(text: str) -> list[str]:
@@ -71,32 +133,45 @@ def format_weight(weight: float) -> str:
     return "0" if text in ("-0", "") else text
 
 
-def format_tag(name: str, weight: float | None = None) -> str:
-    return f"<ostaf:{name}>" if weight is None else f"<ostaf:{name}:{format_weight(weight)}>"
+def format_tag(name: str, weight: float | None = None, dials: Dials = Dials()) -> str:
+    items = [name] if weight is None else [name, format_weight(weight)]
+    if dials.items and weight is None:
+        items.append("")  # <ostaf:name::shape=0.5>: the file's preferred λ, then dials
+    return "<ostaf:" + ":".join(items + dials.items) + ">"
 
 
-def format_infotext(entries: Iterable[tuple[str, float, str | None]]) -> str:
-    """``[(name, λ, short hash)]`` → ``"name:λ (hash), name2:λ2 (hash2)"``."""
+def format_infotext(
+    entries: Iterable[tuple[str, float, str | None] | tuple[str, float, str | None, Dials]],
+) -> str:
+    """``[(name, λ, short hash[, dials])]`` → ``"name:λ (hash), name2:λ2:shape=0.5 (hash2)"``."""
     out = []
-    for name, weight, short in entries:
-        item = f"{name}:{format_weight(weight)}"
+    for name, weight, short, *rest in entries:
+        dials = rest[0] if rest else Dials()
+        item = ":".join([name, format_weight(weight), *dials.items])
         out.append(f"{item} ({short})" if short else item)
     return ", ".join(out)
 
 
-def parse_infotext(text: str) -> list[tuple[str, float, str | None]]:
-    """Inverse of :func:`format_infotext`; malformed entries are skipped."""
-    out: list[tuple[str, float, str | None]] = []
+def parse_infotext_dials(text: str) -> list[tuple[str, float, str | None, Dials]]:
+    """Inverse of :func:`format_infotext`, dials included; malformed entries are skipped."""
+    out: list[tuple[str, float, str | None, Dials]] = []
     for part in (text or "").split(","):
         m = _INFOTEXT_ENTRY.match(part)
         if not m:
             continue
         try:
-            weight = check_lambda(m["weight"])
+            req = request_from_items([m["name"], *m["args"].split(":")])
         except InputError:
             continue
-        out.append((m["name"], weight, m["hash"].lower() if m["hash"] else None))
+        if req.weight is None:
+            continue
+        out.append((req.name, req.weight, m["hash"].lower() if m["hash"] else None, req.dials))
     return out
+
+
+def parse_infotext(text: str) -> list[tuple[str, float, str | None]]:
+    """``[(name, λ, short hash)]`` of an infotext field (see :func:`parse_infotext_dials`)."""
+    return [(name, weight, short) for name, weight, short, _ in parse_infotext_dials(text)]
 
 
 def tag_names(prompt: str) -> set[str]:
@@ -110,15 +185,15 @@ def tag_names(prompt: str) -> set[str]:
     return names
 
 
-def untagged_from_infotext(params: dict[str, object]) -> list[tuple[str, float]]:
+def untagged_from_infotext(params: dict[str, object]) -> list[tuple[str, float, Dials]]:
     """Adapters listed in an infotext's ``OSTAF`` field but not as tags in its prompt.
 
     Those were picked in the script's accordion; pasting them back there (and not the
     tagged ones, which the pasted prompt already applies) reproduces the image.
     """
-    listed = parse_infotext(str(params.get(INFOTEXT_KEY, "") or ""))
+    listed = parse_infotext_dials(str(params.get(INFOTEXT_KEY, "") or ""))
     tagged = tag_names(str(params.get("Prompt", "") or ""))
-    return [(name, weight) for name, weight, _ in listed if name not in tagged]
+    return [(name, weight, dials) for name, weight, _, dials in listed if name not in tagged]
 
 
 def strip_negative_tags(p: object) -> list[str]:

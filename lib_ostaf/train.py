@@ -54,6 +54,7 @@ from .masks import MaskSource, load_mask, square_mask
 from .memory import NO_PRECISION, Precision, ZeroGradients, check_options, training_options
 from .naming import UNetInfo, inspect_unet
 from .offsets import OffsetHooks, check_lambda
+from .parts import PART_SEPARATOR, attribute_parts, parts_table
 from .targets import Target, TargetSpec, find_module, select_targets
 
 # "{token}" is replaced by the placeholder word. Reasons in docs/method.md.
@@ -61,6 +62,9 @@ DEFAULT_PROMPTS = {
     "shape": "a photo of a {token} shaped object",
     "appearance": "a photo of a {token} textured object",
     "style": "a painting in {token} style",
+    # two parts: each trains on its own prompt above; this one is for previews and cards
+    "shape+appearance": "a photo of a {token} object",
+    "shape+style": "a painting of a {token} object",
 }
 # Appearance and style are fine detail: trained on the less noisy half of the schedule,
 # where that detail is decided (measured on tiny-world, docs/results.md).
@@ -72,6 +76,10 @@ ATTRIBUTE_TOKEN_LR = {"shape": 0.0, "appearance": 5e-3, "style": 5e-3}
 # needs a gentler rate than shape (measured on tiny-world, docs/results.md).
 ATTRIBUTE_LR = {"shape": 3e-3, "appearance": 1e-3, "style": 1e-3}
 TOKEN_INIT = "object"  # the word the placeholder vector starts from (λ = 0 gives it back)
+# Two attributes of one image in one file: parts on disjoint blocks, each trained as it is
+# alone, the token-learning part first (docs/method.md "Both parts from one image").
+COMBINED = ("shape+appearance", "shape+style")
+ATTRIBUTE_CHOICES = (*ATTRIBUTES, *COMBINED)
 TOKEN_PATTERN = re.compile(r"^[^\s<>:,()\[\]{}|\\]{1,40}$")
 
 
@@ -108,10 +116,14 @@ class AttributeConfig:
 
     def __post_init__(self) -> None:
         check_options(self.precision, self.gradient_checkpointing)
-        if self.attribute not in ATTRIBUTES:
-            raise InputError(
-                f"unknown attribute {self.attribute!r}; choose one of {', '.join(ATTRIBUTES)}"
-            )
+        if self.attribute not in ATTRIBUTE_CHOICES:
+            choices = ", ".join(ATTRIBUTE_CHOICES)
+            raise InputError(f"unknown attribute {self.attribute!r}; choose one of {choices}")
+        if self.combined:
+            if self.blocks:
+                raise InputError("blocks cannot be given for two parts at once; train them apart")
+            self.part_configs()  # each part validates itself
+            return
         _positive_int("steps", self.steps)
         _positive_int("rank", self.rank)
         _positive_int("n_views", self.n_views)
@@ -135,6 +147,23 @@ class AttributeConfig:
             raise InputError(f"token_lr must be in [0, 1), got {self.token_lr!r}")
         if not isinstance(self.caption_dropout, (int, float)) or not 0 <= self.caption_dropout < 1:
             raise InputError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
+
+    @property
+    def combined(self) -> bool:
+        """Two attributes (``shape+appearance``): one part each, in one file."""
+        return PART_SEPARATOR in self.attribute
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return attribute_parts(self.attribute)
+
+    def part_configs(self) -> list[AttributeConfig]:
+        """One config per part, the token-learning part (appearance/style) first; each
+        takes its attribute's defaults for the fields left ``None``."""
+        if not self.combined:
+            return [self]
+        order = sorted(self.parts, key=lambda a: ATTRIBUTE_TOKEN_LR[a] == 0)
+        return [replace(self, attribute=a) for a in order]
 
     @property
     def timesteps(self) -> tuple[float, float]:
@@ -195,6 +224,7 @@ class TrainResult:
     # the placeholder's learned vectors (one per text encoder) and where they started
     embeddings: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     token_init: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    parts: dict[str, str] = field(default_factory=dict)  # kohya key → attribute (ostaf.parts)
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return detached_factors(self.network)
@@ -368,9 +398,31 @@ def train_attribute(
     """Train an OSTAF adapter on one reference image. The host's model is left as found.
 
     ``mask`` marks the reference's object (None: found automatically); the views vary
-    everything outside the attribute around it (:mod:`lib_ostaf.augment`).
+    everything outside the attribute around it (:mod:`lib_ostaf.augment`). A combined
+    attribute (``shape+appearance``) trains its parts one after the other, each exactly as
+    it is alone, ``config.steps`` steps each, and returns them as one result.
     """
     callbacks = callbacks or Callbacks()
+    parts = config.part_configs()
+    total = config.steps * len(parts)
+    results = [
+        _train_part(host, image, part, callbacks, mask=mask, first=i * config.steps, total=total)
+        for i, part in enumerate(parts)
+    ]
+    return results[0] if len(results) == 1 else combine_parts(config, results)
+
+
+def _train_part(
+    host: Host,
+    image: Image.Image | str | Path,
+    config: AttributeConfig,
+    callbacks: Callbacks,
+    *,
+    mask: MaskSource | None,
+    first: int,
+    total: int,
+) -> TrainResult:
+    """One attribute's training (progress counted from ``first`` of ``total``)."""
     started = time.perf_counter()
     reference = load_image(image)
     info = inspect_unet(host.unet)
@@ -450,6 +502,8 @@ def train_attribute(
                     callbacks,
                     preview_every=config.preview_every,
                     before_preview=set_factors,
+                    first=first,
+                    total=total,
                     precision=precision,
                 )
             with torch.no_grad():
@@ -481,6 +535,43 @@ def train_attribute(
         },
         embeddings=token.current(),
         token_init=token.init(),
+        parts=dict.fromkeys((t.kohya for t in targets), config.attribute),
+    )
+
+
+class PartNetworks(torch.nn.Module):
+    """The parts' offset networks side by side (disjoint layers): one network to export."""
+
+    def __init__(self, networks: dict[str, torch.nn.Module]) -> None:
+        super().__init__()
+        self.parts = torch.nn.ModuleDict(networks)
+        first = next(iter(networks.values()))
+        self.config = first.config
+        self.layers = [layer for n in networks.values() for layer in n.layers]
+
+    def forward(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {k: f for n in self.parts.values() for k, f in n().items()}
+
+
+def combine_parts(config: AttributeConfig, results: Sequence[TrainResult]) -> TrainResult:
+    """The parts' results as one (their layers must not overlap)."""
+    keys = [t.kohya for r in results for t in r.targets]
+    if len(set(keys)) != len(keys):
+        raise InputError("the parts' blocks overlap; train them as separate adapters")
+    n = len(results)
+    return TrainResult(
+        config=config,
+        network=PartNetworks({r.config.attribute: r.network for r in results}).eval(),
+        targets=[t for r in results for t in r.targets],
+        info=results[0].info,
+        losses=[x for r in results for x in r.losses],
+        probe_loss_before=sum(r.probe_loss_before for r in results) / n,
+        probe_loss_after=sum(r.probe_loss_after for r in results) / n,
+        seconds=sum(r.seconds for r in results),
+        host_meta=results[0].host_meta,
+        embeddings={k: v for r in results for k, v in r.embeddings.items()},
+        token_init={k: v for r in results for k, v in r.token_init.items()},
+        parts={k: p for r in results for k, p in r.parts.items()},
     )
 
 
@@ -591,6 +682,7 @@ def export(
         trigger_phrase=cfg.token,
         ostaf={
             "attribute": cfg.attribute,
+            "parts": parts_table(result.parts),
             "part": sorted({t.part for t in result.targets}),
             "targets": targets,
             "rank": cfg.rank,
@@ -653,7 +745,11 @@ def export(
 
 
 def settings_record(config: AttributeConfig) -> dict[str, Any]:
-    """The settings as ``ostaf.training`` records them: the attribute's defaults resolved."""
+    """The settings as ``ostaf.training`` records them: the attribute's defaults resolved
+    (per part for a combined attribute)."""
+    if config.combined:
+        parts = {c.attribute: settings_record(c) for c in config.part_configs()}
+        return asdict(config) | {"parts": parts}
     return asdict(config) | {
         "timestep_range": list(config.timesteps),
         "lr": config.lr_,

@@ -34,7 +34,14 @@ def test_request_from_items(items, name, weight):
         (["a", "abc"], "must be a number"),
         (["a", "nan"], "number"),
         (["a", "inf"], "number"),
-        (["a", "1", "2"], "expected"),
+        (["a", "1", "2"], "not a dial"),
+        (["a", "1", "shape"], "not a dial"),
+        (["a", "1", "colour=2"], "not a dial"),
+        (["a", "1", "shape=x"], "shape must be a number"),
+        (["a", "1", "shape=1", "SHAPE=2"], "given twice"),
+        (["a", "1", "start=0.8", "end=0.2"], "0 ≤ start < end ≤ 1"),
+        (["a", "1", "end=1.5"], "0 ≤ start < end ≤ 1"),
+        (["shape=1"], "name comes first"),
     ],
 )
 def test_bad_tags(items, match):
@@ -65,8 +72,35 @@ def test_infotext_round_trip():
     assert pt.parse_infotext("garbage, x:notnum, ok:2") == [("ok", 2.0, None)]
     # what the accordion gets back: only adapters the pasted prompt does not tag already
     params = {"Prompt": "cat <ostaf:style a:0.8>", pt.INFOTEXT_KEY: text}
-    assert pt.untagged_from_infotext(params) == [("b(2)", -1.0), ("c.d+e", 1.25)]
+    assert pt.untagged_from_infotext(params) == [
+        ("b(2)", -1.0, pt.Dials()),
+        ("c.d+e", 1.25, pt.Dials()),
+    ]
     assert pt.untagged_from_infotext({"Prompt": "x"}) == []
+
+
+def test_dials_parse_format_and_round_trip():
+    r = pt.request_from_items(["cat", "1", "shape=0.6", "Appearance=1.2", "start=0.2", "end=0.8"])
+    assert (r.name, r.weight) == ("cat", 1.0)
+    assert r.dials == pt.Dials((("shape", 0.6), ("appearance", 1.2)), 0.2, 0.8)
+    assert r.dials.scheduled and r.dials.part_weight("shape", 1) == 0.6
+    assert r.dials.part_weight("style", 0.9) == 0.9  # a part left out takes λ
+    tag = pt.format_tag(r.name, r.weight, r.dials)
+    assert tag == "<ostaf:cat:1:shape=0.6:appearance=1.2:start=0.2:end=0.8>"
+    assert pt.request_from_items(pt.find_tags(tag)[0].split(":")) == r
+    # the file's preferred λ with dials: an empty positional item
+    only = pt.request_from_items(["cat", "", "end=0.5"])
+    assert only.weight is None and only.dials == pt.Dials((), 0.0, 0.5)
+    assert pt.format_tag("cat", None, only.dials) == "<ostaf:cat::end=0.5>"
+    assert pt.request_from_items(["cat", "end=0.5"]) == only  # λ may be left out entirely
+    # infotext keeps the dials; the 3-field reader stays as before
+    text = pt.format_infotext([("cat", 1.0, "abc", r.dials), ("dog", 0.5, None)])
+    assert text == "cat:1:shape=0.6:appearance=1.2:start=0.2:end=0.8 (abc), dog:0.5"
+    assert pt.parse_infotext_dials(text) == [
+        ("cat", 1.0, "abc", r.dials),
+        ("dog", 0.5, None, pt.Dials()),
+    ]
+    assert pt.parse_infotext(text) == [("cat", 1.0, "abc"), ("dog", 0.5, None)]
 
 
 def test_negative_prompt_tags_are_stripped_with_a_warning():

@@ -1,0 +1,112 @@
+"""Both parts from one image (shape+appearance) and a λ per part: training, file, plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lib_ostaf.activation import plan_generation, requests_for
+from lib_ostaf.adapter_file import load_adapter
+from lib_ostaf.errors import InputError
+from lib_ostaf.parts import module_parts, part_names, split_by_part
+from lib_ostaf.registry import AdapterRegistry
+from lib_ostaf.train import AttributeConfig, Callbacks, export, train_attribute
+
+FAST = {"steps": 3, "n_views": 2}
+
+
+@pytest.fixture(scope="module")
+def both(sd1_host, reference_image):
+    seen: list[tuple[int, int]] = []
+    callbacks = Callbacks(progress=lambda step, total, loss: seen.append((step, total)))
+    config = AttributeConfig(attribute="shape+appearance", **FAST)
+    return train_attribute(sd1_host, reference_image, config, callbacks), seen
+
+
+def test_each_part_is_trained_exactly_as_alone(sd1_host, reference_image, both):
+    result, seen = both
+    alone = {
+        a: train_attribute(sd1_host, reference_image, AttributeConfig(attribute=a, **FAST))
+        for a in ("shape", "appearance")
+    }
+    factors = result.factors()
+    for attribute, single in alone.items():
+        for key, (a, b) in single.factors().items():
+            assert torch.equal(factors[key][0], a) and torch.equal(factors[key][1], b)
+            assert result.parts[key] == attribute
+    assert len(factors) == sum(len(r.factors()) for r in alone.values())  # disjoint blocks
+    # the token is the appearance part's; shape learns none
+    assert set(result.embeddings) == {"ostafv"}
+    torch.testing.assert_close(
+        result.embeddings["ostafv"][0], alone["appearance"].embeddings["ostafv"][0]
+    )
+    # one progress count over both parts, token part first
+    assert seen == [(i, 6) for i in range(1, 7)]
+    assert [c.attribute for c in result.config.part_configs()] == ["appearance", "shape"]
+
+
+def test_file_records_the_part_of_each_module(both, tmp_path):
+    result, _ = both
+    adapter = load_adapter(export(result, tmp_path, "duo"))
+    table = json.loads(adapter.metadata["ostaf.parts"])
+    assert set(table) == {"shape", "appearance"}
+    assert sorted(k for keys in table.values() for k in keys) == sorted(adapter.modules)
+    assert module_parts(adapter) == result.parts
+    assert set(part_names(adapter)) == {"shape", "appearance"}
+    assert adapter.metadata["ostaf.attribute"] == "shape+appearance"
+    training = json.loads(adapter.metadata["ostaf.training"])
+    assert training["parts"]["shape"]["lr"] == AttributeConfig(attribute="shape").lr_
+    assert training["parts"]["appearance"]["timestep_range"] == [0.0, 0.5]
+    # still a plain kohya LoRA: every key is lora_unet_*
+    assert all(k.startswith("lora_unet_") for k in adapter.modules)
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"attribute": "appearance+style"}, "unknown attribute"),
+        ({"attribute": "shape+shape"}, "unknown attribute"),
+        ({"attribute": "shape+appearance", "blocks": ("mid_block.attentions.0",)}, "blocks"),
+        ({"attribute": "shape+appearance", "steps": 0}, "steps"),
+    ],
+)
+def test_bad_combined_config(changes, match):
+    with pytest.raises(InputError, match=match):
+        AttributeConfig(**changes)
+
+
+def test_part_weights_and_plan(both, tmp_path):
+    result, _ = both
+    export(result, tmp_path, "duo")
+    registry = AdapterRegistry(tmp_path)
+    requests, messages = requests_for(
+        [["duo", "0.5", "shape=1.5"], ["duo2", "1", "colour=1"]],
+        [("duo", 1.0, "appearance=0.25:style=2")],
+        xyz_parts={"shape": 0.75},
+    )
+    assert len(messages) == 1 and "not a dial" in messages[0]
+    plan = plan_generation(requests, registry, "sd1")
+    (planned,) = plan.adapters  # the accordion's pick replaces the tag's, with a message
+    assert any("asked for twice" in m for m in plan.messages)
+    assert any("has no style part" in m for m in plan.messages)
+    assert planned.dials.parts == (("appearance", 0.25), ("shape", 0.75))  # style dropped
+    groups = {part: (set(mods), w) for part, mods, w in planned.groups()}
+    assert groups["shape"] == ({k for k, p in result.parts.items() if p == "shape"}, 0.75)
+    assert groups["appearance"][1] == 0.25
+    assert planned.split and planned.token_weight == 0.25
+    assert "duo:1:appearance=0.25:shape=0.75 (" in plan.infotext()
+
+
+def test_a_one_attribute_file_has_one_part(sd1_host, reference_image, tmp_path):
+    single = train_attribute(sd1_host, reference_image, AttributeConfig(attribute="shape", **FAST))
+    adapter = load_adapter(export(single, tmp_path, "s"))
+    assert part_names(adapter) == ("shape",)
+    # a file written before ostaf.parts existed: its attribute is its one part
+    del adapter.metadata["ostaf.parts"]
+    assert part_names(adapter) == ("shape",)
+    groups = split_by_part(adapter, {"shape": 2.0}, 1.0)
+    assert [(p, w) for p, _, w in groups] == [("shape", 2.0)]
+    adapter.metadata.pop("ostaf.attribute")  # a plain LoRA: one group, the file's λ
+    assert [(p, w) for p, _, w in split_by_part(adapter, {"shape": 2.0}, 1.0)] == [("", 1.0)]
