@@ -286,6 +286,34 @@ def sshs_hashes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> tup
     return model_hash, legacy_hash
 
 
+def content_hashes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """The metadata keys that name the tensor bytes (header excluded): kohya's
+    ``sshs_model_hash`` / ``sshs_legacy_hash`` and ModelSpec's ``modelspec.hash_sha256``
+    (``0x`` + the same SHA-256, which is also Civitai's AutoV3)."""
+    model_hash, legacy_hash = sshs_hashes(state, metadata)
+    return {
+        "sshs_model_hash": model_hash,
+        "sshs_legacy_hash": legacy_hash,
+        "modelspec.hash_sha256": "0x" + model_hash,
+    }
+
+
+# λ range a user can expect to work: 0 is the base model, 1 the learned strength, above
+# 1 extrapolates (the README's sweeps: fidelity levels off past 1)
+LAMBDA_RANGE = (0.0, 1.5)
+
+
+def usage_hint(default_lambda: object, trigger_phrase: str = "") -> str:
+    """``modelspec.usage_hint``: the λ range, the default λ and the trigger, one line."""
+    try:
+        default = float(default_lambda)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        default = 1.0
+    lo, hi = LAMBDA_RANGE
+    hint = f"LoRA weight (λ) {lo:g} to {hi:g}, default {default:g}; 0 is the base model."
+    return hint + (f" Trigger: {trigger_phrase}." if trigger_phrase else "")
+
+
 def build_metadata(
     *,
     name: str,
@@ -350,6 +378,7 @@ def build_metadata(
     }
     if trigger_phrase:
         md["modelspec.trigger_phrase"] = trigger_phrase
+    md["modelspec.usage_hint"] = usage_hint(ostaf.get("default_lambda", 1.0), trigger_phrase)
     extra: dict[str, object] = {"version": __version__, **ostaf, "method": method}
     for key, value in extra.items():
         if not isinstance(key, str) or not key:
@@ -536,8 +565,8 @@ def save_adapter(
 ) -> Path:
     """Write a kohya LoRA ``.safetensors`` atomically; returns the path.
 
-    The stem must pass :func:`validate_name`; ``ss_output_name`` is set to it and the sshs
-    hashes are added. An existing file is refused (before any other work) unless
+    The stem must pass :func:`validate_name`; ``ss_output_name`` is set to it and the
+    :func:`content_hashes` are added. An existing file is refused (before any other work) unless
     ``overwrite``. ``dtype`` optionally casts the weights (e.g. torch.float16).
     """
     path = _target_path(path, ADAPTER_SUFFIX)
@@ -545,10 +574,10 @@ def save_adapter(
         _refuse_existing(path)
     md = _check_metadata(metadata)
     md["ss_output_name"] = path.name[: -len(ADAPTER_SUFFIX)]
-    md.pop("sshs_model_hash", None)
-    md.pop("sshs_legacy_hash", None)
+    for key in ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256"):
+        md.pop(key, None)
     state = lora_state_dict(modules, dtype)
-    md["sshs_model_hash"], md["sshs_legacy_hash"] = sshs_hashes(state, md)
+    md |= content_hashes(state, md)
     return atomic_write(path, safetensors.torch.save(state, md), overwrite=overwrite)
 
 

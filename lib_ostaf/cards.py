@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from .adapter_file import sd_version_label
+from .embeddings import file_stem
 from .prompt_tags import format_tag
 from .registry import AdapterEntry
 
@@ -44,6 +46,33 @@ def card_description(entry: AdapterEntry, *, as_html: bool) -> str:
         return f"{tags} {text}".strip()
     spans = "".join(f"<span class='ostaf-badge'>{html.escape(b)}</span>" for b in badges(entry))
     return f"{spans} {html.escape(text)}".strip()
+
+
+def trigger_forms(token: str, name: str) -> list[tuple[str, str, str]]:
+    """How each tool is told about an adapter's token and how a prompt names it:
+    ``(tool, what to load, what to write)``. The portable file is ``<stem>.safetensors``
+    (``<mug1>`` → ``mug1``); tools that take the token from the file name see the stem."""
+    stem = file_stem(token)
+    file = f"`{stem}.safetensors`"
+    return [
+        ("A1111 / Forge with sd-webui-ostaf", f"`<ostaf:{name}:λ>` (loads the tokens)", token),
+        ("A1111 built-in Lora, bundle", f"`<lora:{name}.a1111:λ>` (`implant --bundle`)", token),
+        ("A1111 / Forge / SD.Next embeddings folder", f"{file} in `embeddings/`", stem),
+        ("ComfyUI", f"{file} in `models/embeddings/`", f"embedding:{stem}"),
+        ("diffusers", f'`load_textual_inversion(…, token="{token}")`', token),
+    ]
+
+
+def trigger_notes(tokens: Sequence[str], name: str) -> str:
+    """One line per token for an A1111 card's notes: the prompt word in each tool."""
+    lines = []
+    for token in tokens:
+        forms = "; ".join(
+            f"{tool}: " + (f'token="{word}"' if tool == "diffusers" else word)
+            for tool, _, word in trigger_forms(token, name)
+        )
+        lines.append(f"Trigger {token} — {forms}.")
+    return "\n".join(lines)
 
 
 def error_html(error: object, *, interrupted: bool = False) -> str:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m lib_ostaf {train,implant,generate,sweep,demo}``."""
+"""Command line: ``python -m lib_ostaf {train,implant,generate,sweep,share,demo}``."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .adapter_file import ADAPTER_SUFFIX, AdapterFile, load_adapter
+from .adapter_file import ADAPTER_SUFFIX, PREVIEW_SUFFIX, AdapterFile, load_adapter
 from .augment import ATTRIBUTES
 from .devices import DTYPES
 from .embeddings import adapter_embeddings, load_embedding, scaled_embeddings, validate_token
@@ -236,6 +236,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--output", type=Path, default=Path("ostaf_sweep.png"))
     model_arg(s)
 
+    _share_parser(sub, model_arg)
+
     d = sub.add_parser(
         "demo", help="train on the bundled reference with the tiny model, write a λ sweep"
     )
@@ -246,6 +248,32 @@ def _parser() -> argparse.ArgumentParser:
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return parser
+
+
+def _share_parser(sub: argparse._SubParsersAction, model_arg: Callable[..., None]) -> None:
+    h = sub.add_parser(
+        "share",
+        help="write a folder ready for a model hub: LoRA, embeddings, previews, model card",
+        description="Nothing is uploaded; docs/sharing.md says how to upload the folder.",
+    )
+    h.add_argument("name", help="adapter name (file stem in --adapters-dir)")
+    h.add_argument("--out", required=True, type=Path, help="folder to write (new or empty)")
+    h.add_argument("--adapters-dir", type=Path, default=DEFAULT_OUT)
+    h.add_argument("--base-model", default=None, help="Hugging Face id for the model card")
+    h.add_argument(
+        "--sweep", action="store_true", help="render a fresh λ sweep with --model for the card"
+    )
+    h.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help="sweep row (repeatable; default: the adapter's training prompt)",
+    )
+    h.add_argument("--lambdas", default="0,0.5,1,1.5")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--steps", type=int, default=20)
+    h.add_argument("--overwrite", action="store_true", help="replace files in a non-empty --out")
+    model_arg(h)
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -306,6 +334,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "implant":
         return _implant(args)
+
+    if args.command == "share":
+        return _share(args)
 
     if args.command == "generate":
         host = _load(args)
@@ -480,6 +511,44 @@ def _implant(args: argparse.Namespace) -> int:
         print(f"object loss '{label}': {before:.4f} → {after:.4f}")
     for path in files.all():
         print(f"wrote {path}")
+    return 0
+
+
+def _share(args: argparse.Namespace) -> int:
+    """``share``: every input checked before the model loads; the sweep only on request."""
+    from .share import plan_share, preview_prompt, write_share
+
+    plan = plan_share(
+        args.adapters_dir,
+        args.name,
+        args.out,
+        base_model=args.base_model,
+        overwrite=args.overwrite,
+    )
+    if args.prompt and not args.sweep:
+        raise InputError("--prompt sets the rows of a --sweep; add --sweep")
+    sweep, prompts, lambdas = None, list(args.prompt), []
+    if args.sweep:
+        lambdas = [check_lambda(x) for x in args.lambdas.split(",") if x.strip()]
+        if not lambdas:
+            raise InputError("--lambdas needs at least one value")
+        prompts = prompts or [preview_prompt(plan.adapter)]
+        host = _load(args)
+        embeddings = adapter_embeddings(plan.adapter, host.family)
+        sweep = lambda_sweep(
+            host,
+            plan.adapter,
+            prompts,
+            lambdas,
+            seed=args.seed,
+            steps=args.steps,
+            embeddings=embeddings or None,
+        )
+    out = write_share(plan, sweep=sweep, sweep_prompts=prompts, sweep_lambdas=lambdas)
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        print(f"wrote {path}")
+    if sweep is None and not (out / (plan.name + PREVIEW_SUFFIX)).exists():
+        print("no preview picture: add --sweep to render a λ sweep for the card")
     return 0
 
 

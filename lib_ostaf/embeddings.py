@@ -345,15 +345,56 @@ def check_embeddings(embeddings: Embeddings, widths: Sequence[int], where: str =
                 )
 
 
+def embedding_files(adapter: Any) -> dict[str, Path]:
+    """token → portable embedding file of an adapter (an ``AdapterFile``) that keeps its
+    tokens beside it; ``{}`` for an adapter without tokens or with ``bundle_emb.*`` inside.
+
+    A token listed in ``ostaf.embeddings`` (paths relative to the adapter's folder) is that
+    file, else ``<name>.embeddings/<token stem>.safetensors``; a token found at neither
+    raises AdapterFileError naming both paths. Without a listing, every file in
+    ``<name>.embeddings/`` (the token is its ``ostaf.token``, else its stem).
+    """
+    md = adapter.metadata
+    if adapter.embeddings or (md.get("ostaf.method") != "object" and "ostaf.embeddings" not in md):
+        return {}
+    folder = adapter.path.parent
+    default = folder / (adapter.name + EMBEDDINGS_FOLDER)
+    try:
+        listed = json.loads(md.get("ostaf.embeddings", "{}"))
+    except ValueError:
+        listed = {}
+    out: dict[str, Path] = {}
+    for token, rel in listed.items() if isinstance(listed, dict) else ():
+        candidates = [folder / str(rel)]
+        with suppress(InputError):  # a malformed token has no default file name
+            candidates.append(default / (file_stem(token) + EMBEDDING_SUFFIX))
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise AdapterFileError(
+                f"{adapter.name}: the embedding of token {token} is missing; looked for "
+                + " and ".join(str(p) for p in dict.fromkeys(candidates))
+            )
+        out[token] = found
+    if not out:
+        for path in sorted(default.glob("*" + EMBEDDING_SUFFIX)) if default.is_dir() else []:
+            _, header = _open_checked(path, EMBEDDING_SUFFIX)
+            out[header.metadata.get("ostaf.token") or path.name[: -len(EMBEDDING_SUFFIX)]] = path
+    if not out:
+        raise AdapterFileError(
+            f"{adapter.name} is an object adapter but its token embeddings are missing; "
+            f"looked for {default / ('*' + EMBEDDING_SUFFIX)}"
+        )
+    return out
+
+
 def adapter_embeddings(
     adapter: Any, family: str | None = None
 ) -> dict[str, tuple[torch.Tensor, ...]]:
     """The token embeddings that belong to an adapter (an ``AdapterFile``): an object
     adapter's tokens, or an attribute adapter's learned placeholder.
 
-    Looked up in order: ``bundle_emb.*`` inside the file; the files listed in its
-    ``ostaf.embeddings`` metadata (relative to the adapter's folder); ``<name>.embeddings/``
-    beside it. A non-object adapter has none (``{}``).
+    ``bundle_emb.*`` inside the file, else the files of :func:`embedding_files` (a missing
+    one raises AdapterFileError naming the path). A non-object adapter has none (``{}``).
     """
     family = family or adapter.family
     if adapter.embeddings:
@@ -361,36 +402,9 @@ def adapter_embeddings(
             token: vectors_from_state(state, family, f"{adapter.path} bundle_emb.{token}")
             for token, state in adapter.embeddings.items()
         }
-    if (
-        adapter.metadata.get("ostaf.method") != "object"
-        and "ostaf.embeddings" not in adapter.metadata
-    ):
-        return {}
-    folder = adapter.path.parent
-    listed: dict[str, str] = {}
-    with suppress(ValueError):
-        listed = json.loads(adapter.metadata.get("ostaf.embeddings", "{}"))
-    out: dict[str, tuple[torch.Tensor, ...]] = {}
-    missing = []
-    for token, rel in (listed or {}).items():
-        path = folder / rel
-        if path.is_file():
-            _, vectors = load_embedding(path, family)
-            out[token] = vectors
-        else:
-            missing.append(str(path))
-    if not out:
-        default = folder / (adapter.name + ".embeddings")
-        for path in sorted(default.glob("*" + EMBEDDING_SUFFIX)) if default.is_dir() else []:
-            token, vectors = load_embedding(path, family)
-            out[token] = vectors
-    if not out:
-        where = ", ".join(missing) or str(folder / (adapter.name + ".embeddings"))
-        raise AdapterFileError(
-            f"{adapter.name} is an object adapter but its token embeddings were not found "
-            f"({where}); pass them with --embedding"
-        )
-    return out
+    return {
+        token: load_embedding(path, family)[1] for token, path in embedding_files(adapter).items()
+    }
 
 
 # --------------------------------------------------------------------------- diffusers

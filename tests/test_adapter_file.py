@@ -112,6 +112,7 @@ def test_roundtrip_bit_identical(tmp_path: Path, dtype: torch.dtype | None) -> N
     expected["sshs_model_hash"], expected["sshs_legacy_hash"] = sshs_hashes(
         lora_state_dict(mods, dtype), md
     )
+    expected["modelspec.hash_sha256"] = "0x" + expected["sshs_model_hash"]
     assert loaded.metadata == expected
     assert loaded.family == "sd1"
     assert loaded.prediction_type == "epsilon"
@@ -200,6 +201,37 @@ def test_sshs_model_hash_is_data_section_sha256_and_metadata_independent(tmp_pat
     # different weights -> different hash
     p3 = save_adapter(tmp_path / "three.safetensors", _modules(seed=1), _meta("three"))
     assert load_adapter(p3).metadata["sshs_model_hash"] != md1["sshs_model_hash"]
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_modelspec_hash_is_tensor_bytes_sha256(tmp_path: Path, dtype: torch.dtype | None) -> None:
+    """``modelspec.hash_sha256`` = 0x + SHA-256 of everything after the header, parsed here
+    independently (8-byte little-endian length, JSON header); sshs has no 0x, lowercase."""
+    p = save_adapter(tmp_path / "ad.safetensors", _modules(), _meta(), dtype=dtype)
+    raw = p.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    digest = hashlib.sha256(raw[8 + n :]).hexdigest()
+    md = header["__metadata__"]
+    assert md["modelspec.hash_sha256"] == "0x" + digest
+    assert md["sshs_model_hash"] == digest == digest.lower()
+    assert load_adapter(p).metadata["modelspec.hash_sha256"] == "0x" + digest
+    # only kohya keys beside the metadata: the new keys change no tensor
+    assert all(k.startswith("lora_") for k in header if k != "__metadata__")
+    # a stale hash in the given metadata is replaced, not kept
+    stale = _meta() | {"modelspec.hash_sha256": "0xdead"}
+    q = save_adapter(tmp_path / "b.safetensors", _modules(), stale, dtype=dtype)
+    assert load_adapter(q).metadata["modelspec.hash_sha256"] == "0x" + digest
+
+
+def test_usage_hint_names_the_lambda_range_and_trigger() -> None:
+    md = _meta()  # default λ 0.8, trigger "red hair"
+    assert md["modelspec.usage_hint"] == (
+        "LoRA weight (λ) 0 to 1.5, default 0.8; 0 is the base model. Trigger: red hair."
+    )
+    plain = _meta(trigger_phrase="", ostaf={})
+    want = "LoRA weight (λ) 0 to 1.5, default 1; 0 is the base model."
+    assert plain["modelspec.usage_hint"] == want
 
 
 def test_sshs_legacy_hash_large_file_matches_kohya_definition(tmp_path: Path) -> None:

@@ -201,3 +201,122 @@ def test_bundle_keys():
 
 def test_tokens_in_prompt():
     assert tokens_in("a <B> and <a> and <b>", ["<a>", "<b>", "<c>"]) == ["<b>", "<a>"]
+
+
+# --------------------------------------------------------------------------- adapter files
+
+
+def write_object_adapter(
+    folder, name="mug", tokens=("<mug1>",), family="sd1", *, embeddings_dir=None, width=8
+):
+    """A small object adapter as ``export_objects`` lays it out: the LoRA, its card, one
+    portable embedding per token (listed in ``ostaf.embeddings`` relative to ``folder``)."""
+    import os
+    from pathlib import Path
+
+    from lib_ostaf.adapter_file import LoraModule, build_metadata, save_adapter, write_card
+
+    folder = Path(folder)
+    emb_dir = Path(embeddings_dir) if embeddings_dir else folder / f"{name}.embeddings"
+    g = torch.Generator().manual_seed(0)
+    listed = {}
+    for token in tokens:
+        path = emb_dir / f"{file_stem(token)}.safetensors"
+        vectors = tuple(
+            torch.randn(1, w, generator=g) for w in ([width, 12] if family == "sdxl" else [width])
+        )
+        save_embedding(path, vectors, family, metadata={"ostaf.token": token})
+        listed[token] = os.path.relpath(path, folder).replace(os.sep, "/")
+    key = "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    modules = {key: LoraModule(torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g), 2.0)}
+    trigger = ", ".join(tokens)
+    md = build_metadata(
+        name=name,
+        family=family,
+        prediction_type="epsilon",
+        rank=2,
+        alpha=2.0,
+        resolution=512,
+        method="object",
+        trigger_phrase=trigger,
+        ostaf={
+            "tokens": list(tokens),
+            "embeddings": listed,
+            "prompt": "a photo of {tokens}",
+            "default_lambda": 1.0,
+        },
+    )
+    path = save_adapter(folder / f"{name}.safetensors", modules, md)
+    write_card(
+        path,
+        preferred_weight=1.0,
+        activation_text=trigger,
+        description=f"Object implantation of {trigger}",
+        sd_version={"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[family],
+        notes="token embeddings: " + ", ".join(listed.values()),
+        overwrite=False,
+    )
+    return path
+
+
+def test_missing_embedding_is_an_error_naming_the_path(tmp_path):
+    from lib_ostaf.adapter_file import load_adapter
+    from lib_ostaf.embeddings import adapter_embeddings, embedding_files
+
+    path = write_object_adapter(tmp_path, tokens=("<mug1>", "<cup2>"))
+    found = adapter_embeddings(load_adapter(path))
+    assert list(found) == ["<mug1>", "<cup2>"] and found["<cup2>"][0].shape == (1, 8)
+    missing = tmp_path / "mug.embeddings" / "cup2.safetensors"
+    missing.unlink()  # before: <mug1> alone, <cup2> silently absent
+    with pytest.raises(AdapterFileError, match="<cup2> is missing") as err:
+        adapter_embeddings(load_adapter(path))
+    assert str(missing) in str(err.value)
+    with pytest.raises(AdapterFileError, match=r"cup2\.safetensors"):
+        embedding_files(load_adapter(path))
+
+
+def test_listed_elsewhere_falls_back_to_the_adapters_own_folder(tmp_path):
+    """A WebUI writes the embeddings into its embeddings folder and lists that path; a copy
+    (a share) has them in ``<name>.embeddings/`` instead: both are found, same vectors."""
+    import shutil
+
+    from lib_ostaf.adapter_file import load_adapter
+    from lib_ostaf.embeddings import adapter_embeddings, embedding_files
+
+    lora_dir, emb_dir = tmp_path / "models" / "Lora", tmp_path / "embeddings"
+    lora_dir.mkdir(parents=True)
+    path = write_object_adapter(lora_dir, embeddings_dir=emb_dir)
+    adapter = load_adapter(path)
+    assert embedding_files(adapter) == {"<mug1>": lora_dir / "../../embeddings/mug1.safetensors"}
+    want = adapter_embeddings(adapter)["<mug1>"][0]
+    copy_dir = tmp_path / "copy"
+    (copy_dir / "mug.embeddings").mkdir(parents=True)
+    shutil.copy(path, copy_dir)
+    shutil.copy(emb_dir / "mug1.safetensors", copy_dir / "mug.embeddings")
+    copied = load_adapter(copy_dir / "mug.safetensors")
+    assert embedding_files(copied) == {"<mug1>": copy_dir / "mug.embeddings" / "mug1.safetensors"}
+    assert torch.equal(adapter_embeddings(copied)["<mug1>"][0], want)
+
+
+def test_webui_warns_once_with_the_path(tmp_path):
+    """``wanted_tokens`` (both WebUI appliers): one message naming the missing file, at the
+    adapter's first use in this process; the other adapter's tokens still come."""
+    from types import SimpleNamespace
+
+    from lib_ostaf.adapter_file import load_adapter
+    from lib_ostaf.hosts.webui import wanted_tokens
+
+    broken = write_object_adapter(tmp_path, "broken")
+    fine = write_object_adapter(tmp_path, "fine", tokens=("<cup2>",))
+    missing = tmp_path / "broken.embeddings" / "mug1.safetensors"
+    missing.unlink()
+    planned = [
+        SimpleNamespace(adapter=load_adapter(p), weight=1.0, name=p.stem) for p in (broken, fine)
+    ]
+    wanted, messages = wanted_tokens(planned, "sd1")
+    assert list(wanted) == ["<cup2>"]
+    assert len(messages) == 1 and str(missing) in messages[0]
+    assert messages[0].startswith("OSTAF: broken: ") and "not available" in messages[0]
+    for _ in range(3):  # every later generation: the tokens still skipped, no new message
+        wanted, messages = wanted_tokens(planned, "sd1")
+        assert list(wanted) == ["<cup2>"] and messages == []

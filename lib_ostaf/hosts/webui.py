@@ -104,7 +104,8 @@ def wanted_tokens(
     adapters: Sequence[Any], family: str, encoders: Callable[[], Sequence[Any]] | None = None
 ) -> tuple[dict[str, tuple[Any, Sequence[torch.Tensor]]], list[str]]:
     """The tokens of the planned ``adapters``: token → (adapter, vectors), plus a message
-    for each adapter whose embeddings cannot be read (its tokens are skipped). With
+    for each adapter whose embeddings cannot be read (its tokens are skipped; the message,
+    which names the missing file, comes once per adapter file in this process). With
     ``encoders`` (the model's text encoders, built on demand), an attribute adapter's
     learned placeholder is scaled by its λ (:func:`~lib_ostaf.embeddings.scaled_embeddings`)."""
     from ..embeddings import adapter_embeddings, scaled_embeddings
@@ -116,7 +117,9 @@ def wanted_tokens(
         try:
             found = adapter_embeddings(planned.adapter, family)
         except OstafError as e:
-            messages.append(f"OSTAF: {planned.name}: {e}; its tokens are not available.")
+            msg = f"OSTAF: {planned.name}: {e}; its tokens are not available."
+            if _first_time(planned.adapter, msg):
+                messages.append(msg)
             continue
         if found and encoders is not None and planned.adapter.metadata.get("ostaf.token_init"):
             try:
@@ -126,6 +129,20 @@ def wanted_tokens(
         for token, vectors in found.items():
             wanted[token] = (planned, vectors)
     return wanted, messages
+
+
+_WARNED: set[tuple[object, str]] = set()  # (adapter file, message) already reported
+
+
+def _first_time(adapter: Any, message: str) -> bool:
+    """True once per adapter file and message in this process: an adapter whose tokens are
+    unreadable is reported at its first use, not at every generation (the message names
+    the file, and a changed file, new size or mtime, is a new adapter)."""
+    key = (getattr(adapter, "identity", None) or str(getattr(adapter, "path", "")), message)
+    if key in _WARNED:
+        return False
+    _WARNED.add(key)
+    return True
 
 
 def clear_cond_cache() -> None:
