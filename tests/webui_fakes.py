@@ -6,13 +6,15 @@
 * :func:`fake_modules` — a ``modules`` package with ``shared`` (state, opts, cmd_opts,
   sd_model) and ``devices``, installed in ``sys.modules`` for a test.
 * :class:`FakeLora` — the built-in Lora's observable behaviour: ``loaded_networks``,
-  ``load_network`` (kohya file → modules keyed by ``network_layer_name``), and the lazy
-  per-layer backup / restore / merge of ``network_apply_weights``.
+  ``load_network`` (kohya file → modules keyed by ``network_layer_name``, through
+  :func:`a1111_lookup`: A1111's own key rules restated, never lib_ostaf's naming), and
+  the lazy per-layer backup / restore / merge of ``network_apply_weights``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import types
 import zlib
@@ -24,7 +26,6 @@ import torch
 from torch import nn
 
 from lib_ostaf.adapter_file import LoraModule, build_metadata, save_adapter, write_card
-from lib_ostaf.naming import inspect_unet, module_name_from_kohya
 from lib_ostaf.targets import TargetSpec, select_targets
 
 from .unets import ADM_IN_CHANNELS, CONTEXT_DIM, tiny_ldm_unet
@@ -323,6 +324,92 @@ def fake_modules(sd_model: Any, *, lowvram: bool = False, lora: FakeLora | None 
 # --------------------------------------------------------------------------- built-in Lora
 
 
+# A1111 ``networks.convert_diffusers_name_to_compvis``, restated from its rules (UNet and
+# SD1 text encoder): a diffusers-style kohya layer name → the key of
+# ``sd_model.network_layer_mapping`` (the ldm module path with "." → "_").
+_RESNET_PARTS = {
+    "conv1": "in_layers_2",
+    "conv2": "out_layers_3",
+    "norm1": "in_layers_0",
+    "norm2": "out_layers_0",
+    "time_emb_proj": "emb_layers_1",
+    "conv_shortcut": "skip_connection",
+}
+
+
+def _ldm_part(kind: str, rest: str) -> str:
+    return _RESNET_PARTS.get(rest, rest) if kind == "resnets" else rest
+
+
+_A1111_RULES = (
+    (r"lora_unet_conv_in(.*)", lambda m: f"diffusion_model_input_blocks_0_0{m[1]}"),
+    (r"lora_unet_conv_out(.*)", lambda m: f"diffusion_model_out_2{m[1]}"),
+    (
+        r"lora_unet_time_embedding_linear_(\d+)(.*)",
+        lambda m: f"diffusion_model_time_embed_{2 * int(m[1]) - 2}{m[2]}",
+    ),
+    (
+        r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+        lambda m: (
+            f"diffusion_model_input_blocks_{1 + 3 * int(m[1]) + int(m[3])}_"
+            f"{1 if m[2] == 'attentions' else 0}_{_ldm_part(m[2], m[4])}"
+        ),
+    ),
+    (
+        r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)",
+        lambda m: (
+            f"diffusion_model_middle_block_{1 if m[1] == 'attentions' else 2 * int(m[2])}_"
+            f"{_ldm_part(m[1], m[3])}"
+        ),
+    ),
+    (
+        r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+        lambda m: (
+            f"diffusion_model_output_blocks_{3 * int(m[1]) + int(m[3])}_"
+            f"{1 if m[2] == 'attentions' else 0}_{_ldm_part(m[2], m[4])}"
+        ),
+    ),
+    (
+        r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv",
+        lambda m: f"diffusion_model_input_blocks_{3 + 3 * int(m[1])}_0_op",
+    ),
+    (
+        r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv",
+        lambda m: (
+            f"diffusion_model_output_blocks_{2 + 3 * int(m[1])}_{2 if int(m[1]) > 0 else 1}_conv"
+        ),
+    ),
+    (
+        r"lora_te_text_model_encoder_layers_(\d+)_(.+)",
+        lambda m: f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}",
+    ),
+)
+
+
+def a1111_layer_key(layer: str) -> str:
+    """The first rule whose pattern matches the start of ``layer``; else ``layer`` as is."""
+    for pattern, convert in _A1111_RULES:
+        m = re.match(pattern, layer)
+        if m:
+            return convert(m)
+    return layer
+
+
+def a1111_lookup(layer: str, mapping: dict[str, Any]) -> str | None:
+    """A1111 ``load_network``'s search for one file layer: the converted key (a
+    ``_q_proj``/``_k_proj``/``_v_proj`` key also by its module); else ``lora_unet`` →
+    ``diffusion_model`` (files that already use ldm names, as SDXL ones do). None: not
+    matched (A1111 only logs that at DEBUG)."""
+    key = a1111_layer_key(layer)
+    m = re.match(r"(.*)_([qkv]_proj)$", key)
+    if key in mapping or (m and m[1] in mapping):
+        return key
+    if "lora_unet" in layer:
+        key = layer.replace("lora_unet", "diffusion_model")
+        return key if key in mapping else None
+    return None
+
+
 class FakeNetworkModule:
     def __init__(self, net: FakeNetwork, up: torch.Tensor, down: torch.Tensor, alpha: float):
         self.network, self.up, self.down, self.alpha = net, up, down, alpha
@@ -369,22 +456,26 @@ class FakeLora:
             mapping[layer] = module
             module.network_layer_name = layer
         sd_model.network_layer_mapping = mapping
-        self.info = inspect_unet(sd_model.model.diffusion_model)
 
     def load_network(self, name: str, on_disk: FakeNetworkOnDisk) -> FakeNetwork:
+        """A1111's ``load_network`` for LoRA modules: each file key splits at its first "."
+        into layer and part; the layer is found by :func:`a1111_lookup`; unmatched keys are
+        skipped."""
         self.loads += 1
         state = safetensors.torch.load_file(on_disk.filename)
         net = FakeNetwork(name)
-        for key in {k.split(".")[0] for k in state}:
-            path = module_name_from_kohya(key, self.info)
-            layer = "diffusion_model_" + path.replace(".", "_")
-            if layer in self.sd_model.network_layer_mapping:
-                net.modules[layer] = FakeNetworkModule(
-                    net,
-                    state[key + ".lora_up.weight"],
-                    state[key + ".lora_down.weight"],
-                    float(state[key + ".alpha"]),
-                )
+        matched: dict[str, dict[str, torch.Tensor]] = {}
+        first: dict[str, str] = {}  # A1111's NetworkWeights.network_key: first file key
+        for key_network, weight in state.items():
+            layer, _, part = key_network.partition(".")
+            key = a1111_lookup(layer, self.sd_model.network_layer_mapping)
+            if key is not None:
+                first.setdefault(key, key_network)
+                matched.setdefault(key, {})[part] = weight
+        for key, w in matched.items():
+            net.modules[key] = FakeNetworkModule(
+                net, w["lora_up.weight"], w["lora_down.weight"], float(w["alpha"])
+            )
         return net
 
     def network_apply_weights(self, module: nn.Module) -> None:
