@@ -46,6 +46,13 @@ class PlannedAdapter:
         """True when the parts are weighed apart (else one λ for the whole file)."""
         return any(w != self.weight for _, _, w in self.groups())
 
+    def merges(self) -> list[tuple[str | None, float]]:
+        """What a host merges: ``[(None, λ)]`` for the whole file, or ``[(part, λ_part)]``
+        (part ``""``: the modules of no recorded part)."""
+        if not self.split:
+            return [(None, self.weight)]
+        return [(part, w) for part, _, w in self.groups()]
+
     @property
     def token_weight(self) -> float:
         """λ of an attribute's learned token: its appearance or style part's, else the

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
+
 import torch
 from torch import nn
 
-from .adapter_file import AdapterFile, sd_version_label
+from .adapter_file import AdapterFile, LoraModule, sd_version_label
 from .errors import IncompatibleModelError
 from .naming import UNetInfo, module_name_from_kohya
+from .parts import split_by_part
 
 UNET_PREFIX = "lora_unet_"
 
 
-def unet_deltas(adapter: AdapterFile, unet: nn.Module, info: UNetInfo) -> dict[str, torch.Tensor]:
-    """``{module name in this UNet: float32 ΔW}`` for the adapter's UNet layers."""
+def unet_deltas(
+    adapter: AdapterFile,
+    unet: nn.Module,
+    info: UNetInfo,
+    modules: Mapping[str, LoraModule] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``{module name in this UNet: float32 ΔW}`` for the adapter's UNet layers (only
+    ``modules``, a subset of the file's, when given: one part)."""
     family = adapter.family
     if family is not None and family != info.family:
         raise IncompatibleModelError(
@@ -21,9 +30,28 @@ def unet_deltas(adapter: AdapterFile, unet: nn.Module, info: UNetInfo) -> dict[s
             f"the loaded model is {sd_version_label(info.family)}"
         )
     deltas: dict[str, torch.Tensor] = {}
-    for key, module in adapter.modules.items():
+    for key, module in (adapter.modules if modules is None else modules).items():
         if key.startswith(UNET_PREFIX):
             deltas[module_name_from_kohya(key, info)] = module.delta()
     if not deltas:
         raise IncompatibleModelError(f"{adapter.name} has no UNet layers to apply")
     return deltas
+
+
+def merge_terms(
+    adapter: AdapterFile,
+    unet: nn.Module,
+    info: UNetInfo,
+    weight: float,
+    part_weights: Mapping[str, float] | None = None,
+) -> list[tuple[Hashable, dict[str, torch.Tensor], float]]:
+    """``WeightPatcher`` terms for one adapter: one ``(identity, ΔW, λ)`` for the whole
+    file, or one per part when ``part_weights`` weighs a part apart from ``weight``."""
+    groups = split_by_part(adapter, part_weights or {}, weight)
+    if all(lam == weight for _, _, lam in groups):
+        return [(adapter.identity, unet_deltas(adapter, unet, info), weight)]
+    return [
+        ((*adapter.identity, part), unet_deltas(adapter, unet, info, mods), lam)
+        for part, mods, lam in groups
+        if any(k.startswith(UNET_PREFIX) for k in mods)
+    ]

@@ -110,3 +110,21 @@ def test_a_one_attribute_file_has_one_part(sd1_host, reference_image, tmp_path):
     assert [(p, w) for p, _, w in groups] == [("shape", 2.0)]
     adapter.metadata.pop("ostaf.attribute")  # a plain LoRA: one group, the file's λ
     assert [(p, w) for p, _, w in split_by_part(adapter, {"shape": 2.0}, 1.0)] == [("", 1.0)]
+
+
+def test_diffusers_host_merges_each_part_with_its_lambda(sd1_host, both, tmp_path):
+    result, _ = both
+    adapter = load_adapter(export(result, tmp_path, "duo"))
+    table = json.loads(adapter.metadata["ostaf.parts"])
+    names = {t.kohya: t.name for t in result.targets}
+    linear = dict(sd1_host.unet.named_modules())
+    before = {n: linear[n].weight.detach().clone() for n in names.values()}
+    try:
+        sd1_host.apply_adapters([(adapter, 1.0, {"shape": 0.5, "appearance": -2.0})])
+        for part, lam in (("shape", 0.5), ("appearance", -2.0)):
+            for key in table[part]:
+                want = before[names[key]] + lam * adapter.modules[key].delta()
+                torch.testing.assert_close(linear[names[key]].weight, want, rtol=0, atol=1e-6)
+    finally:
+        sd1_host.apply_adapters([])
+    assert all(torch.equal(linear[n].weight, w) for n, w in before.items())

@@ -254,3 +254,51 @@ def test_fallback_without_builtin_lora(sd_model, folder):
     applier.apply(sd_model, _plan(folder, ["app"]).adapters)
     applier.reset(sd_model)  # script unloaded / reload UI
     assert same_weights(sd_model, base)
+
+
+def _expected_parts(sd_model, base, folder, name, weights):
+    """Base weights plus Σ_part λ_part·ΔW_part, the parts read from the file's JSON table."""
+    import json
+
+    from lib_ostaf.naming import inspect_unet
+
+    info = inspect_unet(sd_model.model.diffusion_model)
+    adapter = load_adapter(folder / f"{name}.safetensors")
+    table = json.loads(adapter.metadata["ostaf.parts"])
+    want = {k: v.clone() for k, v in base.items()}
+    for part, keys in table.items():
+        for key in keys:
+            w = "model.diffusion_model." + module_name_from_kohya(key, info) + ".weight"
+            want[w] = want[w] + weights[part] * adapter.modules[key].delta()
+    return want
+
+
+@pytest.mark.parametrize("builtin", [True, False])
+def test_each_part_merges_with_its_own_lambda_and_restores(sd_model, folder, builtin):
+    make_adapter(folder, "duo", sd_model.model.diffusion_model, attribute="shape+appearance")
+    lora = FakeLora(sd_model) if builtin else None
+    applier = A1111Applier(networks=lora)
+    base = pristine(sd_model)
+
+    def generate(tags):
+        if lora is not None:
+            lora.activate_lora([])
+        messages = applier.apply(sd_model, _plan(folder, tags).adapters)
+        if lora is not None:
+            lora.forward_all()
+        return messages
+
+    assert generate(["duo:1:shape=0.25:appearance=1.5"]) == []
+    assert applier.mode == ("lora" if builtin else "fallback")
+    want = _expected_parts(sd_model, base, folder, "duo", {"shape": 0.25, "appearance": 1.5})
+    assert _close(sd_model, want)
+    generate(["duo:0.5:appearance=0"])  # a part at 0 is not merged; the other takes λ
+    assert _close(
+        sd_model, _expected_parts(sd_model, base, folder, "duo", {"shape": 0.5, "appearance": 0})
+    )
+    generate(["duo:0.5"])  # no dials: the whole file at one λ
+    assert _close(
+        sd_model, _expected_parts(sd_model, base, folder, "duo", {"shape": 0.5, "appearance": 0.5})
+    )
+    generate([])
+    assert same_weights(sd_model, base)

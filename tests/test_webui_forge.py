@@ -591,3 +591,27 @@ def test_object_training_on_old_forge_and_tokens_apply(tmp_path):
         assert _generate_ldm(applier, sd_model, plan, fakes.mm) == []
         got = host.encode_prompt("a photo of <mug1>")
         assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_each_part_is_patched_with_its_own_lambda(sd_model, folder):
+    import json
+
+    unet = _unet(sd_model)
+    make_adapter(folder, "duo", unet, attribute="shape+appearance", seed=3)
+    before = _weights(unet)
+    applier = ForgeApplier()
+    weights = {"shape": -0.5, "appearance": 2.0}
+    plan = _plan(folder, ("duo", "1", "shape=-0.5", "appearance=2"))
+    assert _generate(applier, sd_model, plan) == []
+    adapter = plan.adapters[0].adapter
+    info = inspect_unet(unet)
+    after = _weights(unet)
+    worst = 0.0
+    for part, keys in json.loads(adapter.metadata["ostaf.parts"]).items():
+        for key in keys:
+            name = module_name_from_kohya(key, info) + ".weight"
+            want = before[name] + weights[part] * adapter.modules[key].delta()
+            worst = max(worst, (after[name] - want).abs().max().item())
+    assert worst < 1e-6
+    _generate(applier, sd_model, _plan(folder))
+    assert all(torch.equal(_weights(unet)[k], before[k]) for k in before)

@@ -14,8 +14,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import re
 import sys
+import threading
 import types
 import zlib
 from pathlib import Path
@@ -411,8 +414,11 @@ def a1111_lookup(layer: str, mapping: dict[str, Any]) -> str | None:
 
 
 class FakeNetworkModule:
-    def __init__(self, net: FakeNetwork, up: torch.Tensor, down: torch.Tensor, alpha: float):
+    def __init__(
+        self, net: FakeNetwork, key: str, up: torch.Tensor, down: torch.Tensor, alpha: float
+    ):
         self.network, self.up, self.down, self.alpha = net, up, down, alpha
+        self.network_key = key  # A1111: the first file key of the module (NetworkWeights)
 
     def calc_updown(self, weight: torch.Tensor) -> tuple[torch.Tensor, None]:
         scale = self.alpha / self.down.shape[0]
@@ -474,7 +480,11 @@ class FakeLora:
                 matched.setdefault(key, {})[part] = weight
         for key, w in matched.items():
             net.modules[key] = FakeNetworkModule(
-                net, w["lora_up.weight"], w["lora_down.weight"], float(w["alpha"])
+                net,
+                first[key],
+                w["lora_up.weight"],
+                w["lora_down.weight"],
+                float(w["alpha"]),
             )
         return net
 
@@ -528,15 +538,19 @@ def make_adapter(
     preferred: float | None = None,
     description: str = "",
 ) -> Path:
-    """A random kohya adapter on ``attribute``'s layers of ``unet`` (no training needed)."""
+    """A random kohya adapter on ``attribute``'s layers of ``unet`` (no training needed);
+    ``"shape+appearance"``: both parts, recorded in ``ostaf.parts``."""
     g = torch.Generator().manual_seed(seed)
     modules = {}
-    for t in select_targets(unet, TargetSpec(attribute=attribute)):
-        modules[t.kohya] = LoraModule(
-            down=torch.randn(2, t.in_features, generator=g) * scale,
-            up=torch.randn(t.out_features, 2, generator=g) * scale,
-            alpha=2.0,
-        )
+    parts: dict[str, list[str]] = {}
+    for part in attribute.split("+"):
+        for t in select_targets(unet, TargetSpec(attribute=part)):
+            parts.setdefault(part, []).append(t.kohya)
+            modules[t.kohya] = LoraModule(
+                down=torch.randn(2, t.in_features, generator=g) * scale,
+                up=torch.randn(t.out_features, 2, generator=g) * scale,
+                alpha=2.0,
+            )
     md = build_metadata(
         name=name,
         family=family,
@@ -545,7 +559,8 @@ def make_adapter(
         alpha=2.0,
         resolution=64,
         method="attribute",
-        ostaf={"attribute": attribute, "default_lambda": 0.7},
+        ostaf={"attribute": attribute, "default_lambda": 0.7}
+        | ({"parts": parts} if len(parts) > 1 else {}),
     )
     path = save_adapter(folder / f"{name}.safetensors", modules, md, overwrite=True)
     if preferred is not None or description:
@@ -558,3 +573,99 @@ def make_adapter(
             overwrite=True,
         )
     return path
+
+
+# --------------------------------------------------------------------------- script imports
+
+
+def fake_script_modules(folder: Path) -> dict[str, types.ModuleType]:
+    """The ``modules.*`` that ``scripts/ostaf.py`` imports, enough to build its tab and
+    accordion (no model): settings and callbacks recorded (``script_callbacks.registered``),
+    A1111's ``Script.elem_id``, and ``call_queue.wrap_gradio_gpu_call``, which passes the
+    event's values on to the function under the queue lock as A1111's does. A1111's wrapper
+    hides the function's signature; this one keeps it as ``__wrapped__`` so that a test can
+    compare an event's inputs with the function it calls. Install with
+    ``sys.modules.update(...)``."""
+    callbacks: dict[str, list] = {}
+
+    def recorder(kind):
+        return lambda fn, **kw: callbacks.setdefault(kind, []).append(fn)
+
+    script_callbacks = types.ModuleType("modules.script_callbacks")
+    for kind in ("before_ui", "ui_tabs", "app_started", "model_loaded", "script_unloaded"):
+        setattr(script_callbacks, f"on_{kind}", recorder(kind))
+    script_callbacks.registered = callbacks
+
+    shared = types.ModuleType("modules.shared")
+    shared.options_templates = {}
+    shared.options_section = lambda section, options: options
+    shared.OptionInfo = lambda default, label, *a, **k: types.SimpleNamespace(default=default)
+    shared.opts = types.SimpleNamespace(samples_format="png")
+    shared.cmd_opts = types.SimpleNamespace(
+        ostaf_dir=str(folder), api_auth=None, lowvram=False, medvram=False
+    )
+    shared.sd_model = None
+    shared.state = FakeState()
+
+    scripts = types.ModuleType("modules.scripts")
+
+    class Script:
+        is_img2img = False
+
+        def elem_id(self, item_id):  # A1111: tab name only when shown on both tabs
+            both = self.show(True) == self.show(False)
+            tab = ("img2img_" if self.is_img2img else "txt2img_") if both else ""
+            title = re.sub(r"[^a-z_0-9]", "", re.sub(r"\s", "_", self.title().lower()))
+            return f"script_{tab}{title}_{item_id}"
+
+    scripts.Script, scripts.AlwaysVisible, scripts.scripts_data = Script, object(), []
+
+    call_queue = types.ModuleType("modules.call_queue")
+    call_queue.queue_lock = threading.Lock()
+
+    def wrap_gradio_gpu_call(func, extra_outputs=None):
+        @functools.wraps(func)
+        def f(*args, **kwargs):
+            with call_queue.queue_lock:
+                return func(*args, **kwargs)
+
+        return f
+
+    call_queue.wrap_gradio_gpu_call = wrap_gradio_gpu_call
+
+    extra_networks = types.ModuleType("modules.extra_networks")
+    extra_networks.ExtraNetwork = type("ExtraNetwork", (), {"__init__": _set_name})
+    extra_networks.registered = []
+    extra_networks.register_extra_network = extra_networks.registered.append
+
+    uen = types.ModuleType("modules.ui_extra_networks")
+    uen.ExtraNetworksPage = type("ExtraNetworksPage", (), {"__init__": _set_name})
+    uen.pages = []
+    uen.register_page = uen.pages.append
+    uen.quote_js = json.dumps
+
+    paths = types.ModuleType("modules.paths")
+    paths.models_path = str(folder / "models")
+    devices = types.ModuleType("modules.devices")
+    devices.device, devices.dtype_unet = torch.device("cpu"), torch.float32
+    devices.autocast, devices.torch_gc = contextlib.nullcontext, lambda: None
+
+    mods = {
+        "shared": shared,
+        "script_callbacks": script_callbacks,
+        "scripts": scripts,
+        "call_queue": call_queue,
+        "extra_networks": extra_networks,
+        "ui_extra_networks": uen,
+        "paths": paths,
+        "devices": devices,
+    }
+    pkg = types.ModuleType("modules")
+    pkg.__path__ = []
+    for name, mod in mods.items():
+        setattr(pkg, name, mod)
+    return {"modules": pkg} | {f"modules.{k}": v for k, v in mods.items()}
+
+
+def _set_name(self, name):
+    self.name = name

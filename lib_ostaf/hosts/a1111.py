@@ -28,13 +28,14 @@ import torch
 from PIL import Image
 
 from ..activation import PlannedAdapter
-from ..apply import unet_deltas
+from ..apply import merge_terms
 from ..errors import IncompatibleModelError, InputError, OstafError
 from ..images import square
 from ..jobs import Job, JobManager
 from ..naming import UNetInfo, inspect_unet
 from ..object_job import ObjectRequest, run_object_training
 from ..offsets import WeightPatcher
+from ..parts import module_parts
 from ..registry import AdapterRegistry
 from ..training_job import (
     Reporter,
@@ -366,27 +367,31 @@ class A1111Applier:
         messages: list[str] = []
         loaded = [n for n in networks.loaded_networks if not getattr(n, "ostaf", False)]
         for planned in adapters:
-            if planned.weight == 0:
-                continue  # λ = 0 is the identity: nothing to merge
-            try:
-                net = self._lora_network(networks, planned)
-            except Exception as e:  # Lora's loader raises AssertionError/RuntimeError/...
-                messages.append(f"OSTAF: could not load {planned.name} ({e}); skipped.")
-                continue
-            net.te_multiplier = net.unet_multiplier = float(planned.weight)
-            net.dyn_dim = None
-            loaded.append(net)
+            for part, lam in planned.merges():
+                if lam == 0:
+                    continue  # λ = 0 is the identity: nothing to merge
+                try:
+                    net = self._lora_network(networks, planned, part)
+                except Exception as e:  # Lora's loader raises AssertionError/RuntimeError/...
+                    messages.append(f"OSTAF: could not load {planned.name} ({e}); skipped.")
+                    continue
+                net.te_multiplier = net.unet_multiplier = float(lam)
+                net.dyn_dim = None
+                loaded.append(net)
         networks.loaded_networks[:] = loaded
         return messages
 
-    def _lora_network(self, networks: Any, planned: PlannedAdapter) -> Any:
-        key = planned.identity
+    def _lora_network(self, networks: Any, planned: PlannedAdapter, part: str | None = None) -> Any:
+        """The Lora ``Network`` of the file, or of one of its parts (``part``): a part is
+        the file loaded again with only that part's modules, so its multiplier is its λ."""
+        key = (*planned.identity, part)
         net = self._nets.get(key)
         if net is not None:
             return net
         # the Lora extension's `network` module (its networks.py imports it)
         network = getattr(networks, "network", None) or sys.modules["network"]
         name = f"{NET_PREFIX}{planned.name}@{planned.short_hash}"
+        name += "" if part is None else f"#{part or 'rest'}"
         # NetworkOnDisk registers itself in Lora's hash lookup (used to rewrite pasted
         # <lora:…> tags); keep that table as it was so our files never hijack a paste.
         lookup = getattr(networks, "available_network_hash_lookup", None)
@@ -398,14 +403,23 @@ class A1111Applier:
                 lookup.clear()
                 lookup.update(saved)
         net = networks.load_network(name, on_disk)
-        expected = sum(1 for k in planned.adapter.modules if k.startswith("lora_unet_"))
+        keys = [k for k in planned.adapter.modules if k.startswith("lora_unet_")]
+        if part is not None:
+            parts = module_parts(planned.adapter)
+            keys = [k for k in keys if parts.get(k, "") == part]
+            net.modules = {  # Lora's modules know their file key (NetworkModule.network_key)
+                layer: m
+                for layer, m in net.modules.items()
+                if parts.get(str(getattr(m, "network_key", "")).partition(".")[0], "") == part
+            }
+        expected = len(keys)
         if len(net.modules) < expected:
             raise IncompatibleModelError(
                 f"only {len(net.modules)} of {expected} layers fit the loaded model"
             )
         net.ostaf = True
         net.mentioned_name = planned.name
-        for old in [k for k in self._nets if k[0] == key[0]]:
+        for old in [k for k in self._nets if k[0] == key[0] and k[-1] == part]:
             del self._nets[old]  # the same file, older content
         self._nets[key] = net
         return net
@@ -421,11 +435,11 @@ class A1111Applier:
         for planned in adapters:
             try:
                 assert self._info is not None
-                deltas = unet_deltas(planned.adapter, unet, self._info)
+                weights = dict(planned.dials.parts)
+                terms += merge_terms(planned.adapter, unet, self._info, planned.weight, weights)
             except IncompatibleModelError as e:
                 messages.append(f"OSTAF: {e}; skipped.")
                 continue
-            terms.append((planned.identity, deltas, planned.weight))
         try:
             self._patcher.apply(terms)
         except IncompatibleModelError as e:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -205,14 +205,17 @@ class DiffusersHost:
         return self.unet(x_t, t, **kwargs).sample
 
     # -- generation -----------------------------------------------------------------------
-    def apply_adapters(self, adapters: Sequence[tuple[Any, float]]) -> None:
-        """Merge ``[(AdapterFile, λ), ...]`` into the UNet; ``[]`` restores it exactly."""
-        from ..apply import unet_deltas
+    def apply_adapters(
+        self, adapters: Sequence[tuple[Any, float] | tuple[Any, float, Mapping[str, float]]]
+    ) -> None:
+        """Merge ``[(AdapterFile, λ[, {part: λ_part}]), ...]`` into the UNet:
+        W + Σ λ_part·ΔW_part (a part left out takes λ); ``[]`` restores it exactly."""
+        from ..apply import merge_terms
 
-        terms = [
-            (adapter.identity, unet_deltas(adapter, self.unet, self.info), check_lambda(lam))
-            for adapter, lam in adapters
-        ]
+        terms = []
+        for adapter, lam, *parts in adapters:
+            weights = {p: check_lambda(w) for p, w in (parts[0] if parts else {}).items()}
+            terms += merge_terms(adapter, self.unet, self.info, check_lambda(lam), weights)
         self.patcher.apply(terms)
 
     @torch.no_grad()

@@ -47,6 +47,7 @@ from ..images import square
 from ..jobs import Job, JobManager
 from ..naming import UNetInfo, inspect_unet, module_name_from_kohya
 from ..object_job import ObjectRequest, run_object_training
+from ..parts import module_parts
 from ..training_job import TrainRequest, preserve_module_state, run_training, sweep_units
 from . import a1111, webui
 from .a1111 import NATIVE_RESOLUTION, A1111Applier, A1111Host, StateReporter
@@ -513,7 +514,7 @@ class ForgeApplier:
     def apply(self, sd_model: Any, adapters: Sequence[PlannedAdapter]) -> list[str]:
         """Remember the UNet side for :meth:`patch_unet`; register object tokens now (before
         the conditionings are computed). Returns messages for skipped parts."""
-        self.pending = [a for a in adapters if a.weight != 0]
+        self.pending = [a for a in adapters if any(lam != 0 for _, lam in a.merges())]
         return self.register_embeddings(sd_model, adapters)
 
     def register_embeddings(self, sd_model: Any, adapters: Sequence[PlannedAdapter]) -> list[str]:
@@ -566,18 +567,28 @@ class ForgeApplier:
             except OstafError as e:
                 messages.append(f"OSTAF: {planned.name}: {e}; skipped.")
                 continue
-            accepted = add_patches(unet, patch_id(planned), patches, float(planned.weight))
-            if len(accepted) < len(patches):
-                messages.append(
-                    f"OSTAF: {planned.name}: only {len(accepted)} of {len(patches)} layers fit "
-                    "the loaded model."
-                )
+            parts = module_parts(planned.adapter)
+            for part, lam in planned.merges():
+                if lam == 0:
+                    continue
+                chosen = {
+                    name: value
+                    for key, (name, value) in patches.items()
+                    if part is None or parts.get(key, "") == part
+                }
+                ident = patch_id(planned) + ("" if part is None else f"#{part or 'rest'}")
+                accepted = add_patches(unet, ident, chosen, float(lam))
+                if len(accepted) < len(chosen):
+                    messages.append(
+                        f"OSTAF: {planned.name}: only {len(accepted)} of {len(chosen)} layers "
+                        "fit the loaded model."
+                    )
         objects.unet = unet
         return messages
 
-    def unet_patches(self, planned: PlannedAdapter, patcher: Any) -> dict[str, Any]:
-        """``{"diffusion_model.<ldm path>.weight": <LoRA patch>}`` (:func:`lora_patch`: a tuple,
-        or the host's weight-adapter object): the host merges
+    def unet_patches(self, planned: PlannedAdapter, patcher: Any) -> dict[str, tuple[str, Any]]:
+        """``{kohya key: ("diffusion_model.<ldm path>.weight", <LoRA patch>)}``
+        (:func:`lora_patch`: a tuple, or the host's weight-adapter object): the host merges
         ``strength · alpha/rank · up @ down`` = λ·ΔW (§8.3)."""
         cached = self._patches.get(planned.identity)
         if cached is not None:
@@ -590,13 +601,13 @@ class ForgeApplier:
         if family is not None and family != info.family:
             raise IncompatibleModelError(f"made for {family}, the loaded model is {info.family}")
         adapter = lora_adapter_class()
-        patches: dict[str, Any] = {}
+        patches: dict[str, tuple[str, Any]] = {}
         for key, module in planned.adapter.modules.items():
             if not key.startswith(UNET_PREFIX):
                 continue
             name = module_name_from_kohya(key, info)
             value = lora_patch(module.up, module.down, float(module.alpha), adapter)
-            patches[f"diffusion_model.{name}.weight"] = value
+            patches[key] = (f"diffusion_model.{name}.weight", value)
         if not patches:
             raise IncompatibleModelError("no UNet layers to apply")
         for old in [k for k in self._patches if k[0] == planned.identity[0]]:
