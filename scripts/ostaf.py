@@ -43,6 +43,8 @@ from lib_ostaf.train import DEFAULT_PROMPTS
 from lib_ostaf.training_job import TrainRequest
 
 N_SLOTS = 3  # adapters the accordion can pick
+SLOT_WIDTH = 3  # each slot: adapter, λ, dials ("shape=0.6:end=0.8")
+PART_AXES = ("shape", "appearance")  # parts with their own X/Y/Z axis
 OBJECT_SLOTS = 3  # objects the Object implantation sub-tab offers (lib_ostaf allows 4)
 GRADIO4 = int(str(getattr(gr, "__version__", "3")).split(".")[0]) >= 4
 FORGE = forge.is_forge()  # one codebase: Forge gets its own host/applier (research §8.7)
@@ -249,19 +251,27 @@ class OstafScript(scripts.Script):
                         label=f"OSTAF λ {i + 1}",
                         elem_id=self.elem_id(f"ostaf_lambda_{i}"),
                     )
-                slots += [name, lam]
+                    dials = gr.Textbox(
+                        value="",
+                        label=f"OSTAF dials {i + 1}",
+                        placeholder="shape=0.6:appearance=1.2:start=0.2:end=0.8",
+                        elem_id=self.elem_id(f"ostaf_dials_{i}"),
+                    )
+                slots += [name, lam, dials]
             refresh = gr.Button("Refresh adapter list", elem_id=self.elem_id("ostaf_refresh"))
-        names = slots[0::2]
+        names = slots[0::SLOT_WIDTH]
         refresh.click(fn=_refresh_names, inputs=wire(_refresh_names, {}), outputs=names)
         self.infotext_fields = [(enabled, _paste_enabled)] + [
-            (slots[j], _paste_slot(j // 2, j % 2)) for j in range(len(slots))
+            (slots[j], _paste_slot(j // SLOT_WIDTH, j % SLOT_WIDTH)) for j in range(len(slots))
         ]
         return [enabled, *slots]
 
     def process(self, p, enabled=False, *slots):
         messages = prompt_tags.strip_negative_tags(p)
-        picks = list(zip(slots[0::2], slots[1::2], strict=False)) if enabled else []
-        p._ostaf_ui = [(n, w) for n, w in picks if n and n != activation.NONE_CHOICE]
+        picks = [tuple(slots[i : i + SLOT_WIDTH]) for i in range(0, len(slots), SLOT_WIDTH)]
+        p._ostaf_ui = (
+            [x for x in picks if x[0] and x[0] != activation.NONE_CHOICE] if enabled else []
+        )
         _report(p, messages)
 
     def after_extra_networks_activate(self, p, *args, **kwargs):
@@ -270,6 +280,7 @@ class OstafScript(scripts.Script):
             getattr(p, "_ostaf_ui", []),
             xyz_adapter=getattr(p, "_ostaf_xyz_adapter", None),
             xyz_lambda=getattr(p, "_ostaf_xyz_lambda", None),
+            xyz_parts=getattr(p, "_ostaf_xyz_parts", None),
         )
         sd_model = shared.sd_model
         plan = activation.plan_generation(requests, REGISTRY, HOST.model_family(sd_model), messages)
@@ -303,22 +314,33 @@ def _paste_enabled(params):
     return gr.update(value=bool(prompt_tags.untagged_from_infotext(params)))
 
 
-def _paste_slot(i, part):
+def _paste_slot(i, field):
+    """Paste-back of slot ``i``'s ``field`` (0 name, 1 λ, 2 dials) from an infotext."""
+
     def paste(params):
         picks = prompt_tags.untagged_from_infotext(params)
         if i < len(picks):
-            return gr.update(value=picks[i][part])
-        return gr.update(value=activation.NONE_CHOICE if part == 0 else 1.0)
+            name, weight, dials = picks[i]
+            return gr.update(value=(name, weight, ":".join(dials.items))[field])
+        return gr.update(value=(activation.NONE_CHOICE, 1.0, "")[field])
 
     return paste
 
 
 # --------------------------------------------------------------------------- X/Y/Z
 XYZ_LABELS = ("OSTAF λ", "OSTAF adapter")
+XYZ_PART_LABEL = "OSTAF λ {part}"  # one axis per part: a λ for that part of every adapter
 
 
 def _xyz_lambda(p, x, xs):
     p._ostaf_xyz_lambda = float(x)
+
+
+def _xyz_part(part):
+    def apply(p, x, xs):
+        p.__dict__.setdefault("_ostaf_xyz_parts", {})[part] = float(x)
+
+    return apply
 
 
 def _xyz_adapter(p, x, xs):
@@ -348,7 +370,9 @@ def _add_xyz_axes():
     if xyz is None:
         return
     try:
-        xyz.axis_options[:] = [o for o in xyz.axis_options if o.label not in XYZ_LABELS]
+        parts = [XYZ_PART_LABEL.format(part=part) for part in PART_AXES]
+        ours = (*XYZ_LABELS, *parts)
+        xyz.axis_options[:] = [o for o in xyz.axis_options if o.label not in ours]
         xyz.axis_options.extend(
             [
                 xyz.AxisOption(XYZ_LABELS[0], float, _xyz_lambda),
@@ -358,6 +382,10 @@ def _add_xyz_axes():
                     _xyz_adapter,
                     format_value=getattr(xyz, "format_value", _xyz_plain),
                     choices=lambda: [activation.NONE_CHOICE, *REGISTRY.names()],
+                ),
+                *(
+                    xyz.AxisOption(label, float, _xyz_part(part))
+                    for label, part in zip(parts, PART_AXES, strict=True)
                 ),
             ]
         )

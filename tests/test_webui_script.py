@@ -221,7 +221,13 @@ def test_callbacks_registrations_and_settings(glue):
     cbs["before_ui"][0]()
     cbs["before_ui"][0]()  # "Reload UI" runs it again: no duplicate axes
     labels = [o.label for o in glue.xyz.axis_options]
-    assert labels == ["Seed", "OSTAF λ", "OSTAF adapter"]
+    assert labels == [
+        "Seed",
+        "OSTAF λ",
+        "OSTAF adapter",
+        "OSTAF λ shape",
+        "OSTAF λ appearance",
+    ]
     assert [n.name for n in glue.fakes["modules.extra_networks"].registered] == ["ostaf"] * 2
     assert cbs["ui_tabs"][0]()[0][1:] == ("OSTAF", "ostaf")
 
@@ -252,7 +258,7 @@ def test_one_generation_through_the_glue(glue):
     base = pristine(glue.sd_model)
     network, script = glue.m.ExtraNetworkOstaf(), glue.m.OstafScript()
     p = _p()
-    script.process(p, True, "shp", 0.5, "None", 1.0, "None", 1.0)  # accordion: shp at 0.5
+    script.process(p, True, "shp", 0.5, "", "None", 1.0, "", "None", 1.0, "")  # shp at 0.5
     assert p.all_negative_prompts == [" blurry"] and "negative prompt" in p.comments[0]
     network.activate(p, [_Params(["app", "0.8"]), _Params(["missing"])])
     script.after_extra_networks_activate(p, True, "shp", 0.5)
@@ -274,6 +280,38 @@ def test_one_generation_through_the_glue(glue):
     assert glue.m._paste_slot(0, 0)(params)["value"] == "shp"
     assert glue.m._paste_slot(0, 1)(params)["value"] == 0.5
     assert glue.m._paste_slot(1, 0)(params)["value"] == "None"
+
+
+def test_parts_through_the_accordion_xyz_and_paste_back(glue):
+    unet = glue.sd_model.model.diffusion_model
+    make_adapter(glue.dir, "duo", unet, attribute="shape+appearance", seed=3)
+    base = pristine(glue.sd_model)
+    network, script = glue.m.ExtraNetworkOstaf(), glue.m.OstafScript()
+    p = _p()
+    script.process(p, True, "duo", 1.0, "shape=0.25:end=0.5", "None", 1.0, "", "None", 1.0, "")
+    network.activate(p, [])
+    part = {"shape": 0.75}  # the X/Y/Z "OSTAF λ shape" cell overrides the accordion's
+    glue.m._xyz_part("shape")(p, "0.75", None)
+    script.after_extra_networks_activate(p)
+    adapter = load_adapter(glue.dir / "duo.safetensors")
+    table = json.loads(adapter.metadata["ostaf.parts"])
+    info = inspect_unet(unet)
+    want = {k: v.clone() for k, v in base.items()}
+    for name, keys in table.items():
+        for key in keys:
+            w = "model.diffusion_model." + module_name_from_kohya(key, info) + ".weight"
+            want[w] = want[w] + part.get(name, 1.0) * adapter.modules[key].delta()
+    state = glue.sd_model.state_dict()
+    assert all(torch.allclose(state[k], v, atol=1e-6) for k, v in want.items())
+    text = p.extra_generation_params["OSTAF"]
+    assert text.startswith("duo:1:shape=0.75:end=0.5 (")
+    params = {"Prompt": "cat", "OSTAF": text}
+    assert [glue.m._paste_slot(0, f)(params)["value"] for f in range(3)] == [
+        "duo",
+        1.0,
+        "shape=0.75:end=0.5",
+    ]
+    assert glue.m._paste_slot(1, 2)(params)["value"] == ""
 
 
 def test_cards_page(glue):

@@ -130,8 +130,9 @@ def test_xyz_axes_on_forge_classic_without_format_value(glue, capsys):
     before_ui = glue.fakes["modules.script_callbacks"].registered["before_ui"][0]
     before_ui()
     before_ui()  # "Reload UI": no duplicates
-    assert [o.label for o in xyz.axis_options] == ["Seed", "OSTAF λ", "OSTAF adapter"]
-    lam, adapter = xyz.axis_options[1:]
+    labels = ["Seed", "OSTAF λ", "OSTAF adapter", "OSTAF λ shape", "OSTAF λ appearance"]
+    assert [o.label for o in xyz.axis_options] == labels
+    lam, adapter = xyz.axis_options[1:3]
     assert lam.format_value(None, lam, 0.25) == "OSTAF λ: 0.25"  # the host's own default
     assert adapter.format_value(None, adapter, "app") == "app"  # as A1111's format_value
     assert adapter.format_value(None, adapter, 0.123456789) == 0.12345679
