@@ -81,15 +81,19 @@ def delta_weight(down: torch.Tensor, up: torch.Tensor, alpha: float | None = Non
 class WeightPatcher:
     """Merge ``Σ λ_i ΔW_i`` into Linear weights and restore them bit-exactly.
 
-    ``deltas`` map a module name (as in ``modules``) to a float32 ΔW. Backups are taken
-    the first time a layer is touched and kept until :meth:`restore`; re-merging always
-    starts from the backup, never from merged weights.
+    ``deltas`` map a module name (as in ``modules``) to a float32 ΔW. A layer's backup is
+    taken the first time it is touched and kept while any term touches it; re-merging
+    always starts from the backup, never from merged weights. A new set of terms re-merges
+    only the layers whose terms changed (:attr:`last_touched`): a step schedule switching
+    one adapter costs that adapter's layers, nothing else.
     """
 
     def __init__(self, modules: Mapping[str, nn.Linear]) -> None:
         self.modules = dict(modules)
         self._backup: dict[str, torch.Tensor] = {}
+        self._layer_terms: dict[str, tuple] = {}  # layer → ((identity, λ), ...) merged in it
         self._current: tuple = ()
+        self.last_touched: list[str] = []  # layers restored or re-merged by the last apply
 
     @property
     def active(self) -> bool:
@@ -107,33 +111,54 @@ class WeightPatcher:
             self._check(deltas)
         wanted = tuple((key, lam) for key, _, lam in terms)
         if wanted == self._current:
+            self.last_touched = []
             return False
-        self.restore()
-        touched: dict[str, torch.Tensor] = {}
-        for _, deltas, lam in terms:
-            for name, delta in deltas.items():
-                acc = touched.get(name)
-                touched[name] = lam * delta if acc is None else acc + lam * delta
+        layer_terms: dict[str, list] = {}
+        for key, deltas, lam in terms:
+            for name in deltas:
+                layer_terms.setdefault(name, []).append((key, lam))
+        changed = [
+            n
+            for n in dict.fromkeys([*self._layer_terms, *layer_terms])
+            if tuple(layer_terms.get(n, ())) != self._layer_terms.get(n)
+        ]
         try:
             with torch.no_grad():
-                for name, total in touched.items():
-                    weight = self.modules[name].weight
-                    self._backup[name] = weight.detach().to("cpu", copy=True)
-                    merged = weight.detach().float() + total.to(weight.device)
-                    weight.copy_(merged.to(weight.dtype))
+                for name in changed:
+                    self._restore_layer(name)
+                    if name in layer_terms:
+                        self._merge_layer(name, terms)
         except BaseException:
             self.restore()
             raise
+        self._layer_terms = {n: tuple(t) for n, t in layer_terms.items()}
         self._current = wanted
+        self.last_touched = changed
         return True
+
+    def _merge_layer(self, name: str, terms: Sequence[tuple[Hashable, Mapping, float]]) -> None:
+        total = None
+        for _, deltas, lam in terms:
+            delta = deltas.get(name)
+            if delta is not None:
+                total = lam * delta if total is None else total + lam * delta
+        weight = self.modules[name].weight
+        self._backup[name] = weight.detach().to("cpu", copy=True)
+        merged = weight.detach().float() + total.to(weight.device)  # type: ignore[union-attr]
+        weight.copy_(merged.to(weight.dtype))
+
+    def _restore_layer(self, name: str) -> None:
+        saved = self._backup.pop(name, None)
+        if saved is not None:
+            weight = self.modules[name].weight
+            weight.copy_(saved.to(weight.device))
 
     def restore(self) -> None:
         """Put every touched weight back exactly as it was before the first apply."""
         with torch.no_grad():
-            for name, saved in self._backup.items():
-                weight = self.modules[name].weight
-                weight.copy_(saved.to(weight.device))
-        self._backup.clear()
+            for name in list(self._backup):
+                self._restore_layer(name)
+        self._layer_terms = {}
         self._current = ()
 
     def _check(self, deltas: Mapping[str, torch.Tensor]) -> None:

@@ -20,7 +20,7 @@ from modules import (
     ui_extra_networks,
 )
 
-from lib_ostaf import activation, cards, prompt_tags
+from lib_ostaf import activation, cards, prompt_tags, schedule
 from lib_ostaf.api import (
     PREFIX,
     WRITE_ROUTES,
@@ -290,6 +290,9 @@ class OstafScript(scripts.Script):
             p.extra_generation_params[prompt_tags.INFOTEXT_KEY] = plan.infotext()
         else:
             p.extra_generation_params.pop(prompt_tags.INFOTEXT_KEY, None)
+
+    def postprocess(self, p, processed, *args):
+        APPLIER.finish()  # weights a step schedule changed go back (Forge; A1111 is lazy)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         # Forge only: patch a clone of forge_objects.unet (Forge resets it before each call)
@@ -964,6 +967,15 @@ def _model_loaded(sd_model):
     APPLIER.forget()
 
 
+def _on_cfg_denoiser(params):
+    """Before each model call of a pass: the step schedule's boundaries (start=/end=)."""
+    denoiser = getattr(params, "denoiser", None)
+    calls = getattr(denoiser, "step", params.sampling_step)
+    step = schedule.webui_step(params.sampling_step, calls)
+    for msg in APPLIER.on_step(shared.sd_model, step, params.total_sampling_steps):
+        print(msg)
+
+
 def _unloaded():
     APPLIER.reset(getattr(shared, "sd_model", None))
 
@@ -972,4 +984,5 @@ script_callbacks.on_before_ui(_before_ui)
 script_callbacks.on_ui_tabs(_ui_tab)
 script_callbacks.on_app_started(_add_routes)
 script_callbacks.on_model_loaded(_model_loaded)
+script_callbacks.on_cfg_denoiser(_on_cfg_denoiser)
 script_callbacks.on_script_unloaded(_unloaded)

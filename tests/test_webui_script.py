@@ -71,7 +71,8 @@ def _fake_modules(tmp_path: Path, sd_model) -> dict[str, types.ModuleType]:
         return lambda fn, **kw: callbacks.setdefault(kind, []).append(fn)
 
     script_callbacks = types.ModuleType("modules.script_callbacks")
-    for kind in ("before_ui", "ui_tabs", "app_started", "model_loaded", "script_unloaded"):
+    kinds = ("before_ui", "ui_tabs", "app_started", "model_loaded", "script_unloaded")
+    for kind in (*kinds, "cfg_denoiser"):
         setattr(script_callbacks, f"on_{kind}", recorder(kind))
     script_callbacks.registered = callbacks
 
@@ -215,6 +216,7 @@ def test_callbacks_registrations_and_settings(glue):
         "app_started": 1,
         "model_loaded": 1,
         "script_unloaded": 1,
+        "cfg_denoiser": 1,
     }
     assert "ostaf_dir" in glue.fakes["modules.shared"].options_templates
     assert glue.m.REGISTRY.root == glue.dir.absolute()  # --ostaf-dir

@@ -456,6 +456,7 @@ class FakeLora:
         self.sd_model = sd_model
         self.loaded_networks: list[Any] = []
         self.loads = 0
+        self.remerged: list[str] = []  # layers re-merged, in order (what a set change costs)
         mapping = {}
         for name, module in sd_model.model.named_modules():
             layer = name.replace(".", "_")
@@ -498,9 +499,12 @@ class FakeLora:
             (n.name, n.te_multiplier, n.unet_multiplier, n.dyn_dim) for n in self.loaded_networks
         )
         if getattr(module, "network_weights_backup", None) is None and wanted:
+            if current:  # A1111: "no backup weights found and current weights are not unchanged"
+                raise RuntimeError("no backup weights found and current weights are not unchanged")
             module.network_weights_backup = module.weight.detach().to("cpu", copy=True)
         if current == wanted:
             return
+        self.remerged.append(layer)  # restored from its backup and merged again
         with torch.no_grad():
             backup = getattr(module, "network_weights_backup", None)
             if backup is not None:
@@ -592,7 +596,8 @@ def fake_script_modules(folder: Path) -> dict[str, types.ModuleType]:
         return lambda fn, **kw: callbacks.setdefault(kind, []).append(fn)
 
     script_callbacks = types.ModuleType("modules.script_callbacks")
-    for kind in ("before_ui", "ui_tabs", "app_started", "model_loaded", "script_unloaded"):
+    kinds = ("before_ui", "ui_tabs", "app_started", "model_loaded", "script_unloaded")
+    for kind in (*kinds, "cfg_denoiser"):
         setattr(script_callbacks, f"on_{kind}", recorder(kind))
     script_callbacks.registered = callbacks
 

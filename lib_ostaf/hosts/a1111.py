@@ -37,6 +37,7 @@ from ..object_job import ObjectRequest, run_object_training
 from ..offsets import WeightPatcher
 from ..parts import module_parts
 from ..registry import AdapterRegistry
+from ..schedule import StepSchedule
 from ..training_job import (
     Reporter,
     TrainRequest,
@@ -251,6 +252,12 @@ class A1111Host:
 # Generation: riding the built-in Lora, or our own merge when it is disabled
 
 
+def lora_names(loaded: Sequence[Any]) -> tuple[tuple[Any, ...], ...]:
+    """What the built-in Lora compares per layer to decide a re-merge (its ``wanted_names``:
+    name, te/unet multipliers and dyn_dim of each loaded Network, in order)."""
+    return tuple((n.name, n.te_multiplier, n.unet_multiplier, n.dyn_dim) for n in loaded)
+
+
 def lora_networks() -> Any | None:
     """The built-in Lora extension's ``networks`` module, if it is loaded and usable."""
     net = sys.modules.get("networks")
@@ -272,14 +279,18 @@ class A1111Applier:
         self._patcher: WeightPatcher | None = None
         self._patcher_unet: int | None = None
         self._info: UNetInfo | None = None
+        self._schedule: StepSchedule = StepSchedule([], [])
         self.mode = ""  # "lora" | "fallback" after the last apply
 
     def networks(self) -> Any | None:
         return self._networks if self._networks is not None else lora_networks()
 
     def apply(self, sd_model: Any, adapters: Sequence[PlannedAdapter]) -> list[str]:
-        """Make exactly ``adapters`` active (``[]`` = none); returns messages for skipped ones."""
+        """Make exactly ``adapters`` active (``[]`` = none); returns messages for skipped ones.
+        Scheduled adapters (``start``/``end``) switch later, in :meth:`on_step`."""
         messages = self.register_embeddings(sd_model, adapters)
+        self._schedule = StepSchedule(adapters, [(a.dials.start, a.dials.end) for a in adapters])
+        adapters = self._schedule.first()
         networks = self.networks()
         if networks is not None and getattr(sd_model, "network_layer_mapping", None) is not None:
             self.mode = "lora"
@@ -287,6 +298,42 @@ class A1111Applier:
             return messages + self._apply_lora(networks, adapters)
         self.mode = "fallback"
         return messages + self._apply_fallback(sd_model, adapters)
+
+    def on_step(self, sd_model: Any, step: int, total: int) -> list[str]:
+        """Before the model call of ``step`` of ``total`` (a WebUI's ``on_cfg_denoiser``):
+        switch the scheduled adapters whose window starts or ends here. Only their layers
+        are re-merged; nothing happens between boundaries."""
+        if not self._schedule.scheduled:
+            return []
+        adapters = self._schedule.at(step, total)
+        if adapters is None:
+            return []
+        networks = self.networks()
+        if self.mode == "lora" and networks is not None:
+            return self._switch_lora(networks, sd_model, adapters)
+        return self._apply_fallback(sd_model, adapters)
+
+    def _switch_lora(
+        self, networks: Any, sd_model: Any, adapters: Sequence[PlannedAdapter]
+    ) -> list[str]:
+        """Change our Networks in Lora's loaded set, and tell every layer no Network that
+        changed touches that its merge is still current (Lora compares each layer's
+        ``network_current_names`` with the whole set and would restore every layer)."""
+        nets = {n.name: n for n in networks.loaded_networks}
+        before = {key[0]: key for key in lora_names(networks.loaded_networks)}
+        old = lora_names(networks.loaded_networks)
+        messages = self._apply_lora(networks, adapters)
+        nets |= {n.name: n for n in networks.loaded_networks}
+        after = {key[0]: key for key in lora_names(networks.loaded_networks)}
+        new = lora_names(networks.loaded_networks)
+        moved = [nets[name] for name in nets if before.get(name) != after.get(name)]
+        touched = {layer for n in moved for layer in n.modules}
+        for layer, module in sd_model.network_layer_mapping.items():
+            if layer in touched or getattr(module, "network_current_names", ()) != old:
+                continue
+            if getattr(module, "network_weights_backup", None) is not None or not new:
+                module.network_current_names = new  # its weights already are what Lora wants
+        return messages
 
     def database(self) -> Any | None:
         return self._embedding_db if self._embedding_db is not None else embedding_db()
@@ -356,6 +403,9 @@ class A1111Applier:
             for module in list(mapping.values()):
                 if getattr(module, "network_current_names", ()):
                     networks.network_apply_weights(module)  # empty set → restore from backup
+
+    def finish(self) -> None:
+        """After a batch: nothing to do (Lora and the fallback restore at the next plan)."""
 
     def forget(self) -> None:
         """After a checkpoint change: drop cached networks and the fallback patcher."""

@@ -41,13 +41,15 @@ import torch
 from PIL import Image
 
 from ..activation import PlannedAdapter
-from ..apply import UNET_PREFIX
+from ..apply import UNET_PREFIX, merge_terms
 from ..errors import IncompatibleModelError, InputError, OstafError
 from ..images import square
 from ..jobs import Job, JobManager
-from ..naming import UNetInfo, inspect_unet, module_name_from_kohya
+from ..naming import UNetInfo, inspect_unet, is_linear_like, module_name_from_kohya
 from ..object_job import ObjectRequest, run_object_training
+from ..offsets import WeightPatcher
 from ..parts import module_parts
+from ..schedule import StepSchedule
 from ..training_job import TrainRequest, preserve_module_state, run_training, sweep_units
 from . import a1111, webui
 from .a1111 import NATIVE_RESOLUTION, A1111Applier, A1111Host, StateReporter
@@ -509,13 +511,53 @@ class ForgeApplier:
         self._info: tuple[int, UNetInfo] | None = None
         self._tokens: dict[str, tuple[object, ...]] = {}  # registered token → identity key
         self._legacy = A1111Applier()  # old Forge: tokens through A1111's embedding database
+        self._schedule: StepSchedule = StepSchedule([], [])
+        self._live: WeightPatcher | None = None  # scheduled adapters, on the sampling model
+        self._live_unet: torch.nn.Module | None = None
 
     # -- after the tags are activated (text side) -----------------------------------------
     def apply(self, sd_model: Any, adapters: Sequence[PlannedAdapter]) -> list[str]:
         """Remember the UNet side for :meth:`patch_unet`; register object tokens now (before
         the conditionings are computed). Returns messages for skipped parts."""
-        self.pending = [a for a in adapters if any(lam != 0 for _, lam in a.merges())]
+        self.finish()
+        on = [a for a in adapters if any(lam != 0 for _, lam in a.merges())]
+        self.pending = [a for a in on if not a.dials.scheduled]
+        timed = [a for a in on if a.dials.scheduled]
+        self._schedule = StepSchedule(timed, [(a.dials.start, a.dials.end) for a in timed])
         return self.register_embeddings(sd_model, adapters)
+
+    # -- on_cfg_denoiser: the step schedule ----------------------------------------------
+    def on_step(self, sd_model: Any, step: int, total: int) -> list[str]:
+        """Scheduled adapters are merged into the sampling model's weights directly (Forge's
+        patches load once per pass), only at boundaries and only their layers; the
+        weights are put back in :meth:`finish` (after the batch, and before any new plan)."""
+        if not self._schedule.scheduled:
+            return []
+        adapters = self._schedule.at(step, total)
+        if adapters is None:
+            return []
+        unet = sd_model.forge_objects.unet.model.diffusion_model
+        if self._live is None or self._live_unet is not unet:
+            self.finish()
+            linear = {n: m for n, m in unet.named_modules() if is_linear_like(m)}
+            self._live, self._live_unet = WeightPatcher(linear), unet
+        info = inspect_unet(unet)
+        terms, messages = [], []
+        for planned in adapters:
+            try:
+                weights = dict(planned.dials.parts)
+                terms += merge_terms(planned.adapter, unet, info, planned.weight, weights)
+            except OstafError as e:
+                messages.append(f"OSTAF: {planned.name}: {e}; skipped.")
+        with torch.inference_mode():  # Forge's weights are inference tensors
+            self._live.apply(terms)
+        return messages
+
+    def finish(self) -> None:
+        """Put back the weights the step schedule changed (bit-exact)."""
+        if self._live is not None:
+            with torch.inference_mode():
+                self._live.restore()
 
     def register_embeddings(self, sd_model: Any, adapters: Sequence[PlannedAdapter]) -> list[str]:
         engines = text_engines(sd_model)
@@ -617,6 +659,8 @@ class ForgeApplier:
 
     def reset(self, sd_model: Any = None) -> None:
         """Forget the plan and unregister our tokens (patches die with Forge's reset)."""
+        self.finish()
+        self._schedule = StepSchedule([], [])
         self.pending = []
         if sd_model is not None and self._tokens:
             for engine in text_engines(sd_model):
@@ -627,6 +671,7 @@ class ForgeApplier:
             self._legacy.register_embeddings(sd_model, [])  # removes the tokens it registered
 
     def clear_for_training(self, sd_model: Any) -> None:
+        self.finish()
         self.pending = []
 
     def forget(self) -> None:
