@@ -781,3 +781,68 @@ def fake_ldm_forge_modules(sd_model: FakeLdmForgeModel, flavour: str = "classic"
         )
     finally:
         _restore(saved)
+
+
+# --------------------------------------------------------------------------- Forge's gradio
+
+
+class _ForgeEventWrapper:
+    """Forge's ``EventWrapper``: an event listener that takes gradio 3's ``_js=`` as ``js=``."""
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if "_js" in kwargs:
+            kwargs["js"] = kwargs.pop("_js")
+        return self.event(*args, **kwargs)
+
+
+def forge_gradio_patches(gr: Any) -> None:
+    """What Forge 2's ``modules/gradio_extensions.py`` does to gradio 4 at start, restated:
+    every component and layout with events gets an ``__init__`` that takes ``tooltip=``,
+    turns gradio 3's ``source=x`` into ``sources=[x]``, drops any other keyword its gradio 4
+    ``__init__`` lacks (with a warning: "unexpected argument for <class>: <name>"), and wraps
+    each event so that ``_js=`` works; ``Dependency.then`` takes ``_js=`` too; ``gr.Box`` is
+    ``gr.Group``. Patches the classes of ``gr`` in place (a test process of its own)."""
+    import functools
+    import inspect
+    import warnings
+
+    def repair(cls: type) -> None:
+        original = cls.__init__
+        allowed = inspect.signature(original).parameters
+
+        @functools.wraps(original)
+        def __init__(self, *args, tooltip=None, source=None, **kwargs):
+            if source:
+                kwargs["sources"] = [source]
+            for key in [k for k in kwargs if k not in allowed]:
+                warnings.warn(f"unexpected argument for {cls.__name__}: {key}", stacklevel=2)
+                del kwargs[key]
+            original(self, *args, **kwargs)
+            self.webui_tooltip = tooltip
+            for event in self.EVENTS:
+                setattr(self, str(event), _ForgeEventWrapper(getattr(self, str(event))))
+
+        cls.__init__ = __init__
+
+    for name in sorted(set(gr.components.__all__ + gr.layouts.__all__)):
+        cls = getattr(gr, name, None)
+        if isinstance(cls, type) and getattr(cls, "EVENTS", None):
+            repair(cls)
+
+    class Dependency(gr.events.Dependency):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            then = self.then
+
+            def then_js(*a: Any, _js: str | None = None, **k: Any) -> Any:
+                if _js:
+                    k["js"] = _js
+                return then(*a, **k)
+
+            self.then = then_js
+
+    gr.events.Dependency = Dependency
+    gr.Box = gr.Group

@@ -9,6 +9,8 @@
   ``load_network`` (kohya file → modules keyed by ``network_layer_name``, through
   :func:`a1111_lookup`: A1111's own key rules restated, never lib_ostaf's naming), and
   the lazy per-layer backup / restore / merge of ``network_apply_weights``.
+* :func:`fake_script_modules` — the ``modules.*`` that ``scripts/ostaf.py`` imports, enough
+  to build its tab and accordion under a real gradio (tests/test_gradio_wiring.py).
 """
 
 from __future__ import annotations
