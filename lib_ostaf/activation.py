@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from .adapter_file import AdapterFile, LoraModule, sd_version_label
 from .errors import OstafError
 from .offsets import check_lambda
-from .parts import part_names, split_by_part
+from .parts import part_names, split_by_part, token_weight
 from .prompt_tags import AdapterRequest, Dials, format_infotext, request_from_items
 from .registry import AdapterRegistry, preferred_weight
 
@@ -55,11 +55,8 @@ class PlannedAdapter:
 
     @property
     def token_weight(self) -> float:
-        """λ of an attribute's learned token: its appearance or style part's, else the
-        file's λ (a shape part learns no token)."""
-        names = part_names(self.adapter)
-        token_part = next((p for p in ("appearance", "style") if p in names), None)
-        return self.weight if token_part is None else self.part_weight(token_part)
+        """λ of an attribute's learned token (its appearance/style part's)."""
+        return token_weight(self.adapter, self.weight, dict(self.dials.parts))
 
 
 @dataclass

@@ -64,7 +64,9 @@ class TrainBody(RunBody):
 
     image: str = Field(..., description="reference image, base64 (data URL accepted)")
     name: str = Field(..., description="output adapter name (file stem)")
-    attribute: str = Field("appearance", description="appearance | shape | style")
+    attribute: str = Field(
+        "appearance", description="appearance | shape | style | shape+appearance | shape+style"
+    )
     token: str = "ostafv"
     prompt: str = ""
     steps: int = Field(400, ge=1, le=100_000)

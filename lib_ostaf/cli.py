@@ -14,12 +14,15 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from .adapter_file import ADAPTER_SUFFIX, PREVIEW_SUFFIX, AdapterFile, load_adapter
-from .augment import ATTRIBUTES
 from .devices import DTYPES
 from .embeddings import adapter_embeddings, load_embedding, scaled_embeddings, validate_token
 from .errors import InputError, OstafError
 from .memory import CHECKPOINTING, PRECISIONS
 from .offsets import check_lambda
+from .parts import part_names, token_weight
+from .prompt_tags import Dials
+from .schedule import StepSchedule
+from .train import ATTRIBUTE_CHOICES
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_IMAGE = ASSETS / "reference.png"
@@ -43,6 +46,23 @@ def resolve_adapter(spec: str, adapters_dir: Path) -> tuple[AdapterFile, float |
     if not path.exists():
         raise InputError(f"adapter not found: {path}")
     return load_adapter(path), lam
+
+
+def resolve_request(spec: str, adapters_dir: Path) -> tuple[AdapterFile, float | None, Dials]:
+    """:func:`resolve_adapter` plus trailing dials, as in a prompt tag:
+    ``name:1:shape=0.5:appearance=1.2:start=0.2:end=0.8``."""
+    items = spec.split(":")
+    split = len(items)
+    while split > 1 and "=" in items[split - 1]:
+        split -= 1
+    dials = Dials.parse(items[split:])
+    adapter, lam = resolve_adapter(":".join(items[:split]), adapters_dir)
+    names = part_names(adapter)
+    unknown = [p for p, _ in dials.parts if p not in names]
+    if unknown:
+        has = ", ".join(names) or "none recorded"
+        raise InputError(f"{adapter.name} has no {', '.join(unknown)} part (its parts: {has})")
+    return adapter, lam, dials
 
 
 def grid(images: Sequence[Image.Image], cols: int, labels: Sequence[str] = ()) -> Image.Image:
@@ -90,6 +110,49 @@ def lambda_sweep(
     return grid(cells, len(lambdas), [f"lambda {lam:g}" for lam in lambdas])
 
 
+def _generate(args: argparse.Namespace) -> int:
+    host = _load(args)
+    adapters, windows = [], []
+    embeddings: dict = {}
+    for spec in args.adapter:
+        adapter, lam, dials = resolve_request(spec, args.adapters_dir)
+        lam = adapter.default_lambda if lam is None else lam
+        adapters.append((adapter, lam, dict(dials.parts)))
+        windows.append((dials.start, dials.end))
+        found = adapter_embeddings(adapter, host.family)
+        token_lam = token_weight(adapter, lam, dict(dials.parts))
+        embeddings |= scaled_embeddings(adapter, found, token_lam, host.text_encoders)
+    for spec in args.embedding:
+        token, vectors = _embedding_file(spec, host.family)
+        embeddings[token] = vectors
+    if embeddings:
+        print(f"tokens: {', '.join(embeddings)}")
+    schedule = StepSchedule(adapters, windows)
+
+    def on_step(step: int, total: int) -> None:  # only where the active set changes
+        on = schedule.at(step, total)
+        if on is not None:
+            host.apply_adapters(on)
+
+    host.apply_adapters(schedule.first())
+    try:
+        image = host.generate(
+            args.prompt,
+            seed=args.seed,
+            steps=args.steps,
+            guidance=args.guidance,
+            negative_prompt=args.negative,
+            size=args.size,
+            on_step=on_step if schedule.scheduled else None,
+            **({"embeddings": embeddings} if embeddings else {}),
+        )
+    finally:
+        host.apply_adapters([])
+    image.save(args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lib_ostaf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train an OSTAF adapter from one reference image")
     t.add_argument("--image", required=True, type=Path)
-    t.add_argument("--attribute", required=True, choices=ATTRIBUTES)
+    t.add_argument("--attribute", required=True, choices=ATTRIBUTE_CHOICES)
     t.add_argument("--name", required=True, help="output name (file stem)")
     t.add_argument("--out", type=Path, default=DEFAULT_OUT)
     t.add_argument("--token", default=None, help="placeholder word (default ostafv)")
@@ -209,7 +272,10 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate with adapters applied")
     g.add_argument("--prompt", required=True)
     g.add_argument(
-        "--adapter", action="append", default=[], help="name[:λ] or file[:λ]; repeatable"
+        "--adapter",
+        action="append",
+        default=[],
+        help="name[:λ][:shape=λ:appearance=λ][:start=f:end=f] or file[:λ…]; repeatable",
     )
     g.add_argument("--adapters-dir", type=Path, default=DEFAULT_OUT)
     g.add_argument(
@@ -339,36 +405,7 @@ def _run(args: argparse.Namespace) -> int:
         return _share(args)
 
     if args.command == "generate":
-        host = _load(args)
-        adapters = []
-        embeddings: dict = {}
-        for spec in args.adapter:
-            adapter, lam = resolve_adapter(spec, args.adapters_dir)
-            lam = adapter.default_lambda if lam is None else lam
-            adapters.append((adapter, lam))
-            found = adapter_embeddings(adapter, host.family)
-            embeddings |= scaled_embeddings(adapter, found, lam, host.text_encoders)
-        for spec in args.embedding:
-            token, vectors = _embedding_file(spec, host.family)
-            embeddings[token] = vectors
-        if embeddings:
-            print(f"tokens: {', '.join(embeddings)}")
-        host.apply_adapters(adapters)
-        try:
-            image = host.generate(
-                args.prompt,
-                seed=args.seed,
-                steps=args.steps,
-                guidance=args.guidance,
-                negative_prompt=args.negative,
-                size=args.size,
-                **({"embeddings": embeddings} if embeddings else {}),
-            )
-        finally:
-            host.apply_adapters([])
-        image.save(args.output)
-        print(f"wrote {args.output}")
-        return 0
+        return _generate(args)
 
     if args.command == "sweep":
         host = _load(args)

@@ -16,6 +16,7 @@ from .augment import ATTRIBUTES
 
 PARTS_KEY = "ostaf.parts"
 PART_SEPARATOR = "+"
+TOKEN_PARTS = ("appearance", "style")  # the parts that learn the placeholder's vector
 
 
 def attribute_parts(attribute: str) -> tuple[str, ...]:
@@ -69,3 +70,11 @@ def split_by_part(
     for key, module in adapter.modules.items():
         groups.setdefault(parts.get(key, ""), {})[key] = module
     return [(part, mods, float(weights.get(part, default))) for part, mods in groups.items()]
+
+
+def token_weight(adapter: AdapterFile, weight: float, part_weights: Mapping[str, float]) -> float:
+    """λ of an attribute's learned token: its appearance or style part's λ, else the file's
+    (a shape part learns no token)."""
+    names = part_names(adapter)
+    part = next((p for p in TOKEN_PARTS if p in names), None)
+    return weight if part is None else float(part_weights.get(part, weight))

@@ -39,7 +39,7 @@ from lib_ostaf.naming import ATTN_NAMES, PROJ_NAMES
 from lib_ostaf.object_job import ObjectRequest
 from lib_ostaf.objects import EMBEDDINGS_FOLDER
 from lib_ostaf.registry import resolve_adapters_dir
-from lib_ostaf.train import DEFAULT_PROMPTS
+from lib_ostaf.train import ATTRIBUTE_CHOICES, DEFAULT_PROMPTS
 from lib_ostaf.training_job import TrainRequest
 
 N_SLOTS = 3  # adapters the accordion can pick
@@ -732,9 +732,9 @@ def _attribute_tab():
         with gr.Column():
             image = gr.Image(label="Reference image", type="pil", elem_id="ostaf_image")
             attribute = gr.Radio(
-                ["appearance", "shape", "style"],
+                list(ATTRIBUTE_CHOICES),
                 value="appearance",
-                label="Attribute to learn",
+                label="Attribute to learn (shape+appearance: both parts in one file)",
                 elem_id="ostaf_attribute",
             )
             name = gr.Textbox(label="Adapter name", placeholder="my_texture", elem_id="ostaf_name")

@@ -128,3 +128,66 @@ def test_diffusers_host_merges_each_part_with_its_lambda(sd1_host, both, tmp_pat
     finally:
         sd1_host.apply_adapters([])
     assert all(torch.equal(linear[n].weight, w) for n, w in before.items())
+
+
+def test_schedule_on_the_diffusers_host_switches_at_boundaries_only(sd1_host, both, tmp_path):
+    from lib_ostaf.schedule import StepSchedule
+
+    result, _ = both
+    adapter = load_adapter(export(result, tmp_path, "duo"))
+    unet_weights = lambda: {k: v.clone() for k, v in sd1_host.unet.state_dict().items()}  # noqa: E731
+    base = unet_weights()
+
+    def render(window, record=None):
+        schedule = StepSchedule([(adapter, 1.0, {"shape": 0.5})], [window])
+        calls = []
+
+        def on_step(step, total):
+            on = schedule.at(step, total)
+            if on is not None:
+                calls.append(step)
+                sd1_host.apply_adapters(on)
+            if record is not None:
+                record.append(sd1_host.patcher.active)
+
+        sd1_host.apply_adapters(schedule.first())
+        try:
+            image = sd1_host.generate("a ostafv object", seed=3, steps=4, on_step=on_step)
+        finally:
+            sd1_host.apply_adapters([])
+        return image.tobytes(), calls
+
+    full, calls = render((0.0, 1.0))
+    assert calls == []  # no schedule: merged once before the first step
+    none, _ = render((0.0, 0.0001))  # off from step 1: only step 0 sees the adapter
+    seen: list[bool] = []
+    late, calls = render((0.5, 1.0), seen)
+    assert calls == [2] and seen == [False, False, True, True]
+    assert len({full, none, late}) == 3
+    again, _ = render((0.0, 1.0))
+    assert again == full  # the same seed, the same bytes
+    assert all(torch.equal(v, base[k]) for k, v in sd1_host.unet.state_dict().items())
+
+
+def test_cli_generate_with_dials(both, tmp_path, capsys):
+    from lib_ostaf.cli import main, resolve_request
+
+    result, _ = both
+    export(result, tmp_path, "duo")
+    adapter, lam, dials = resolve_request("duo:0.5:shape=2:end=0.5", tmp_path)
+    assert (adapter.name, lam, dials.parts, dials.end) == ("duo", 0.5, (("shape", 2.0),), 0.5)
+    with pytest.raises(InputError, match="no style part"):
+        resolve_request("duo:1:style=1", tmp_path)
+    with pytest.raises(InputError, match="not a dial"):
+        resolve_request("duo:1:colour=1", tmp_path)
+    images = {}
+    for spec in ("duo:1", "duo:1:appearance=0:start=0.5"):
+        out = tmp_path / f"{len(images)}.png"
+        argv = ["generate", "--model", "tiny-sd1", "--prompt", "a ostafv object", "--adapter", spec]
+        argv += ["--steps", "2"]
+        assert main([*argv, "--adapters-dir", str(tmp_path), "--output", str(out)]) == 0
+        images[spec] = out.read_bytes()
+    assert len(set(images.values())) == 2
+    bad = ["generate", "--model", "tiny-sd1", "--prompt", "x", "--adapter", "duo:1:shape"]
+    assert main([*bad, "--adapters-dir", str(tmp_path), "--output", str(tmp_path / "x.png")]) == 2
+    assert "must be a number, got 'shape'" in capsys.readouterr().err

@@ -359,7 +359,7 @@ class A1111Applier:
         device = getattr(sys.modules.get("modules.devices"), "device", None)  # as A1111's TI
         for token, (planned, vectors) in wanted.items():
             known = self._tokens.get(token)
-            key = (planned.identity, planned.weight)  # a learned placeholder scales with λ
+            key = (planned.identity, planned.token_weight)  # a learned placeholder: its λ
             if known and known[0] == key and db.word_embeddings.get(token) is known[1]:
                 continue  # registered and still there (a TI reload clears the database)
             try:

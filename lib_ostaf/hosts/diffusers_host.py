@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -229,8 +229,10 @@ class DiffusersHost:
         negative_prompt: str = "",
         size: int | None = None,
         embeddings: Embeddings | None = None,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> Image.Image:
-        """One image. ``embeddings``: new tokens' vectors, spliced where the tokens occur."""
+        """One image. ``embeddings``: new tokens' vectors, spliced where the tokens occur.
+        ``on_step(step, total)`` runs before each denoising step (a step schedule)."""
         size = size or self.resolution
         generator = torch.Generator("cpu").manual_seed(int(seed))
         text: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt or None}
@@ -238,8 +240,19 @@ class DiffusersHost:
             text = self._pipe_embeds(prompt, embeddings, "")
             if negative_prompt:
                 text |= self._pipe_embeds(negative_prompt, embeddings, "negative_")
+        extra: dict[str, Any] = {}
+        if on_step is not None:
+            on_step(0, steps)
+
+            def after(_pipe: Any, i: int, _t: Any, kwargs: dict) -> dict:
+                if i + 1 < steps:
+                    on_step(i + 1, steps)
+                return kwargs
+
+            extra["callback_on_step_end"] = after
         out = self.pipe(
             **text,
+            **extra,
             num_inference_steps=steps,
             guidance_scale=guidance,
             height=size,

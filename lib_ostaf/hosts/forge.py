@@ -578,7 +578,7 @@ class ForgeApplier:
             messages.append("OSTAF: this Forge model has no text engine; object tokens skipped.")
             return messages
         for token, (planned, vectors) in wanted.items():
-            key = (*planned.identity, planned.weight, dbs)  # a learned placeholder scales with λ
+            key = (*planned.identity, planned.token_weight, dbs)  # a learned placeholder: its λ
             if self._tokens.get(token) == key:
                 continue
             try:

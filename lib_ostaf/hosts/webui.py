@@ -123,7 +123,7 @@ def wanted_tokens(
             continue
         if found and encoders is not None and planned.adapter.metadata.get("ostaf.token_init"):
             try:
-                found = scaled_embeddings(planned.adapter, found, planned.weight, encoders())
+                found = scaled_embeddings(planned.adapter, found, planned.token_weight, encoders())
             except (OstafError, NotImplementedError) as e:
                 messages.append(f"OSTAF: {planned.name}: token not scaled by λ ({e}).")
         for token, vectors in found.items():
