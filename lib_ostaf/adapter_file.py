@@ -896,6 +896,25 @@ def write_card(
     overwrite: bool,
 ) -> Path:
     """Write the A1111 card ``<stem>.json`` (``stem_path`` may also end in .safetensors)."""
+    data = card_bytes(
+        preferred_weight=preferred_weight,
+        activation_text=activation_text,
+        description=description,
+        sd_version=sd_version,
+        notes=notes,
+    )
+    return atomic_write(_sidecar(stem_path, CARD_SUFFIX), data, overwrite=overwrite)
+
+
+def card_bytes(
+    *,
+    preferred_weight: float,
+    activation_text: str,
+    description: str,
+    sd_version: str,
+    notes: str = "",
+) -> bytes:
+    """The A1111 card's JSON (UTF-8); InputError for a bad sd version or weight."""
     if sd_version not in _SD_VERSIONS:
         raise InputError(f"sd_version must be one of {_SD_VERSIONS}, got {sd_version!r}.")
     weight = float(preferred_weight)
@@ -909,8 +928,7 @@ def write_card(
         "negative text": "",
         "notes": str(notes),
     }
-    data = json.dumps(card, indent=4, ensure_ascii=False).encode("utf-8")
-    return atomic_write(_sidecar(stem_path, CARD_SUFFIX), data, overwrite=overwrite)
+    return json.dumps(card, indent=4, ensure_ascii=False).encode("utf-8")
 
 
 def write_preview(stem_path: str | Path, image: Image.Image, *, overwrite: bool) -> Path:

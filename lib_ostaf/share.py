@@ -33,11 +33,11 @@ from .adapter_file import (
     PREVIEW_SUFFIX,
     AdapterFile,
     _umask,
+    card_bytes,
     file_hashes,
     load_adapter,
     sd_version_label,
     validate_name,
-    write_card,
 )
 from .cards import trigger_forms, trigger_notes
 from .embeddings import EMBEDDINGS_FOLDER, embedding_files, file_stem
@@ -138,11 +138,14 @@ def plan_share(
             f"{name}: the file does not say whether it is SD1, SD2 or SDXL; give the base "
             "model's Hugging Face id."
         )
+    embeddings = embedding_files(adapter)  # a missing file: an error naming it
+    for token in embeddings:
+        file_stem(token)  # its file name in the share (a malformed token: InputError)
     return SharePlan(
         adapter=adapter,
         out_dir=out,
         base_model=base_model or hub_base_model(adapter),
-        embeddings=embedding_files(adapter),  # a missing file: an error naming it
+        embeddings=embeddings,
         card=_read_card(path.with_name(name + CARD_SUFFIX)),
         overwrite=overwrite,
     )
@@ -172,9 +175,11 @@ def civitai_hashes(path: str | Path) -> dict[str, str]:
 
 def preview_prompt(adapter: AdapterFile) -> str:
     """The prompt the adapter was trained (and its card picture rendered) with."""
-    tokens = json.loads(adapter.metadata.get("ostaf.tokens", "[]") or "[]")
-    prompt = adapter.metadata.get("ostaf.prompt", "")
-    prompt = prompt.replace("{tokens}", " and ".join(str(t) for t in tokens))
+    tokens: object = []
+    with contextlib.suppress(ValueError):
+        tokens = json.loads(adapter.metadata.get("ostaf.tokens", "[]"))
+    words = [str(t) for t in tokens] if isinstance(tokens, list) else []
+    prompt = adapter.metadata.get("ostaf.prompt", "").replace("{tokens}", " and ".join(words))
     return prompt or adapter.metadata.get("modelspec.trigger_phrase", "") or adapter.name
 
 
@@ -194,7 +199,7 @@ def write_share(
     previews = []
     if picture.is_file():
         files[picture.name] = picture
-        lam = f"λ {plan.adapter.default_lambda:g}"
+        lam = f"λ {preferred_weight(plan.card) or plan.adapter.default_lambda:g}"
         previews.append(Preview(picture.name, preview_prompt(plan.adapter), lam))
     if sweep is not None:
         buf = io.BytesIO()
@@ -223,19 +228,13 @@ def _a1111_card(plan: SharePlan) -> bytes:
     md, card = plan.adapter.metadata, plan.card
     notes = [str(card.get("notes", "") or ""), trigger_notes(plan.tokens, plan.name)]
     weight = preferred_weight(card)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_card(
-            Path(tmp) / plan.name,
-            preferred_weight=weight if weight is not None else plan.adapter.default_lambda,
-            activation_text=str(
-                card.get("activation text") or md.get("modelspec.trigger_phrase", "")
-            ),
-            description=str(card.get("description") or md.get("modelspec.description", "")),
-            sd_version=sd_version_label(plan.adapter.family),
-            notes="\n".join(n for n in notes if n),
-            overwrite=False,
-        )
-        return path.read_bytes()
+    return card_bytes(
+        preferred_weight=weight if weight is not None else plan.adapter.default_lambda,
+        activation_text=str(card.get("activation text") or md.get("modelspec.trigger_phrase", "")),
+        description=str(card.get("description") or md.get("modelspec.description", "")),
+        sd_version=sd_version_label(plan.adapter.family),
+        notes="\n".join(n for n in notes if n),
+    )
 
 
 # --------------------------------------------------------------------------- model card
