@@ -312,8 +312,7 @@ def test_non_finite_steps_are_skipped_then_training_stops():
 
 def test_webui_tokens_scale_with_each_adapters_lambda(sd1_host, tmp_path):
     """The WebUI appliers' token list: a learned placeholder at the adapter's λ."""
-    from types import SimpleNamespace
-
+    from lib_ostaf.activation import PlannedAdapter
     from lib_ostaf.embeddings import adapter_embeddings
     from lib_ostaf.hosts.webui import wanted_tokens
 
@@ -323,7 +322,7 @@ def test_webui_tokens_scale_with_each_adapters_lambda(sd1_host, tmp_path):
     (v,) = adapter_embeddings(adapter, "sd1")["ostafv"]
     (v0,) = result.token_init["ostafv"]
     for lam, t in ((0.0, 0.0), (0.5, 0.5), (2.0, 1.0)):
-        planned = SimpleNamespace(adapter=adapter, weight=lam, name="a")
+        planned = PlannedAdapter("a", adapter, lam, short_hash="")
         wanted, messages = wanted_tokens([planned], "sd1", lambda: sd1_host.text_encoders)
         assert messages == []
         torch.testing.assert_close(wanted["ostafv"][1][0], v0 + t * (v - v0))
