@@ -71,7 +71,7 @@ FIDELITY_KEEP = 0.8  # both ≥ 0.8 × alone
 LEAK_TOLERANCE = 0.05  # both's leak gain ≤ alone's + 0.05 (the single benchmark's limit)
 QUICK_STEPS = 20
 COLUMNS = ("p_new_shape", "iou_A", "gram_A", "colour_A", "p_ref_colour", "p_new_texture",
-           "iou_B", "gram_B", "control")  # fmt: skip
+           "iou_B", "gram_B", "colour_B", "control")  # fmt: skip
 
 
 def composed_prompts() -> tuple[tuple[str, ...], tuple[dict[str, str], ...]]:
@@ -309,7 +309,8 @@ def markdown(table: dict) -> str:
             f"{f['alone']:.2f} | {'✓' if f['pass'] else '✗'} |"
         )
         out.append(
-            f"| {attr} leak ({leak['metric']}) ≤ alone + {LEAK_TOLERANCE} | {leak['both']:.2f} | "
+            f"| {attr} leak ({leak['metric']}, {'↑' if leak['higher_is_leak'] else '↓'} = leak) "
+            f"at most {LEAK_TOLERANCE} past alone | {leak['both']:.2f} | "
             f"{leak['alone']:.2f} | {'✓' if leak['pass'] else '✗'} (excess {leak['excess']:+.2f}) |"
         )
         side = f.get("vs_attribute_benchmark")
