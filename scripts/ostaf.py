@@ -39,6 +39,7 @@ from lib_ostaf.naming import ATTN_NAMES, PROJ_NAMES
 from lib_ostaf.object_job import ObjectRequest
 from lib_ostaf.objects import EMBEDDINGS_FOLDER
 from lib_ostaf.registry import resolve_adapters_dir
+from lib_ostaf.share import share_adapter
 from lib_ostaf.train import ATTRIBUTE_CHOICES, DEFAULT_PROMPTS
 from lib_ostaf.training_job import TrainRequest
 
@@ -672,10 +673,11 @@ def _object_tab():
             gallery = _result_gallery("ostaf_obj_gallery")
             log = gr.Textbox(label="Log", lines=6, interactive=False, elem_id="ostaf_obj_log")
             result = gr.HTML(elem_id="ostaf_obj_result")
+            share_dir = _share_row("ostaf_obj", name, result)
     # A1111 keys saved UI defaults (ui-config.json) by tab + label: the attribute tab's
     # labels (Steps, Rank, Seed, …) would be shared, so this tab's components opt out.
     shared_labels = [name, steps, rank, seed, default_lambda, preview_every, overwrite,
-                     precision, checkpointing, log, gallery]  # fmt: skip
+                     precision, checkpointing, log, gallery, share_dir]  # fmt: skip
     for component in shared_labels:
         component.do_not_save_to_config = True
     image.change(
@@ -819,6 +821,7 @@ def _attribute_tab():
             gallery = _result_gallery("ostaf_gallery")
             log = gr.Textbox(label="Log", lines=6, interactive=False, elem_id="ostaf_log")
             result = gr.HTML(elem_id="ostaf_result")
+            _share_row("ostaf", name, result)
     inputs = {
         "id_task": dummy,
         "image": image,
@@ -849,6 +852,36 @@ def _attribute_tab():
         outputs=[gallery, log, result],
     )
     interrupt.click(fn=_interrupt_ui, inputs=wire(_interrupt_ui, {}), outputs=[])
+
+
+def _share_row(prefix, name, result):
+    """*Share*: the adapter named in ``name`` as a folder ready for a model hub
+    (lib_ostaf.share: LoRA, embeddings, card picture, README.md model card with hashes)."""
+    with gr.Row():
+        share_dir = gr.Textbox(
+            label="Share to folder (empty: outputs/ostaf-share/<name>)",
+            elem_id=f"{prefix}_share_dir",
+        )
+        share = gr.Button("Share", elem_id=f"{prefix}_share")
+    share.click(
+        fn=_share_ui,
+        inputs=wire(_share_ui, {"name": name, "share_dir": share_dir}),
+        outputs=[result],
+    )
+    return share_dir
+
+
+def _share_ui(name, share_dir):
+    name = str(name or "").strip()
+    try:
+        root = Path(getattr(shared.cmd_opts, "data_dir", "") or ".") / "outputs" / "ostaf-share"
+        out = Path(share_dir.strip()) if str(share_dir or "").strip() else root / name
+        path = share_adapter(REGISTRY.root, name, out)
+    except (OstafError, OSError) as e:
+        return cards.error_html(e)
+    where = html.escape(str(Path(path).absolute()))
+    ready = f"OSTAF: {html.escape(name)} is ready to upload in <code>{where}</code>"
+    return f"<p>{ready} (its README.md is the model card).</p>"
 
 
 def _result_gallery(elem_id):

@@ -51,6 +51,7 @@ TAB_EVENTS = {  # the functions the OSTAF tab and accordion call, with how often
     "_image_to_editors": 1,
     "_interrupt_ui": 2,
     "_refresh_names": 1,
+    "_share_ui": 2,
 }
 
 
