@@ -46,10 +46,10 @@ from .adapter_file import (
     LoraModule,
     atomic_write,
     build_metadata,
+    content_hashes,
     lora_state_dict,
     save_adapter,
     sd_version_label,
-    sshs_hashes,
     validate_name,
     write_card,
     write_preview,
@@ -1156,7 +1156,7 @@ def export_objects(
         tensors = lora_state_dict(modules, save_dtype) | bundle_state_dict(
             result.embeddings, family
         )
-        md["sshs_model_hash"], md["sshs_legacy_hash"] = sshs_hashes(tensors, md)
+        md |= content_hashes(tensors, md)  # sshs_* and modelspec.hash_sha256
         import safetensors.torch
 
         atomic_write(files.bundle, safetensors.torch.save(tensors, md), overwrite=overwrite)

@@ -3,6 +3,7 @@ one image, the files, diffusers interop, the CLI and bad input."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -247,6 +248,12 @@ def test_files_tokens_classes_and_bundle(trained, tmp_path):
     bundled = load_adapter(files.bundle)
     assert set(bundled.embeddings) == set(TOKENS)
     assert set(bundled.modules) == set(adapter.modules)
+    # its ModelSpec hash is 0x + the SHA-256 of the tensor bytes (header excluded)
+    raw = files.bundle.read_bytes()
+    header = 8 + int.from_bytes(raw[:8], "little")
+    digest = hashlib.sha256(raw[header:]).hexdigest()
+    assert bundled.metadata["modelspec.hash_sha256"] == "0x" + digest
+    assert bundled.metadata["sshs_model_hash"] == digest
     assert "<obj1>" in json.loads((tmp_path / "pair.a1111.json").read_text())["activation text"]
     # the object adapter finds its embeddings in both forms
     for source in (adapter, bundled):
