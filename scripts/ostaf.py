@@ -43,6 +43,25 @@ from lib_ostaf.share import share_adapter
 from lib_ostaf.train import ATTRIBUTE_CHOICES, DEFAULT_PROMPTS
 from lib_ostaf.training_job import TrainRequest
 
+
+def _sdnext() -> bool:
+    """SD.Next (vladmandic/sdnext), by feature: its ``modules.shared`` runs the model on the
+    diffusers backend (``shared.backend`` is its ``Backend.DIFFUSERS``, ``shared.native`` is
+    True). A1111 and the Forges have neither attribute; their models are ldm/sgm modules,
+    which this extension's hosts need."""
+    backend = getattr(shared, "backend", None)
+    return getattr(shared, "native", None) is True and getattr(backend, "name", "") == "DIFFUSERS"
+
+
+SDNEXT = _sdnext()
+SDNEXT_MESSAGE = (
+    "[OSTAF] SD.Next (diffusers backend): the OSTAF tab, <ostaf:…> tags, accordion, X/Y/Z "
+    "axes and /ostaf API are not available here; OSTAF adapter files load through SD.Next's "
+    "own LoRA: put the .safetensors in models/Lora and use <lora:name:λ>"
+)
+if SDNEXT:  # one line, then nothing is registered (see the end of this file)
+    print(SDNEXT_MESSAGE)
+
 N_SLOTS = 3  # adapters the accordion can pick
 SLOT_WIDTH = 3  # each slot: adapter, λ, dials ("shape=0.6:end=0.8")
 PART_AXES = ("shape", "appearance")  # parts with their own X/Y/Z axis
@@ -89,57 +108,58 @@ def _adapters_dir() -> Path:
 REGISTRY = STATE.registry(_adapters_dir)
 JOBS, APPLIER = STATE.jobs, STATE.applier
 
-shared.options_templates.update(
-    shared.options_section(
-        ("ostaf", "OSTAF"),
-        {
-            "ostaf_dir": shared.OptionInfo(
-                "", "Adapters folder (empty: models/ostaf; --ostaf-dir overrides)"
-            ),
-            "ostaf_preview_every": shared.OptionInfo(
-                50,
-                "Training: live preview every N steps (0 = off)",
-                gr.Slider,
-                {"minimum": 0, "maximum": 1000, "step": 1},
-            ),
-            "ostaf_preview_steps": shared.OptionInfo(
-                12,
-                "Training: sampling steps of a preview",
-                gr.Slider,
-                {"minimum": 1, "maximum": 50, "step": 1},
-            ),
-            "ostaf_preview_size": shared.OptionInfo(
-                0,
-                "Training: preview size in pixels (0 = training size)",
-                gr.Number,
-                {"precision": 0},
-            ),
-            "ostaf_sweep": shared.OptionInfo(
-                "0, 0.5, 1, 1.5", "Training: λ values of the result sweep (empty = none)"
-            ),
-            "ostaf_default_steps": shared.OptionInfo(
-                400, "Training: default steps", gr.Number, {"precision": 0}
-            ),
-            "ostaf_default_rank": shared.OptionInfo(
-                4, "Training: default rank", gr.Number, {"precision": 0}
-            ),
-            "ostaf_default_lr": shared.OptionInfo(
-                0.0,
-                "Training: default learning rate (0 = the attribute's own default)",
-                gr.Number,
-            ),
-            "ostaf_clip_tower": shared.OptionInfo(
-                "",
-                "OSTAF: CLIP vision tower for the prototype (a folder with config.json; "
-                "empty = auto: IP-Adapter image-encoder folders, then the local Hugging Face "
-                "cache; never downloads)",
-            ),
-            "ostaf_infotext": shared.OptionInfo(
-                True, "Write applied OSTAF adapters (name:λ (hash)) into infotext"
-            ),
-        },
+if not SDNEXT:  # no settings for what SD.Next does not get
+    shared.options_templates.update(
+        shared.options_section(
+            ("ostaf", "OSTAF"),
+            {
+                "ostaf_dir": shared.OptionInfo(
+                    "", "Adapters folder (empty: models/ostaf; --ostaf-dir overrides)"
+                ),
+                "ostaf_preview_every": shared.OptionInfo(
+                    50,
+                    "Training: live preview every N steps (0 = off)",
+                    gr.Slider,
+                    {"minimum": 0, "maximum": 1000, "step": 1},
+                ),
+                "ostaf_preview_steps": shared.OptionInfo(
+                    12,
+                    "Training: sampling steps of a preview",
+                    gr.Slider,
+                    {"minimum": 1, "maximum": 50, "step": 1},
+                ),
+                "ostaf_preview_size": shared.OptionInfo(
+                    0,
+                    "Training: preview size in pixels (0 = training size)",
+                    gr.Number,
+                    {"precision": 0},
+                ),
+                "ostaf_sweep": shared.OptionInfo(
+                    "0, 0.5, 1, 1.5", "Training: λ values of the result sweep (empty = none)"
+                ),
+                "ostaf_default_steps": shared.OptionInfo(
+                    400, "Training: default steps", gr.Number, {"precision": 0}
+                ),
+                "ostaf_default_rank": shared.OptionInfo(
+                    4, "Training: default rank", gr.Number, {"precision": 0}
+                ),
+                "ostaf_default_lr": shared.OptionInfo(
+                    0.0,
+                    "Training: default learning rate (0 = the attribute's own default)",
+                    gr.Number,
+                ),
+                "ostaf_clip_tower": shared.OptionInfo(
+                    "",
+                    "OSTAF: CLIP vision tower for the prototype (a folder with config.json; "
+                    "empty = auto: IP-Adapter image-encoder folders, then the local Hugging Face "
+                    "cache; never downloads)",
+                ),
+                "ostaf_infotext": shared.OptionInfo(
+                    True, "Write applied OSTAF adapters (name:λ (hash)) into infotext"
+                ),
+            },
+        )
     )
-)
 
 
 def _opt(key: str, default):
@@ -1013,9 +1033,12 @@ def _unloaded():
     APPLIER.reset(getattr(shared, "sd_model", None))
 
 
-script_callbacks.on_before_ui(_before_ui)
-script_callbacks.on_ui_tabs(_ui_tab)
-script_callbacks.on_app_started(_add_routes)
-script_callbacks.on_model_loaded(_model_loaded)
-script_callbacks.on_cfg_denoiser(_on_cfg_denoiser)
-script_callbacks.on_script_unloaded(_unloaded)
+if SDNEXT:  # SD.Next registers every Script subclass in a script module's namespace
+    del OstafScript
+else:
+    script_callbacks.on_before_ui(_before_ui)
+    script_callbacks.on_ui_tabs(_ui_tab)
+    script_callbacks.on_app_started(_add_routes)
+    script_callbacks.on_model_loaded(_model_loaded)
+    script_callbacks.on_cfg_denoiser(_on_cfg_denoiser)
+    script_callbacks.on_script_unloaded(_unloaded)
