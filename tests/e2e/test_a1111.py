@@ -254,6 +254,26 @@ def test_second_training_refused_and_interrupt_writes_nothing(adapter):
     assert code == 400  # a bad name, as docs/webui.md says
 
 
+def test_interrupt_with_a_wrong_job_id_is_404_and_spares_txt2img():
+    """Our interrupt stops only our own job: a wrong id is 404 and a running txt2img
+    finishes with the same pixels as an uninterrupted one."""
+    import threading
+
+    slow = {"steps": 8, "seed": 4321}
+    reference, _ = txt2img("a photo of a dog", **slow)
+    out: dict = {}
+    worker = threading.Thread(target=lambda: out.update(image=txt2img("a photo of a dog", **slow)))
+    worker.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and call("/sdapi/v1/progress")["progress"] <= 0:
+        time.sleep(0.2)
+    code, err = status_of(f"/ostaf/v1/interrupt?job_id=no_such_job_{uuid.uuid4().hex[:4]}", {})
+    assert code == 404, err
+    assert call("/sdapi/v1/progress")["progress"] > 0  # still generating when refused
+    worker.join(TIMEOUT)
+    assert np.array_equal(out["image"][0], reference)
+
+
 def _img2img(prompt: str, init: np.ndarray, **extra) -> np.ndarray:
     buf = io.BytesIO()
     Image.fromarray(init).save(buf, "PNG")

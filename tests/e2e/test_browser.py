@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -51,7 +52,9 @@ def test_tab_trains_with_progress_bar_and_preview(fast_settings, tmp_path):
     with playwright.sync_playwright() as pw:
         browser, page = _open(pw, height=1000)
         _click_ostaf(page, MAIN_TABS)
-        page.locator("#ostaf_image input[type=file]").set_input_files(str(REFERENCE))
+        page.locator("#ostaf_image input[type=file]").set_input_files(
+            str(REFERENCE), timeout=5 * MINUTES
+        )  # a loaded machine can take minutes to render the tab
         page.locator("#ostaf_name textarea, #ostaf_name input").first.fill(name)
         page.locator("#ostaf_steps input").first.fill("3")
         page.locator("#ostaf_advanced").click()  # open the Advanced accordion
@@ -65,16 +68,24 @@ def test_tab_trains_with_progress_bar_and_preview(fast_settings, tmp_path):
             state="attached", timeout=15 * MINUTES
         )
         page.screenshot(path=str(tmp_path / "training.png"))
+        gallery = page.locator("#ostaf_gallery")
+        assert "Live preview" in gallery.inner_text()  # the box has a label
         result = page.locator("#ostaf_result .ostaf-result")
-        result.wait_for(timeout=20 * MINUTES)
+        texts = _progress_texts_until(page, result, 20 * MINUTES)
+        # the progress bar covers the λ sweep after the training steps, with its own label
+        assert any("OSTAF training: step" in t for t in texts), texts
+        assert any("λ sweep" in t for t in texts), texts
         assert name in result.inner_text()
         assert "KiB" in result.inner_text()
-        page.screenshot(path=str(tmp_path / "done.png"))
-        shots = os.environ.get("OSTAF_E2E_SCREENSHOTS")
-        if shots:
-            for png in tmp_path.glob("*.png"):
-                Path(shots).mkdir(parents=True, exist_ok=True)
-                (Path(shots) / png.name).write_bytes(png.read_bytes())
+        # the λ-sweep strip is shown whole, not cropped to its middle: "contain" (ours), or
+        # "scale-down" (the WebUI's own style.css on every gallery's thumbnails); never "cover"
+        gallery.locator("img").first.wait_for(timeout=MINUTES)
+        fits = gallery.locator("img").evaluate_all(
+            "els => els.map(e => getComputedStyle(e).objectFit)"
+        )
+        assert fits and set(fits) <= {"contain", "scale-down"}, fits
+        page.screenshot(path=str(tmp_path / "done.png"), full_page=True)
+        _keep_screenshots(tmp_path)
         browser.close()
 
 
@@ -120,13 +131,14 @@ def test_object_tab_trains_with_automatic_masks(fast_settings, tmp_path):
             result = page.locator("#ostaf_obj_result .ostaf-result")
             result.wait_for(timeout=20 * MINUTES)
             assert name in result.inner_text() and "KiB" in result.inner_text()
-            page.screenshot(path=str(tmp_path / "obj_done.png"))
+            page.screenshot(path=str(tmp_path / "obj_done.png"), full_page=True)
+            _keep_screenshots(tmp_path)
             browser.close()
     finally:
         _options({"emphasis": emphasis})
 
 
-def test_card_click_inserts_the_tag():
+def test_card_click_inserts_the_tag(tmp_path):
     names = [a["name"] for a in _get("/ostaf/v1/adapters")["adapters"] if not a["error"]]
     if not names:
         pytest.skip("no adapter in the server's folder yet (run test_a1111.py first)")
@@ -136,6 +148,13 @@ def test_card_click_inserts_the_tag():
         card = page.locator("#txt2img_ostaf_cards_html .card").first
         card.wait_for(timeout=MINUTES)
         assert "[attribute]" in card.inner_text() or "ostaf-badge" in card.inner_html()
+        # an object adapter's token folder (<name>.embeddings/) is no folder filter, in the
+        # folder buttons nor in the (hidden by default) tree view
+        pane = page.locator("#txt2img_ostaf")
+        assert ".embeddings" not in pane.inner_html()
+        page.screenshot(path=str(tmp_path / "cards.png"))
+        card.screenshot(path=str(tmp_path / "card.png"))
+        _keep_screenshots(tmp_path)
         card.click()
         prompt = page.locator("#txt2img_prompt textarea").input_value()
         assert re.search(r"<ostaf:[^:>]+:-?[0-9.]+>", prompt), prompt
@@ -160,6 +179,32 @@ def _click_ostaf(page, buttons: str) -> None:
     """Click the button labelled exactly OSTAF among ``buttons`` (a CSS selector)."""
     tabs = page.locator(buttons)
     tabs.filter(has_text=re.compile(r"^\s*OSTAF\s*$")).first.click(timeout=5 * MINUTES)
+
+
+def _progress_texts_until(page, done, timeout_ms: int) -> list[str]:
+    """Every distinct text of the WebUI's progress bar until ``done`` is visible."""
+    texts: list[str] = []
+    deadline = time.time() + timeout_ms / 1000
+    while time.time() < deadline and not done.is_visible():
+        bar = page.locator(".progressDiv")
+        try:
+            text = bar.first.inner_text(timeout=1000) if bar.count() else ""
+        except playwright.Error:  # the bar went away between count() and inner_text()
+            text = ""
+        if text and (not texts or texts[-1] != text):
+            texts.append(text)
+        page.wait_for_timeout(200)
+    done.wait_for(timeout=MINUTES)
+    return texts
+
+
+def _keep_screenshots(tmp_path: Path) -> None:
+    """Copy this test's PNGs to ``OSTAF_E2E_SCREENSHOTS`` when set."""
+    shots = os.environ.get("OSTAF_E2E_SCREENSHOTS")
+    if shots:
+        Path(shots).mkdir(parents=True, exist_ok=True)
+        for png in tmp_path.glob("*.png"):
+            (Path(shots) / png.name).write_bytes(png.read_bytes())
 
 
 def _get(path: str) -> dict:
