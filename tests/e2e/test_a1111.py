@@ -139,9 +139,15 @@ def test_tag_changes_the_image_and_writes_infotext(baseline, adapter):
     # the accordion (always-visible script args) gives the same image without a tag
     ui, ui_info = txt2img(
         "a photo of a cat",
-        alwayson_scripts={"ostaf": {"args": [True, adapter["name"], 30.0, "None", 1, "None", 1]}},
+        alwayson_scripts={"ostaf": {"args": [True, *_slots((adapter["name"], 30.0))]}},
     )
     assert np.array_equal(ui, image) and adapter["hash"] in ui_info
+
+
+def _slots(*picks: tuple[str, float]) -> list:
+    """The accordion's slot args: (adapter, λ, dials) × 3, unused slots "None"."""
+    picks = [*picks, *[("None", 1.0)] * (3 - len(picks))]
+    return [x for name, lam in picks for x in (name, lam, "")]
 
 
 def test_bad_input_never_stops_generation(baseline, adapter):
