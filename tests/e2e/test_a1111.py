@@ -199,26 +199,7 @@ def test_xyz_lambda_axis(baseline, adapter):
     xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
     labels = next(a["choices"] for a in xyz["args"] if a["choices"] and "OSTAF λ" in a["choices"])
     assert "OSTAF adapter" in labels
-    args = [
-        labels.index("OSTAF λ"),
-        "0, 30",
-        [],
-        0,
-        "",
-        [],
-        0,
-        "",
-        [],
-        True,
-        True,
-        False,
-        False,
-        0,
-        0,
-        0,
-        0,
-        False,
-    ]
+    args = _xyz_args(xyz["args"], labels.index("OSTAF λ"), "0, 30")
     r = call(
         "/sdapi/v1/txt2img",
         {
@@ -235,6 +216,25 @@ def test_xyz_lambda_axis(baseline, adapter):
     assert len(cells) == 2
     assert np.array_equal(cells[0], baseline)  # λ = 0 is the identity
     assert not np.array_equal(cells[1], baseline)
+
+
+def _xyz_args(script_args: list[dict], x_type: int, x_values: str) -> list:
+    """The X/Y/Z plot's positional args, by the labels its script-info lists: A1111 1.10
+    has 18, Forge Neo adds "Row Count" before the margins. Each axis has a values text box
+    then a values dropdown of the same label; other controls keep their defaults."""
+    given = {"X type": x_type, "X values": x_values, "Y type": 0, "Y values": ""}
+    given |= {"Z type": 0, "Z values": "", "Draw legend": True, "Include Sub Images": True}
+    args, seen = [], set()
+    for arg in script_args:
+        label = arg["label"]
+        if label in given and label not in seen:
+            args.append(given[label])
+            seen.add(label)
+        elif label.endswith(" values"):  # the axis's dropdown
+            args.append([])
+        else:
+            args.append(arg["value"])
+    return args
 
 
 def test_second_training_refused_and_interrupt_writes_nothing(adapter):
