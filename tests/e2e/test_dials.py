@@ -62,7 +62,10 @@ def test_each_part_has_its_own_lambda(baseline, duo):
     shape_only, _ = _img(f"<ostaf:{duo}:{STRONG}:appearance=0>")
     app_only, _ = _img(f"<ostaf:{duo}:{STRONG}:shape=0>")
     neither, _ = _img(f"<ostaf:{duo}:{STRONG}:shape=0:appearance=0>")
-    assert np.array_equal(neither, baseline)  # every part at 0 merges nothing
+    # every part at 0 merges nothing; the learned token is at λ = 0, i.e. its init word
+    # (ostaf.token_init, "object"): the same pixels as that word in the prompt, no tag
+    as_word, _ = txt2img(PROMPT.replace("ostafv", "object"), steps=4)
+    assert np.array_equal(neither, as_word)
     images = [baseline, both, shape_only, app_only]
     assert len({im.tobytes() for im in images}) == 4
     (entry,) = parse_infotext_dials(info.split(f"{INFOTEXT_KEY}: ")[1].split(", ")[0])
