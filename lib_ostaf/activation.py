@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from .adapter_file import AdapterFile, LoraModule, sd_version_label
 from .errors import OstafError
@@ -39,6 +40,11 @@ class PlannedAdapter:
 
     def groups(self) -> list[tuple[str, dict[str, LoraModule], float]]:
         """``[(part, {kohya key: module}, λ_part)]``: what to merge, W + Σ λ_part·ΔW_part."""
+        return self._groups
+
+    @cached_property
+    def _groups(self) -> list[tuple[str, dict[str, LoraModule], float]]:
+        # parsed once per plan entry: hosts ask at every step boundary
         return split_by_part(self.adapter, dict(self.dials.parts), self.weight)
 
     @property
@@ -53,7 +59,7 @@ class PlannedAdapter:
             return [(None, self.weight)]
         return [(part, w) for part, _, w in self.groups()]
 
-    @property
+    @cached_property
     def token_weight(self) -> float:
         """λ of an attribute's learned token (its appearance/style part's)."""
         return token_weight(self.adapter, self.weight, dict(self.dials.parts))

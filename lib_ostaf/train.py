@@ -42,8 +42,10 @@ from .augment import ATTRIBUTES, make_views
 from .embeddings import (
     EMBEDDING_SUFFIX,
     EMBEDDINGS_FOLDER,
+    Embeddings,
     check_new_tokens,
     file_stem,
+    placeholder_at,
     save_embedding,
 )
 from .errors import InputError, Interrupted, TrainingDiverged
@@ -76,6 +78,8 @@ ATTRIBUTE_TOKEN_LR = {"shape": 0.0, "appearance": 5e-3, "style": 5e-3}
 # needs a gentler rate than shape (measured on tiny-world, docs/results.md).
 ATTRIBUTE_LR = {"shape": 3e-3, "appearance": 1e-3, "style": 1e-3}
 TOKEN_INIT = "object"  # the word the placeholder vector starts from (λ = 0 gives it back)
+# A later part of a two-part file trains on the first part's token at these λ (its dial's range)
+SPLICE_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # Two attributes of one image in one file: parts on disjoint blocks, each trained as it is
 # alone, the token-learning part first (docs/method.md "Both parts from one image").
 COMBINED = ("shape+appearance", "shape+style")
@@ -405,10 +409,22 @@ def train_attribute(
     callbacks = callbacks or Callbacks()
     parts = config.part_configs()
     total = config.steps * len(parts)
-    results = [
-        _train_part(host, image, part, callbacks, mask=mask, first=i * config.steps, total=total)
-        for i, part in enumerate(parts)
-    ]
+    results: list[TrainResult] = []
+    for i, part in enumerate(parts):
+        # a later part meets the first part's learned token at generation: train it so
+        spliced = (results[0].embeddings, results[0].token_init) if results else None
+        results.append(
+            _train_part(
+                host,
+                image,
+                part,
+                callbacks,
+                mask=mask,
+                first=i * config.steps,
+                total=total,
+                spliced=spliced,
+            )
+        )
     return results[0] if len(results) == 1 else combine_parts(config, results)
 
 
@@ -421,8 +437,10 @@ def _train_part(
     mask: MaskSource | None,
     first: int,
     total: int,
+    spliced: tuple[Embeddings, Embeddings] | None = None,
 ) -> TrainResult:
-    """One attribute's training (progress counted from ``first`` of ``total``)."""
+    """One attribute's training (progress counted from ``first`` of ``total``);
+    ``spliced`` = (learned, start) token vectors of an earlier part (see :class:`Placeholder`)."""
     started = time.perf_counter()
     reference = load_image(image)
     info = inspect_unet(host.unet)
@@ -450,9 +468,9 @@ def _train_part(
         )
         latents = torch.cat([host.encode_image(v) for v in views]).float().cpu()
         empty = host.encode_prompt("") if config.caption_dropout > 0 else None
-    token = Placeholder(host, config)
+    token = Placeholder(host, config, spliced)
     with torch.no_grad():
-        cond = token.cond()  # for the probe before training
+        cond = token.cond(probe=True)  # for the probe before training
 
     n_train = len(host.alphas_cumprod)
     t_lo, t_hi = (round(f * (n_train - 1)) for f in config.timesteps)
@@ -513,7 +531,7 @@ def _train_part(
                         "training diverged: the learned token vector is not finite; lower "
                         "token_lr. Nothing was written."
                     )
-                cond = token.cond()
+                cond = token.cond(probe=True)
             after = _probe_loss(host, network, hooks, probe, cond)
             check_finite_probe([after])
     finally:
@@ -581,13 +599,32 @@ class Placeholder:
     With ``token_lr > 0`` the word gets its own input-embedding vector, started from
     :data:`TOKEN_INIT` (textual inversion, trained jointly with the offsets); the prompt is
     then encoded each step, with gradients to the vector only.
+
+    ``spliced`` = (learned, start) vectors of the file's other part: at generation this part
+    meets the word as ``start + λ·(learned − start)``, λ following the other part's dial, so
+    each step draws λ from :data:`SPLICE_LAMBDAS` (docs/method.md, "Both parts").
     """
 
-    def __init__(self, host: Host, config: AttributeConfig) -> None:
+    def __init__(
+        self,
+        host: Host,
+        config: AttributeConfig,
+        spliced: tuple[Embeddings, Embeddings] | None = None,
+    ) -> None:
         self.host, self.config = host, config
         self.vectors: list[torch.nn.Parameter] = []
         self.encoders: list[torch.nn.Module] = []
         self._start: tuple[torch.Tensor, ...] = ()
+        self._spliced: list[dict[str, Any]] = []
+        if spliced and spliced[0]:
+            learned, start = spliced
+            with torch.no_grad():
+                self._spliced = [
+                    host.encode_prompt(config.training_prompt, placeholder_at(learned, start, lam))
+                    for lam in SPLICE_LAMBDAS
+                ]
+            self._draw = torch.Generator().manual_seed(config.seed)
+            return
         encoders = list(getattr(host, "text_encoders", None) or [])
         if config.token_lr_ > 0 and not encoders:
             log.warning("this host cannot learn a token vector; training the offsets only")
@@ -600,7 +637,13 @@ class Placeholder:
         self.vectors = [torch.nn.Parameter(v.clone().to(host.device)) for v in self._start]
         self.encoders = [m for e in encoders if (m := getattr(e, "model", None)) is not None]
 
-    def cond(self) -> dict[str, Any]:
+    def cond(self, probe: bool = False) -> dict[str, Any]:
+        """The prompt's conditioning for one step (``probe``: the fixed one, λ = 1)."""
+        if self._spliced:
+            if probe:
+                return self._spliced[-1]
+            i = int(torch.randint(len(self._spliced), (1,), generator=self._draw))
+            return self._spliced[i]
         if not self.vectors:
             return self._fixed
         return self.host.encode_prompt(
@@ -748,7 +791,11 @@ def settings_record(config: AttributeConfig) -> dict[str, Any]:
     """The settings as ``ostaf.training`` records them: the attribute's defaults resolved
     (per part for a combined attribute)."""
     if config.combined:
-        parts = {c.attribute: settings_record(c) for c in config.part_configs()}
+        first, *later = config.part_configs()
+        parts = {first.attribute: settings_record(first)}
+        for c in later:  # trained on the first part's token, if it learns one (Placeholder)
+            spliced = list(SPLICE_LAMBDAS) if first.token_lr_ > 0 else []
+            parts[c.attribute] = settings_record(c) | {"spliced_token_lambdas": spliced}
         return asdict(config) | {"parts": parts}
     return asdict(config) | {
         "timestep_range": list(config.timesteps),

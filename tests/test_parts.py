@@ -12,7 +12,13 @@ from lib_ostaf.adapter_file import load_adapter
 from lib_ostaf.errors import InputError
 from lib_ostaf.parts import module_parts, part_names, split_by_part
 from lib_ostaf.registry import AdapterRegistry
-from lib_ostaf.train import AttributeConfig, Callbacks, export, train_attribute
+from lib_ostaf.train import (
+    SPLICE_LAMBDAS,
+    AttributeConfig,
+    Callbacks,
+    export,
+    train_attribute,
+)
 
 FAST = {"steps": 3, "n_views": 2}
 
@@ -25,18 +31,23 @@ def both(sd1_host, reference_image):
     return train_attribute(sd1_host, reference_image, config, callbacks), seen
 
 
-def test_each_part_is_trained_exactly_as_alone(sd1_host, reference_image, both):
+def test_token_part_is_trained_exactly_as_alone(sd1_host, reference_image, both):
     result, seen = both
     alone = {
         a: train_attribute(sd1_host, reference_image, AttributeConfig(attribute=a, **FAST))
         for a in ("shape", "appearance")
     }
     factors = result.factors()
-    for attribute, single in alone.items():
-        for key, (a, b) in single.factors().items():
-            assert torch.equal(factors[key][0], a) and torch.equal(factors[key][1], b)
-            assert result.parts[key] == attribute
-    assert len(factors) == sum(len(r.factors()) for r in alone.values())  # disjoint blocks
+    for key, (a, b) in alone["appearance"].factors().items():
+        assert torch.equal(factors[key][0], a) and torch.equal(factors[key][1], b)
+        assert result.parts[key] == "appearance"
+    # the shape part has the single shape training's layers (disjoint from appearance's) ...
+    shape_keys = {k for k, p in result.parts.items() if p == "shape"}
+    assert shape_keys == set(alone["shape"].factors())
+    assert len(factors) == sum(len(r.factors()) for r in alone.values())
+    # ... but not its weights: it was trained on the learned token (next test)
+    key = next(iter(shape_keys))
+    assert not torch.equal(factors[key][0], alone["shape"].factors()[key][0])
     # the token is the appearance part's; shape learns none
     assert set(result.embeddings) == {"ostafv"}
     torch.testing.assert_close(
@@ -45,6 +56,33 @@ def test_each_part_is_trained_exactly_as_alone(sd1_host, reference_image, both):
     # one progress count over both parts, token part first
     assert seen == [(i, 6) for i in range(1, 7)]
     assert [c.attribute for c in result.config.part_configs()] == ["appearance", "shape"]
+
+
+def test_shape_part_trains_on_the_learned_token_across_its_dial(
+    sd1_host, reference_image, monkeypatch, tmp_path
+):
+    """At generation the shape part meets v₀ + λ·(v − v₀) (λ = the appearance dial), so it
+    is trained on that word at λ ∈ {0, ¼, ½, ¾, 1}, not on the plain text."""
+    calls: list[tuple[str, dict | None]] = []
+    encode = sd1_host.encode_prompt
+
+    def spy(prompt, embeddings=None):
+        calls.append((prompt, embeddings))
+        return encode(prompt, embeddings)
+
+    monkeypatch.setattr(sd1_host, "encode_prompt", spy)
+    config = AttributeConfig(attribute="shape+appearance", **FAST)
+    result = train_attribute(sd1_host, reference_image, config)
+    shape_prompt = AttributeConfig(attribute="shape").training_prompt
+    seen = [e for p, e in calls if p == shape_prompt]
+    assert len(seen) == len(SPLICE_LAMBDAS)  # encoded once per λ, before the steps
+    v, v0 = result.embeddings["ostafv"][0], result.token_init["ostafv"][0]
+    for lam, embeddings in zip(SPLICE_LAMBDAS, seen, strict=True):
+        (got,) = embeddings["ostafv"]
+        torch.testing.assert_close(got.cpu(), v0 + lam * (v - v0))  # independent formula
+    meta = json.loads(load_adapter(export(result, tmp_path, "spliced")).metadata["ostaf.training"])
+    assert meta["parts"]["shape"]["spliced_token_lambdas"] == list(SPLICE_LAMBDAS)
+    assert "spliced_token_lambdas" not in meta["parts"]["appearance"]
 
 
 def test_file_records_the_part_of_each_module(both, tmp_path):

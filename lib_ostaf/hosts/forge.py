@@ -541,7 +541,7 @@ class ForgeApplier:
             self.finish()
             linear = {n: m for n, m in unet.named_modules() if is_linear_like(m)}
             self._live, self._live_unet = WeightPatcher(linear), unet
-        info = inspect_unet(unet)
+        info = self._unet_info(unet)
         terms, messages = [], []
         for planned in adapters:
             try:
@@ -552,6 +552,12 @@ class ForgeApplier:
         with torch.inference_mode():  # Forge's weights are inference tensors
             self._live.apply(terms)
         return messages
+
+    def _unet_info(self, unet: torch.nn.Module) -> UNetInfo:
+        """The UNet's layout, inspected once per model (not at every step boundary)."""
+        if self._info is None or self._info[0] != id(unet):
+            self._info = (id(unet), inspect_unet(unet))
+        return self._info[1]
 
     def finish(self) -> None:
         """Put back the weights the step schedule changed (bit-exact)."""
@@ -636,9 +642,7 @@ class ForgeApplier:
         if cached is not None:
             return cached
         unet = patcher.model.diffusion_model
-        if self._info is None or self._info[0] != id(unet):
-            self._info = (id(unet), inspect_unet(unet))
-        info = self._info[1]
+        info = self._unet_info(unet)
         family = planned.adapter.family
         if family is not None and family != info.family:
             raise IncompatibleModelError(f"made for {family}, the loaded model is {info.family}")
