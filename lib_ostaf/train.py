@@ -411,7 +411,8 @@ def train_attribute(
     total = config.steps * len(parts)
     results: list[TrainResult] = []
     for i, part in enumerate(parts):
-        # a later part meets the first part (its token and offsets) at generation: train it so
+        # a later part meets the first part's learned token at generation: train it so
+        spliced = (results[0].embeddings, results[0].token_init) if results else None
         results.append(
             _train_part(
                 host,
@@ -421,7 +422,7 @@ def train_attribute(
                 mask=mask,
                 first=i * config.steps,
                 total=total,
-                earlier=results[0] if results else None,
+                spliced=spliced,
             )
         )
     return results[0] if len(results) == 1 else combine_parts(config, results)
@@ -436,14 +437,10 @@ def _train_part(
     mask: MaskSource | None,
     first: int,
     total: int,
-    earlier: TrainResult | None = None,
+    spliced: tuple[Embeddings, Embeddings] | None = None,
 ) -> TrainResult:
-    """One attribute's training (progress counted from ``first`` of ``total``).
-
-    ``earlier``: the file's part trained before this one. At generation this part meets it
-    at the earlier part's dial λ: its token as ``v₀ + λ·(v − v₀)`` and its offsets as
-    ``λ·ΔW``. So each step draws λ from :data:`SPLICE_LAMBDAS` and trains with both in place
-    (docs/method.md, "Both parts from one image")."""
+    """One attribute's training (progress counted from ``first`` of ``total``);
+    ``spliced`` = (learned, start) token vectors of an earlier part (see :class:`Placeholder`)."""
     started = time.perf_counter()
     reference = load_image(image)
     info = inspect_unet(host.unet)
@@ -471,14 +468,7 @@ def _train_part(
         )
         latents = torch.cat([host.encode_image(v) for v in views]).float().cpu()
         empty = host.encode_prompt("") if config.caption_dropout > 0 else None
-    token = Placeholder(host, config, earlier and (earlier.embeddings, earlier.token_init))
-    prior = earlier.factors() if earlier else {}
-    modules |= {t.kohya: find_module(host.unet, t.name) for t in earlier.targets} if earlier else {}
-
-    def offsets() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """This part's offsets, the earlier part's at the λ the placeholder last drew."""
-        return network() | {k: (down, token.lam * up) for k, (down, up) in prior.items()}
-
+    token = Placeholder(host, config, spliced)
     with torch.no_grad():
         cond = token.cond(probe=True)  # for the probe before training
 
@@ -498,16 +488,18 @@ def _train_part(
         drop = config.caption_dropout > 0 and (
             float(torch.rand((), generator=generator)) < config.caption_dropout
         )
-        cond = empty if drop else token.cond()
-        hooks.factors = offsets()
+        hooks.factors = network()
         return diffusion_loss(
-            host, latents[i : i + 1].to(host.device), noise.to(host.device), t, cond
+            host,
+            latents[i : i + 1].to(host.device),
+            noise.to(host.device),
+            t,
+            empty if drop else token.cond(),
         )
 
     def set_factors() -> None:
-        token.lam = 1.0  # previews show both parts at λ = 1
-        hooks.factors = offsets()
-        callbacks.preview_embeddings = token.preview() or None
+        hooks.factors = network()
+        callbacks.preview_embeddings = token.current() or None
 
     options = training_options(
         host.unet,
@@ -519,7 +511,7 @@ def _train_part(
     )
     try:
         with frozen(host.unet, *token.encoders), OffsetHooks(modules) as hooks:
-            before = _probe_loss(host, offsets, hooks, probe, cond)
+            before = _probe_loss(host, network, hooks, probe, cond)
             with options as precision:
                 losses = run_steps(
                     config.steps,
@@ -540,7 +532,7 @@ def _train_part(
                         "token_lr. Nothing was written."
                     )
                 cond = token.cond(probe=True)
-            after = _probe_loss(host, offsets, hooks, probe, cond)
+            after = _probe_loss(host, network, hooks, probe, cond)
             check_finite_probe([after])
     finally:
         optimizer.state.clear()
@@ -624,11 +616,8 @@ class Placeholder:
         self.encoders: list[torch.nn.Module] = []
         self._start: tuple[torch.Tensor, ...] = ()
         self._spliced: list[dict[str, Any]] = []
-        self._learned: Embeddings = {}
-        self.lam = 1.0  # the spliced word's λ at the last draw
         if spliced and spliced[0]:
             learned, start = spliced
-            self._learned = learned
             with torch.no_grad():
                 self._spliced = [
                     host.encode_prompt(config.training_prompt, placeholder_at(learned, start, lam))
@@ -651,8 +640,9 @@ class Placeholder:
     def cond(self, probe: bool = False) -> dict[str, Any]:
         """The prompt's conditioning for one step (``probe``: the fixed one, λ = 1)."""
         if self._spliced:
-            i = -1 if probe else int(torch.randint(len(self._spliced), (1,), generator=self._draw))
-            self.lam = SPLICE_LAMBDAS[i]
+            if probe:
+                return self._spliced[-1]
+            i = int(torch.randint(len(self._spliced), (1,), generator=self._draw))
             return self._spliced[i]
         if not self.vectors:
             return self._fixed
@@ -665,17 +655,13 @@ class Placeholder:
             return {}
         return {self.config.token: tuple(v.detach().float().cpu() for v in self.vectors)}
 
-    def preview(self) -> Embeddings:
-        """The word's vectors for a preview: learned here, or the earlier part's (λ = 1)."""
-        return self.current() or self._learned
-
     def init(self) -> dict[str, tuple[torch.Tensor, ...]]:
         return {self.config.token: self._start} if self.vectors else {}
 
 
 @torch.no_grad()
-def _probe_loss(host: Host, offsets, hooks: OffsetHooks, probe: _Probe, cond) -> float:
-    hooks.factors = offsets()
+def _probe_loss(host: Host, network, hooks: OffsetHooks, probe: _Probe, cond) -> float:
+    hooks.factors = network()
     total = 0.0
     for j in range(len(probe.t)):
         x0, noise, t = probe.x0[j : j + 1], probe.noise[j : j + 1], probe.t[j : j + 1]

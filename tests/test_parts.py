@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-import lib_ostaf.train as train_module
 from lib_ostaf.activation import plan_generation, requests_for
 from lib_ostaf.adapter_file import load_adapter
 from lib_ostaf.errors import InputError
@@ -62,9 +61,8 @@ def test_token_part_is_trained_exactly_as_alone(sd1_host, reference_image, both)
 def test_shape_part_trains_on_the_learned_token_across_its_dial(
     sd1_host, reference_image, monkeypatch, tmp_path
 ):
-    """At generation the shape part meets the appearance part at its dial λ: the word as
-    v₀ + λ·(v − v₀) and the offsets as λ·ΔW. So it is trained with both in place, λ drawn
-    from {0, ¼, ½, ¾, 1} per step, not on the plain text alone."""
+    """At generation the shape part meets v₀ + λ·(v − v₀) (λ = the appearance dial), so it
+    is trained on that word at λ ∈ {0, ¼, ½, ¾, 1}, not on the plain text."""
     calls: list[tuple[str, dict | None]] = []
     encode = sd1_host.encode_prompt
 
@@ -72,37 +70,9 @@ def test_shape_part_trains_on_the_learned_token_across_its_dial(
         calls.append((prompt, embeddings))
         return encode(prompt, embeddings)
 
-    assigned: list[tuple[set, dict]] = []  # (hooked layers, factors) at every assignment
-
-    class RecordingHooks(train_module.OffsetHooks):
-        @property
-        def factors(self):
-            return self._factors
-
-        @factors.setter
-        def factors(self, value):
-            self._factors = value
-            if value:
-                assigned.append((set(self.modules), dict(value)))
-
     monkeypatch.setattr(sd1_host, "encode_prompt", spy)
-    monkeypatch.setattr(train_module, "OffsetHooks", RecordingHooks)
-    config = AttributeConfig(attribute="shape+appearance", steps=6, n_views=2)
+    config = AttributeConfig(attribute="shape+appearance", **FAST)
     result = train_attribute(sd1_host, reference_image, config)
-    # the shape part's hooks carry the trained appearance offsets, scaled by a drawn λ
-    final = result.factors()
-    app = {k for k, p in result.parts.items() if p == "appearance"}
-    shape_phase = [f for layers, f in assigned if layers == set(result.parts)]
-    assert len(shape_phase) >= 6  # probe before, 6 steps, probe after
-    scales = set()
-    for factors in shape_phase:
-        for key in app:
-            down, up = factors[key]
-            assert torch.equal(down, final[key][0])
-            ratio = float((up.flatten() @ final[key][1].flatten()) / final[key][1].norm() ** 2)
-            torch.testing.assert_close(up, ratio * final[key][1])
-            scales.add(round(ratio, 4))
-    assert scales <= set(SPLICE_LAMBDAS) and 1.0 in scales and len(scales) > 1
     shape_prompt = AttributeConfig(attribute="shape").training_prompt
     seen = [e for p, e in calls if p == shape_prompt]
     assert len(seen) == len(SPLICE_LAMBDAS)  # encoded once per λ, before the steps
