@@ -756,7 +756,10 @@ def _attribute_tab():
             attribute = gr.Radio(
                 list(ATTRIBUTE_CHOICES),
                 value="appearance",
-                label="Attribute to learn (shape+appearance: both parts in one file)",
+                label=(
+                    "Attribute to learn (shape+appearance: one file, a dial per part; "
+                    "one part at a time works best)"
+                ),
                 elem_id="ostaf_attribute",
             )
             name = gr.Textbox(label="Adapter name", placeholder="my_texture", elem_id="ostaf_name")
