@@ -18,7 +18,7 @@ import pytest
 
 from lib_ostaf.prompt_tags import INFOTEXT_KEY, parse_infotext_dials
 
-from .test_a1111 import GEN, URL, call, png_b64, txt2img, wait_job
+from .test_a1111 import GEN, URL, _png_of, call, png_b64, txt2img, wait_job
 
 pytestmark = [
     pytest.mark.webui,
@@ -59,7 +59,7 @@ def _img(tag: str) -> tuple[np.ndarray, str]:
 
 def test_each_part_has_its_own_lambda(baseline, duo):
     both, info = _img(f"<ostaf:{duo}:{STRONG}>")
-    shape_only, _ = _img(f"<ostaf:{duo}:{STRONG}:appearance=0>")
+    shape_only, shape_info = _img(f"<ostaf:{duo}:{STRONG}:appearance=0>")
     app_only, _ = _img(f"<ostaf:{duo}:{STRONG}:shape=0>")
     neither, _ = _img(f"<ostaf:{duo}:{STRONG}:shape=0:appearance=0>")
     # every part at 0 merges nothing; the learned token is at λ = 0, i.e. its init word
@@ -68,8 +68,13 @@ def test_each_part_has_its_own_lambda(baseline, duo):
     assert np.array_equal(neither, as_word)
     images = [baseline, both, shape_only, app_only]
     assert len({im.tobytes() for im in images}) == 4
-    (entry,) = parse_infotext_dials(info.split(f"{INFOTEXT_KEY}: ")[1].split(", ")[0])
+    # the WebUI's own parser (the value is quoted: it holds ':'), then ours
+    params = call("/sdapi/v1/png-info", {"image": _png_of(both, info)})["parameters"]
+    (entry,) = parse_infotext_dials(params[INFOTEXT_KEY])
     assert entry[0] == duo and entry[1] == STRONG
+    params = call("/sdapi/v1/png-info", {"image": _png_of(shape_only, shape_info)})["parameters"]
+    (entry,) = parse_infotext_dials(params[INFOTEXT_KEY])
+    assert dict(entry[3].parts) == {"appearance": 0.0}  # the dials survive the round trip
 
 
 def test_schedule_gives_images_between_on_and_off(baseline, duo):
