@@ -24,3 +24,8 @@ class Interrupted(OstafError):
 class TrainingDiverged(OstafError):
     """The loss or the gradients stopped being finite (learning rate too high, fp16
     overflow); nothing was written."""
+
+
+class ModelNotFinite(OstafError):
+    """The loaded model's own prediction is not finite on this reference, before any
+    training (a model or VAE overflowing in its precision); nothing was trained."""

@@ -86,6 +86,7 @@ from .targets import PARTS, Target, TargetSpec, available_blocks, find_module, s
 from .towers import find_tower
 from .train import (
     Callbacks,
+    check_finite_base,
     check_finite_factors,
     check_finite_probe,
     detached_factors,
@@ -813,6 +814,7 @@ def train_objects(
             OffsetHooks(modules) as hooks,
         ):
             before = _probe(host, hooks, {}, probe_sets, latents, weights, tokens, vectors, config)
+            check_finite_base(before.values())
             options = training_options(
                 host.unet, host.device, host.family, config.precision,
                 config.gradient_checkpointing, compute_dtype=host.dtype,

@@ -48,7 +48,7 @@ from .embeddings import (
     placeholder_at,
     save_embedding,
 )
-from .errors import InputError, Interrupted, TrainingDiverged
+from .errors import InputError, Interrupted, ModelNotFinite, TrainingDiverged
 from .hosts.base import Host
 from .hypernet import OFFSET_NETWORKS, HypernetConfig, LayerShape
 from .images import load_image, square
@@ -326,6 +326,17 @@ def check_finite_factors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) 
         )
 
 
+def check_finite_base(losses: Iterable[float]) -> None:
+    """ModelNotFinite if the model, before any training, already predicts non-finite values
+    on the reference: then no learning rate helps, and training would only end "diverged"."""
+    if not all(math.isfinite(x) for x in losses):
+        raise ModelNotFinite(
+            "the loaded model's prediction is not finite on this reference at some noise "
+            "levels, before any training (the model or its VAE overflows in its precision; "
+            "try another checkpoint or VAE, or full precision). Nothing was trained or written."
+        )
+
+
 def check_finite_probe(losses: Iterable[float]) -> None:
     """TrainingDiverged if the trained adapter makes the model's prediction non-finite."""
     if not all(math.isfinite(x) for x in losses):
@@ -512,6 +523,7 @@ def _train_part(
     try:
         with frozen(host.unet, *token.encoders), OffsetHooks(modules) as hooks:
             before = _probe_loss(host, network, hooks, probe, cond)
+            check_finite_base([before])
             with options as precision:
                 losses = run_steps(
                     config.steps,

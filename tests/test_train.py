@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from lib_ostaf.adapter_file import load_adapter, load_state
-from lib_ostaf.errors import InputError, Interrupted
+from lib_ostaf.errors import InputError, Interrupted, ModelNotFinite
 from lib_ostaf.targets import default_blocks
 from lib_ostaf.train import AttributeConfig, Callbacks, export, train_attribute
 
@@ -328,3 +328,37 @@ def test_webui_tokens_scale_with_each_adapters_lambda(sd1_host, tmp_path):
         torch.testing.assert_close(wanted["ostafv"][1][0], v0 + t * (v - v0))
     unscaled, _ = wanted_tokens([planned], "sd1")  # no encoders: the file's vector
     torch.testing.assert_close(unscaled["ostafv"][1][0], v)
+
+
+def test_a_model_already_non_finite_is_named_before_any_step(sd1_host, monkeypatch):
+    """A checkpoint/VAE that overflows on this reference is reported as such before any
+    training step, not as "training diverged; lower the learning rate"."""
+    predict = sd1_host.predict_noise
+
+    def overflowing(x_t, t, cond):  # the model's own output is inf at higher noise
+        out = predict(x_t, t, cond)
+        return torch.where(t.view(-1, 1, 1, 1) > 100, torch.full_like(out, math.inf), out)
+
+    monkeypatch.setattr(sd1_host, "predict_noise", overflowing)
+    unet = pristine(sd1_host.unet)
+    steps: list[int] = []
+    callbacks = Callbacks(progress=lambda step, total, loss: steps.append(step))
+    with pytest.raises(ModelNotFinite, match="before any training"):
+        train_attribute(sd1_host, DEMO_IMAGE, AttributeConfig(steps=3, n_views=2), callbacks)
+    assert steps == []  # not one step was spent
+    assert same_weights(sd1_host.unet, unet)
+
+
+def test_an_object_model_already_non_finite_is_named_before_any_step(sd1_host, monkeypatch):
+    from lib_ostaf.objects import ObjectConfig, ObjectSpec, train_objects
+
+    predict = sd1_host.predict_noise
+    monkeypatch.setattr(
+        sd1_host, "predict_noise", lambda x_t, t, cond: predict(x_t, t, cond) * math.nan
+    )
+    image = Image.open(DEMO_IMAGE).convert("RGB")
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (image.width // 4, image.height // 4, image.width // 2, image.height // 2))
+    config = ObjectConfig(steps=2, embedding_steps=1)
+    with pytest.raises(ModelNotFinite):
+        train_objects(sd1_host, image, [ObjectSpec("mug1", "mug", mask)], config)
