@@ -80,8 +80,9 @@ ATTRIBUTE_LR = {"shape": 3e-3, "appearance": 1e-3, "style": 1e-3}
 TOKEN_INIT = "object"  # the word the placeholder vector starts from (λ = 0 gives it back)
 # A later part of a two-part file trains on the first part's token at these λ (its dial's range)
 SPLICE_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-# Two attributes of one image in one file: parts on disjoint blocks, each trained as it is
-# alone, the token-learning part first (docs/method.md "Both parts from one image").
+# Two attributes of one image in one file: parts on disjoint blocks, each with its own views,
+# prompt and rates; the token-learning part first, as alone; the other on its learned token
+# (docs/method.md "Both parts from one image").
 COMBINED = ("shape+appearance", "shape+style")
 ATTRIBUTE_CHOICES = (*ATTRIBUTES, *COMBINED)
 TOKEN_PATTERN = re.compile(r"^[^\s<>:,()\[\]{}|\\]{1,40}$")
@@ -414,8 +415,9 @@ def train_attribute(
 
     ``mask`` marks the reference's object (None: found automatically); the views vary
     everything outside the attribute around it (:mod:`lib_ostaf.augment`). A combined
-    attribute (``shape+appearance``) trains its parts one after the other, each exactly as
-    it is alone, ``config.steps`` steps each, and returns them as one result.
+    attribute (``shape+appearance``) trains its parts one after the other, ``config.steps``
+    steps each: the token-learning part exactly as alone, the other on its learned token
+    (:data:`SPLICE_LAMBDAS`); and returns them as one result.
     """
     callbacks = callbacks or Callbacks()
     parts = config.part_configs()
