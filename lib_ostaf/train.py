@@ -338,6 +338,25 @@ def check_finite_base(losses: Iterable[float]) -> None:
         )
 
 
+def check_finite_cond(cond: Any, *, learned: bool) -> None:
+    """The training prompt's conditioning must be finite; if not, name the text side (the
+    UNet and the offsets are not at fault). ``learned``: it carries the learned token."""
+    values = cond.values() if isinstance(cond, dict) else [cond]
+    if finite(*(v for v in values if torch.is_tensor(v))):
+        return
+    if learned:
+        raise TrainingDiverged(
+            "training diverged: the text encoder's output for the prompt with the learned "
+            "token is not finite; lower token_lr (0 keeps the start word). Nothing was written."
+        )
+    raise ModelNotFinite(
+        "the text encoder's output for the training prompt is not finite, before any "
+        "training (the text encoder overflows in its precision, or the WebUI's emphasis "
+        "setting divides by a zero mean); try another checkpoint, full precision or "
+        "emphasis 'None'. Nothing was trained or written."
+    )
+
+
 def check_finite_probe(losses: Iterable[float]) -> None:
     """TrainingDiverged if the trained adapter makes the model's prediction non-finite."""
     if not all(math.isfinite(x) for x in losses):
@@ -524,6 +543,7 @@ def _train_part(
     )
     try:
         with frozen(host.unet, *token.encoders), OffsetHooks(modules) as hooks:
+            check_finite_cond(cond, learned=False)
             before = _probe_loss(host, network, hooks, probe, cond)
             check_finite_base([before])
             with options as precision:
@@ -546,6 +566,7 @@ def _train_part(
                         "token_lr. Nothing was written."
                     )
                 cond = token.cond(probe=True)
+            check_finite_cond(cond, learned=bool(token.vectors))
             after = _probe_loss(host, network, hooks, probe, cond)
             check_finite_probe([after])
     finally:

@@ -200,10 +200,13 @@ class FakeTextEngine:
     characters is one id, longer ones 3-character pieces), registered embeddings spliced
     at their positions, a linear mix over positions; the CLIP-G engine also returns a
     pooled vector. ``text_encoder.transformer.text_model.embeddings.token_embedding`` is
-    where Forge keeps the table."""
+    where Forge keeps the table. ``clip_skip`` (the engine's own, set by the model's
+    ``set_clip_skip``; built as 1 for SD1, 2 for SDXL) picks another output layer: here a
+    second mix."""
 
-    def __init__(self, key: str, width: int = 24, out: int = CONTEXT_DIM) -> None:
+    def __init__(self, key: str, width: int = 24, out: int = CONTEXT_DIM, skip: int = 1) -> None:
         self.embedding_key = key
+        self.clip_skip = self.minimal_clip_skip = skip
         self.embeddings = FakeEmbeddingDatabase()
         self.return_pooled = key == "clip_g"
         token_embedding = _TokenEmbedding(width)
@@ -212,6 +215,7 @@ class FakeTextEngine:
         embeddings.token_embedding = token_embedding
         text_model = nn.Module()
         text_model.embeddings, text_model.mix = embeddings, mix
+        text_model.mix_skip = nn.Linear(width, out)  # the penultimate layer's output
         transformer = nn.Module()
         transformer.text_model = text_model
         self.text_encoder = nn.Module()
@@ -223,7 +227,8 @@ class FakeTextEngine:
     def __call__(self, texts):
         model = self.text_encoder.transformer.text_model
         table = model.embeddings.token_embedding.wrapped
-        z = encode_with_fixes(texts, self.embeddings, table, self.embedding_key, model.mix)
+        mix = model.mix if self.clip_skip <= 1 else model.mix_skip
+        z = encode_with_fixes(texts, self.embeddings, table, self.embedding_key, mix)
         return (z, z.mean(1)) if self.return_pooled else z
 
 
@@ -282,8 +287,8 @@ class FakeForgeModel:
             vae_model = FakeVaeModel()
             if self.is_sdxl:  # SDXL: two engines, no single one
                 half = CONTEXT_DIM // 2
-                self.text_processing_engine_l = FakeTextEngine("clip_l", 768, half)
-                self.text_processing_engine_g = FakeTextEngine("clip_g", 1280, half)
+                self.text_processing_engine_l = FakeTextEngine("clip_l", 768, half, skip=2)
+                self.text_processing_engine_g = FakeTextEngine("clip_g", 1280, half, skip=2)
             else:
                 self.text_processing_engine = FakeTextEngine("clip_l", 768)
             for engine in self.engines():
@@ -298,6 +303,11 @@ class FakeForgeModel:
             name="fake.safetensors", name_for_extra="fake"
         )
         self.calls = {"cond": 0}
+
+    def set_clip_skip(self, clip_skip: int) -> None:
+        """Forge calls it with the "Clip skip" setting before a generation's conds."""
+        for engine in self.engines():
+            engine.clip_skip = clip_skip
 
     def engines(self) -> list[FakeTextEngine]:
         if self.is_sdxl:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from lib_ostaf.adapter_file import load_adapter, load_state
-from lib_ostaf.errors import InputError, Interrupted, ModelNotFinite
+from lib_ostaf.errors import InputError, Interrupted, ModelNotFinite, TrainingDiverged
 from lib_ostaf.targets import default_blocks
 from lib_ostaf.train import AttributeConfig, Callbacks, export, train_attribute
 
@@ -347,6 +347,44 @@ def test_a_model_already_non_finite_is_named_before_any_step(sd1_host, monkeypat
         train_attribute(sd1_host, DEMO_IMAGE, AttributeConfig(steps=3, n_views=2), callbacks)
     assert steps == []  # not one step was spent
     assert same_weights(sd1_host.unet, unet)
+
+
+def test_a_non_finite_text_encoding_names_the_text_side(sd1_host, monkeypatch):
+    """Seen on Forge Neo with a random checkpoint: A1111's "Original" emphasis divides the
+    conditioning by its mean, which an untrained final LayerNorm puts at ~0, so a learned
+    token could turn the prompt's conditioning into NaN. The error says so, and does not
+    send the user to the UNet's learning rate."""
+    encode = sd1_host.encode_prompt
+    seen: list[torch.Tensor] = []
+
+    def nan(cond):
+        if isinstance(cond, dict):
+            return {k: v * math.nan for k, v in cond.items()}
+        return cond * math.nan
+
+    def encode_nan_once_moved(prompt, embeddings=None):
+        cond = encode(prompt, embeddings)
+        if embeddings:
+            vector = next(iter(embeddings.values()))[0].detach().clone()
+            seen.append(vector)
+            if not torch.equal(vector, seen[0]):  # the token has moved: NaN
+                cond = nan(cond)
+        return cond
+
+    monkeypatch.setattr(sd1_host, "encode_prompt", encode_nan_once_moved)
+    unet = pristine(sd1_host.unet)
+    config = AttributeConfig(steps=2, n_views=2)
+    assert config.token_lr_ > 0
+    with pytest.raises(TrainingDiverged, match=r"text encoder's output .* learned token"):
+        train_attribute(sd1_host, DEMO_IMAGE, config)
+    assert same_weights(sd1_host.unet, unet)
+    # NaN from the start: named before any step, as the text encoder's
+    monkeypatch.setattr(sd1_host, "encode_prompt", lambda p, e=None: nan(encode(p, e)))
+    steps: list[int] = []
+    callbacks = Callbacks(progress=lambda step, total, loss: steps.append(step))
+    with pytest.raises(ModelNotFinite, match="text encoder's output for the training prompt"):
+        train_attribute(sd1_host, DEMO_IMAGE, config, callbacks)
+    assert steps == []
 
 
 def test_an_object_model_already_non_finite_is_named_before_any_step(sd1_host, monkeypatch):

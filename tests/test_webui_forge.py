@@ -303,6 +303,32 @@ def test_training_loads_the_model_and_leaves_weights_as_found(sd_model, folder, 
     assert plan.adapters and _generate(applier, sd_model, plan) == []
 
 
+def _train_with_clip_skip(out, setting: int, engine_state: int) -> dict[str, torch.Tensor]:
+    sd_model = FakeForgeModel()
+    sd_model.text_processing_engine.clip_skip = engine_state
+    out.mkdir()
+    jobs = JobManager()
+    job = jobs.begin()
+    request = TrainRequest(image=_image(), name="skip", **FAST)
+    with fake_forge_modules(sd_model) as fakes:
+        fakes.shared.opts.CLIP_stop_at_last_layers = setting
+        jobs.run(job, lambda j: train_on_loaded_model(jobs, j, request, out, ForgeApplier()))
+    assert job.status == "done", job.error
+    assert sd_model.text_processing_engine.clip_skip == setting
+    return safetensors.torch.load_file(out / "skip.safetensors")
+
+
+def test_training_encodes_with_the_clip_skip_setting_not_the_last_generations(tmp_path):
+    """Forge sets its engines' clip skip only when a generation computes its conds, so a
+    fresh server's engines hold their built-in 1 while the setting (Neo's default) says 2.
+    Training must encode its prompt as generation will: the same file whatever ran before."""
+    fresh, *used = (_train_with_clip_skip(tmp_path / f"s{n}", 2, n) for n in (1, 2, 3))
+    assert all(torch.equal(fresh[k], f[k]) for f in used for k in fresh)
+    # and the setting matters: at clip skip 1 the same training learns other offsets
+    one = _train_with_clip_skip(tmp_path / "one", 1, 2)
+    assert any(not torch.equal(one[k], fresh[k]) for k in one)
+
+
 def test_fake_patcher_semantics():
     lin = torch.nn.Linear(3, 2)
     root = torch.nn.Module()

@@ -228,6 +228,7 @@ class ForgeHost:
         resolution: int | None = None,
         device: torch.device | str | None = None,
         load: Callable[[Any], None] | None = None,
+        clip_skip: int | None = None,
     ) -> None:
         objects = getattr(sd_model, "forge_objects_original", None) or getattr(
             sd_model, "forge_objects", None
@@ -285,6 +286,7 @@ class ForgeHost:
         self.base_model_name = str(getattr(info, "name_for_extra", "") or getattr(info, "name", ""))
         self._load = load or (lambda patcher: None)
         self._hooks: list[Any] = []
+        self.clip_skip = clip_skip  # the user's "Clip skip" setting; None: the engines' own
 
     @property
     def text_encoders(self) -> tuple[WebuiText, ...]:
@@ -327,7 +329,14 @@ class ForgeHost:
         def load(patcher: Any) -> None:
             mm.load_model_gpu(patcher)
 
-        host = cls(sd_model, resolution=resolution, device=mm.get_torch_device(), load=load)
+        skip = getattr(shared.opts, "CLIP_stop_at_last_layers", None)
+        host = cls(
+            sd_model,
+            resolution=resolution,
+            device=mm.get_torch_device(),
+            load=load,
+            clip_skip=None if skip is None else int(skip),
+        )
         host.prepare()
         return host
 
@@ -338,6 +347,13 @@ class ForgeHost:
         if callable(refresh) and not getattr(self.patcher, "lora_patches", None):
             refresh()
         _deinference_params(self.unet)
+        # Forge sets the engines' clip skip from the setting before each generation's
+        # conditioning (processing.get_conds_with_caching); until then they keep the last
+        # generation's, or their built-in default on a fresh server (SD1: 1, while Neo's
+        # setting defaults to 2). Training encodes its prompt as generation will.
+        set_clip_skip = getattr(self.sd_model, "set_clip_skip", None)
+        if self.clip_skip is not None and callable(set_clip_skip):
+            set_clip_skip(self.clip_skip)
         if not self._hooks:
             self._hooks = autograd_safe_hooks(self.unet)
 
