@@ -13,7 +13,11 @@ function ostaf_start_implant() {
 function ostaf_start(infoId, logId, galleryId, args) {
     var id = randomId();
     var info = gradioApp().getElementById(infoId);
-    requestProgress(id, gradioApp().getElementById(logId), gradioApp().getElementById(galleryId), ostaf_refresh_cards, function(progress) {
+    var atEnd = function() {
+        if (info) info.innerHTML = '';  // the last poll's text ("image 0/2") would stay
+        ostaf_refresh_cards();
+    };
+    requestProgress(id, gradioApp().getElementById(logId), gradioApp().getElementById(galleryId), atEnd, function(progress) {
         if (info) info.innerHTML = progress.textinfo || '';
     });
     var res = Array.from(args);

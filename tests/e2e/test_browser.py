@@ -77,6 +77,12 @@ def test_tab_trains_with_progress_bar_and_preview(fast_settings, tmp_path):
         assert any("λ sweep" in t for t in texts), texts
         assert name in result.inner_text()
         assert "KiB" in result.inner_text()
+        # at the end the progress text is cleared (it kept the last poll's "image 0/2")
+        info = page.locator("#ostaf_textinfo").first
+        deadline = time.time() + 60
+        while info.inner_text().strip() and time.time() < deadline:
+            time.sleep(0.5)
+        assert info.inner_text().strip() == ""
         # the λ-sweep strip is shown whole, not cropped to its middle: "contain" (ours), or
         # "scale-down" (the WebUI's own style.css on every gallery's thumbnails); never "cover"
         gallery.locator("img").first.wait_for(timeout=MINUTES)
