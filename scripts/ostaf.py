@@ -5,6 +5,7 @@
 
 import html
 import inspect
+import os
 import types
 from dataclasses import replace
 from pathlib import Path
@@ -502,6 +503,16 @@ def _with_tower(request):
     return replace(request, clip=clip, clip_dirs=_tower_dirs())
 
 
+def _for_gallery(images):
+    """Gradio saves the images a gallery shows into the WebUI's "temp_dir" setting. Forge
+    Neo defaults it to <data>/tmp and never creates it (A1111 creates its own): a fresh
+    Neo then fails every gallery of images made in memory. Create it."""
+    folder = str(getattr(shared.opts, "temp_dir", "") or "")
+    if images and folder:
+        os.makedirs(folder, exist_ok=True)
+    return images
+
+
 def _run_job(kind, request):
     """Run a validated request on the loaded model: (gallery, log, result card)."""
     try:
@@ -515,7 +526,7 @@ def _run_job(kind, request):
     if job.status != "done":
         return [], log, cards.error_html(job.error, interrupted=job.status == "interrupted")
     images = [job.images["sweep"]] if "sweep" in job.images else []
-    return images, log, cards.result_html(job.result)
+    return _for_gallery(images), log, cards.result_html(job.result)
 
 
 def _interrupt_ui():
@@ -583,7 +594,7 @@ def _auto_masks_ui(image, *tokens):
     files = [gr.update(value=m) for _, m in found]
     files += [gr.update()] * (OBJECT_SLOTS - len(files))
     note = "Automatic masks: check them; replace a wrong one by drawing or uploading."
-    return [[o for o, _ in found], html.escape(note), *files]
+    return [_for_gallery([o for o, _ in found]), html.escape(note), *files]
 
 
 def _mask_editor(label, elem_id):

@@ -435,6 +435,18 @@ def test_auto_masks_button(glue):
     assert "upload the image first" in glue.m._auto_masks_ui(None, "<mug1>", "", "")[1]
 
 
+def test_gallery_temp_dir_is_created(glue, tmp_path):
+    """Forge Neo's ``save_pil_to_file`` writes gallery images into ``opts.temp_dir`` without
+    creating it (its default <data>/tmp does not exist on a fresh install): the tab's
+    galleries failed there with FileNotFoundError after a finished training."""
+    opts = glue.fakes["modules.shared"].opts
+    opts.temp_dir = str(tmp_path / "webui" / "tmp")
+    overlays, *_ = glue.m._auto_masks_ui(disc_image(), "<mug1>", "", "")
+    assert overlays and (tmp_path / "webui" / "tmp").is_dir()
+    opts.temp_dir = ""  # empty: gradio's own cache, nothing to create
+    assert glue.m._for_gallery([disc_image()])
+
+
 def test_tab_labels_do_not_collide_in_ui_config(glue):
     """A1111 saves UI defaults keyed by tab + label (ui-config.json): two components with the
     same label in the OSTAF tab would share one saved value (a real bug: every object slot's
