@@ -42,14 +42,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bench import judges
-from lib_ostaf import world
-from lib_ostaf.augment import make_views, object_mask
-from lib_ostaf.embeddings import placeholder_at
 from lib_ostaf.hosts.diffusers_host import DiffusersHost
-from lib_ostaf.images import load_image, square
-from lib_ostaf.masks import load_mask, resize_mask, square_mask
-from lib_ostaf.targets import default_blocks
-from lib_ostaf.train import AttributeConfig, diffusion_loss, frozen, train_attribute
+from lib_ostaf.method.augment import make_views, object_mask
+from lib_ostaf.method.embeddings import placeholder_at
+from lib_ostaf.method.images import load_image, square
+from lib_ostaf.method.masks import load_mask, resize_mask, square_mask
+from lib_ostaf.method.targets import default_blocks
+from lib_ostaf.method.train import AttributeConfig, diffusion_loss, frozen, train_attribute
+from lib_ostaf.world import attributes as world
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -289,7 +289,7 @@ def textual_inversion(host, ref: Reference, cfg: AttributeConfig) -> tuple[dict,
 
 def token_at(result, lam: float) -> dict | None:
     """The learned placeholder at intensity λ (v₀ + λ·(v − v₀), λ clamped to [0, 1]), as
-    generation applies it (:func:`lib_ostaf.embeddings.scaled_embeddings`)."""
+    generation applies it (:func:`lib_ostaf.method.embeddings.scaled_embeddings`)."""
     if not result.embeddings:
         return None
     return placeholder_at(result.embeddings, result.token_init, lam)
@@ -511,7 +511,7 @@ def per_block(args) -> dict:
 
 def pick(args) -> None:
     """Score base-model checkpoints: judge accuracy on seen and held-out captions."""
-    from lib_ostaf import tiny
+    from lib_ostaf.world import tiny
 
     judge = judges.load_judge(RESULTS / "judge.safetensors")
     rng = np.random.default_rng(5)

@@ -39,8 +39,8 @@ from PIL import Image, ImageDraw
 from bench import attribute_benchmark as ab
 from bench import judges
 from lib_ostaf.hosts.diffusers_host import DiffusersHost
-from lib_ostaf.targets import default_blocks
-from lib_ostaf.train import TrainResult, train_attribute
+from lib_ostaf.method.targets import default_blocks
+from lib_ostaf.method.train import TrainResult, train_attribute
 
 ROOT = Path(__file__).resolve().parent
 PICTURE = ROOT.parent / "docs" / "compose.png"

@@ -5,7 +5,7 @@ For the embedded tiny SD1 model and an SD1.5-shaped UNet (random weights, 16×16
 (appearance, what the tab trains by default) and on every attention layer:
 
 * **P2** — one classifier-free-guidance UNet call (batch 2) with the adapter merged by
-  :class:`~lib_ostaf.offsets.WeightPatcher` ÷ the same call without an adapter; also the
+  :class:`~lib_ostaf.method.offsets.WeightPatcher` ÷ the same call without an adapter; also the
   forward-hook path (``OffsetHooks``) for comparison. Calls are interleaved, medians.
 * **P3** — ``apply([adapter])`` + ``apply([])`` (merge, then the exact restore) ÷ one 20-step
   generation (20 CFG UNet calls); and re-applying an unchanged set (must cost ~nothing).
@@ -36,9 +36,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.step_benchmark import SD15_UNET, UNetHost  # noqa: E402
-from lib_ostaf.naming import inspect_unet  # noqa: E402
-from lib_ostaf.offsets import OffsetHooks, WeightPatcher  # noqa: E402
-from lib_ostaf.targets import TargetSpec, find_module, select_targets  # noqa: E402
+from lib_ostaf.files.naming import inspect_unet  # noqa: E402
+from lib_ostaf.method.offsets import OffsetHooks, WeightPatcher  # noqa: E402
+from lib_ostaf.method.targets import TargetSpec, find_module, select_targets  # noqa: E402
 
 GOAL_P2, GOAL_P3 = 1.01, 0.05
 RANK = 4

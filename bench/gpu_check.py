@@ -15,14 +15,14 @@ weights × checkpointing off/on):
 
 and, once per model at its native size, the **fp16-gradient check**: the relative error
 ‖g − g₃₂‖ / ‖g₃₂‖ of all factors' gradients on fp16 weights with loss scaling (the
-``LossScaler`` of ``lib_ostaf.memory``), on fp16 without it, and on bf16, against an fp32
+``LossScaler`` of ``lib_ostaf.method.memory``), on fp16 without it, and on bf16, against an fp32
 run of the same weights (TF32 off), as ``tests/test_half_precision.py`` does on the CPU.
 
 A time guard stops starting new cells before ``--budget-s`` (default 400 s from the start
 of the process, which leaves room for start-up and writing); the cells it skips are listed.
 Results go to ``bench/results/gpu_check.json`` (no machine paths) and a short table to
 stdout. ``--device cpu --tiny`` runs the same code on the tiny stand-in models of
-``lib_ostaf.tiny``, each at its own size only (SD1.5's at 64² for 512², SDXL's at 128² for
+``lib_ostaf.world.tiny``, each at its own size only (SD1.5's at 64² for 512², SDXL's at 128² for
 1024²), with a handful of steps, in seconds (tested in tests/test_gpu_check.py).
 
     python bench/gpu_check.py                      # CUDA GPU, SD1.5 + SDXL shapes
@@ -57,15 +57,15 @@ if str(ROOT) not in sys.path:
 
 from bench.memory_model import MODELS, build, pooled_dim, predict_row  # noqa: E402
 from bench.step_benchmark import UNetHost  # noqa: E402
-from lib_ostaf.devices import choose_device  # noqa: E402
 from lib_ostaf.errors import InputError  # noqa: E402
+from lib_ostaf.files.naming import inspect_unet  # noqa: E402
+from lib_ostaf.hosts.devices import choose_device  # noqa: E402
 from lib_ostaf.hosts.diffusers_host import DiffusersHost  # noqa: E402
-from lib_ostaf.hypernet import HypernetConfig, LayerShape, OstafHypernet  # noqa: E402
-from lib_ostaf.memory import Precision, training_options  # noqa: E402
-from lib_ostaf.naming import inspect_unet  # noqa: E402
-from lib_ostaf.offsets import OffsetHooks  # noqa: E402
-from lib_ostaf.targets import find_module, select_targets  # noqa: E402
-from lib_ostaf.train import (  # noqa: E402
+from lib_ostaf.method.hypernet import HypernetConfig, LayerShape, OstafHypernet  # noqa: E402
+from lib_ostaf.method.memory import Precision, training_options  # noqa: E402
+from lib_ostaf.method.offsets import OffsetHooks  # noqa: E402
+from lib_ostaf.method.targets import find_module, select_targets  # noqa: E402
+from lib_ostaf.method.train import (  # noqa: E402
     AttributeConfig,
     Callbacks,
     diffusion_loss,
@@ -97,7 +97,7 @@ class Shape:
 
 def shapes(tiny: bool) -> dict[str, Shape]:
     if tiny:
-        from lib_ostaf import tiny as tiny_models
+        from lib_ostaf.world import tiny as tiny_models
 
         sd1, sdxl = tiny_models.unet_config("sd1"), tiny_models.unet_config("sdxl")
         return {

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lib_ostaf import world
+from lib_ostaf.world import attributes as world
 
 HEADS = {
     "shape": (*world.SHAPES, world.NEW_SHAPE),

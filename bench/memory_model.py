@@ -35,10 +35,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.step_benchmark import SD15_UNET  # noqa: E402
-from lib_ostaf.hypernet import HypernetConfig, LayerShape, OstafHypernet  # noqa: E402
-from lib_ostaf.memory import CHECKPOINTED, gradient_checkpointing  # noqa: E402
-from lib_ostaf.offsets import OffsetHooks  # noqa: E402
-from lib_ostaf.targets import TargetSpec, find_module, select_targets  # noqa: E402
+from lib_ostaf.method.hypernet import HypernetConfig, LayerShape, OstafHypernet  # noqa: E402
+from lib_ostaf.method.memory import CHECKPOINTED, gradient_checkpointing  # noqa: E402
+from lib_ostaf.method.offsets import OffsetHooks  # noqa: E402
+from lib_ostaf.method.targets import TargetSpec, find_module, select_targets  # noqa: E402
 
 GIB = 2**30
 SDXL_UNET: dict[str, Any] = {  # diffusers config of stabilityai/stable-diffusion-xl-base-1.0

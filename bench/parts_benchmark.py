@@ -32,10 +32,10 @@ import torch
 
 from bench import attribute_benchmark as ab
 from bench import judges
-from lib_ostaf import world
-from lib_ostaf.embeddings import placeholder_at
 from lib_ostaf.hosts.diffusers_host import DiffusersHost
-from lib_ostaf.train import train_attribute
+from lib_ostaf.method.embeddings import placeholder_at
+from lib_ostaf.method.train import train_attribute
+from lib_ostaf.world import attributes as world
 
 REFERENCE = world.Spec("moon", "blue", "diagonal", cx=8, cy=8, radius=6.5, background=(240,) * 3)
 DIALS = {  # name → (shape λ, appearance λ)

@@ -159,7 +159,7 @@ class DinoScorer:
 
 def object_mask(image: Image.Image) -> np.ndarray:
     """The image's main object (automatic; the whole image if none stands out)."""
-    from lib_ostaf.augment import object_mask as find
+    from lib_ostaf.method.augment import object_mask as find
 
     return find(image.convert("RGB"))
 
@@ -242,10 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("real_metrics.json"))
     args = ap.parse_args(argv)
 
-    from lib_ostaf.adapter_file import load_adapter
+    from lib_ostaf.files.adapter_file import load_adapter
     from lib_ostaf.hosts.diffusers_host import DiffusersHost
-    from lib_ostaf.images import load_image
-    from lib_ostaf.train import AttributeConfig, export, train_attribute
+    from lib_ostaf.method.images import load_image
+    from lib_ostaf.method.train import AttributeConfig, export, train_attribute
 
     reference = load_image(args.reference)
     prompts = [p.strip() for p in args.prompts.read_text().splitlines() if p.strip()]

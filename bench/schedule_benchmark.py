@@ -3,8 +3,8 @@
 Two adapters are merged: a shape-blocks one for the whole pass and a decoder one with
 ``end=0.5`` (one boundary, at step 10, where only its layers are restored). The
 unscheduled run merges both before step 0 and restores after step 20; the scheduled one
-asks :class:`~lib_ostaf.schedule.StepSchedule` before every step, as the hosts do, and
-re-merges through :class:`~lib_ostaf.offsets.WeightPatcher` only when the set changes.
+asks :class:`~lib_ostaf.method.schedule.StepSchedule` before every step, as the hosts do, and
+re-merges through :class:`~lib_ostaf.method.offsets.WeightPatcher` only when the set changes.
 "Generation" = 20 classifier-free-guidance UNet calls (the sampler's own work is the same
 in both). Runs are interleaved, medians; goal ≤ 1.05 (issue 16). Nothing is asserted.
 
@@ -32,9 +32,9 @@ if str(ROOT) not in sys.path:
 
 from bench.generation_benchmark import adapter, load  # noqa: E402
 from bench.step_benchmark import UNetHost  # noqa: E402
-from lib_ostaf.offsets import WeightPatcher  # noqa: E402
-from lib_ostaf.schedule import StepSchedule  # noqa: E402
-from lib_ostaf.targets import TargetSpec  # noqa: E402
+from lib_ostaf.method.offsets import WeightPatcher  # noqa: E402
+from lib_ostaf.method.schedule import StepSchedule  # noqa: E402
+from lib_ostaf.method.targets import TargetSpec  # noqa: E402
 
 GOAL = 1.05
 STEPS = 20

@@ -46,17 +46,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lib_ostaf.adapter_file import LoraModule, build_metadata, save_adapter  # noqa: E402
-from lib_ostaf.hypernet import (  # noqa: E402
+from lib_ostaf.files.adapter_file import LoraModule, build_metadata, save_adapter  # noqa: E402
+from lib_ostaf.files.naming import UNetInfo, inspect_unet  # noqa: E402
+from lib_ostaf.method.hypernet import (  # noqa: E402
     DirectLoRA,
     HypernetConfig,
     LayerShape,
     OstafHypernet,
 )
-from lib_ostaf.naming import UNetInfo, inspect_unet  # noqa: E402
-from lib_ostaf.offsets import OffsetHooks  # noqa: E402
-from lib_ostaf.targets import Target, find_module, select_targets  # noqa: E402
-from lib_ostaf.train import AttributeConfig, TrainResult, diffusion_loss, export  # noqa: E402
+from lib_ostaf.method.offsets import OffsetHooks  # noqa: E402
+from lib_ostaf.method.targets import Target, find_module, select_targets  # noqa: E402
+from lib_ostaf.method.train import AttributeConfig, TrainResult, diffusion_loss, export  # noqa: E402
 
 METHODS = ("ostaf", "direct", "peft")
 # Timed only: OSTAF with the previous hypernetwork forward (one head call per layer).
@@ -142,7 +142,7 @@ def load_model(name: str, n_samples: int) -> Model:
     if name == "tiny":
         from lib_ostaf.cli import DEMO_IMAGE
         from lib_ostaf.hosts.diffusers_host import DiffusersHost
-        from lib_ostaf.images import load_image, square
+        from lib_ostaf.method.images import load_image, square
 
         host = DiffusersHost.load("tiny-sd1")
         cond = host.encode_prompt(CONFIG.training_prompt)
@@ -573,7 +573,7 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "## Files",
         "",
         "kohya file = `.safetensors` that WebUIs load; OSTAF's is written by "
-        "`lib_ostaf.train.export`, peft's by `save_adapter` on its A/B under the same keys. "
+        "`lib_ostaf.method.train.export`, peft's by `save_adapter` on its A/B under the same keys. "
         "Tensor payload = LoRA down/up (fp32) + alpha; the rest is header and metadata "
         "(OSTAF's adds `ostaf.*` keys such as the target list). peft native = "
         "`get_peft_model_state_dict` as safetensors (diffusers layout, no alpha).",

@@ -1,5 +1,5 @@
-"""Rebuild ``lib_ostaf/tiny/weights.safetensors``: the embedded tiny SD1 model trained on
-the attribute world (``lib_ostaf.world``).
+"""Rebuild ``lib_ostaf/world/tiny/weights.safetensors``: the embedded tiny SD1 model trained on
+the attribute world (``lib_ostaf.world.attributes``).
 
 * VAE: built analytically, not trained — an exact 8× average-pool encoder and 8× nearest
   decoder in AutoencoderKL's own layers (see :func:`analytic_vae`). The world lives on a
@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lib_ostaf import tiny, world  # noqa: E402
+from lib_ostaf.world import attributes as world  # noqa: E402
+from lib_ostaf.world import tiny  # noqa: E402
 
 BIG = 1000.0  # constant channels that make GroupNorm (almost exactly) an affine no-op
 

@@ -5,7 +5,7 @@
     python -m lib_ostaf.batch manifest.csv --out adapters/          # one process
 
 The manifest is JSONL (one object per line) or CSV (a header row) with the columns
-``image, attribute, name`` and optionally any :class:`~lib_ostaf.train.AttributeConfig`
+``image, attribute, name`` and optionally any :class:`~lib_ostaf.method.train.AttributeConfig`
 field (``steps, rank, lr, seed, token, prompt, network, include_mid, default_lambda``).
 Relative image paths are relative to the manifest. Rank ``r`` of ``n`` (``RANK`` /
 ``WORLD_SIZE`` as set by torchrun and accelerate) trains jobs ``r, r+n, r+2n, …`` — a static
@@ -27,10 +27,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .adapter_file import load_adapter, validate_name
-from .devices import DTYPES
-from .errors import OstafError
-from .train import AttributeConfig, settings_record
+from lib_ostaf.errors import OstafError
+from lib_ostaf.files.adapter_file import load_adapter, validate_name
+from lib_ostaf.hosts.devices import DTYPES
+from lib_ostaf.method.train import AttributeConfig, settings_record
 
 REQUIRED = ("image", "attribute", "name")
 _FIELDS = {f.name: f for f in fields(AttributeConfig)}
@@ -138,8 +138,9 @@ def rank_and_world() -> tuple[int, int]:
 
 def device_for_rank(spec: str = "auto"):
     """This rank's device: under ``auto`` its own GPU (``cuda:<LOCAL_RANK mod count>``),
-    else MPS, else the CPU; a named device as named (:func:`lib_ostaf.devices.choose_device`)."""
-    from .devices import choose_device
+    else MPS, else the CPU; a named device as named
+    (:func:`lib_ostaf.hosts.devices.choose_device`)."""
+    from lib_ostaf.hosts.devices import choose_device
 
     return choose_device(spec, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -154,9 +155,9 @@ def run(
     dtype: str = "auto",
     resolution: int | None = None,
 ) -> int:
-    from .devices import check_resolution, choose_dtype
-    from .hosts.diffusers_host import DiffusersHost, is_tiny
-    from .train import export, train_attribute
+    from lib_ostaf.hosts.devices import check_resolution, choose_dtype
+    from lib_ostaf.hosts.diffusers_host import DiffusersHost, is_tiny
+    from lib_ostaf.method.train import export, train_attribute
 
     where = device_for_rank(device)  # bad device / dtype / resolution: refused before any work
     choose_dtype(dtype, where)

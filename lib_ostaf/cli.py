@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import sys
 import threading
@@ -11,18 +10,24 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from .adapter_file import ADAPTER_SUFFIX, PREVIEW_SUFFIX, AdapterFile, load_adapter
-from .devices import DTYPES
-from .embeddings import adapter_embeddings, load_embedding, scaled_embeddings, validate_token
-from .errors import InputError, OstafError
-from .memory import CHECKPOINTING, PRECISIONS
-from .offsets import check_lambda
-from .parts import part_names, token_weight
-from .prompt_tags import Dials
-from .schedule import StepSchedule
-from .train import ATTRIBUTE_CHOICES
+from lib_ostaf.errors import InputError, OstafError
+from lib_ostaf.files.adapter_file import ADAPTER_SUFFIX, PREVIEW_SUFFIX, AdapterFile, load_adapter
+from lib_ostaf.hosts.devices import DTYPES
+from lib_ostaf.method.embeddings import (
+    adapter_embeddings,
+    load_embedding,
+    scaled_embeddings,
+    validate_token,
+)
+from lib_ostaf.method.images import grid
+from lib_ostaf.method.memory import CHECKPOINTING, PRECISIONS
+from lib_ostaf.method.offsets import check_lambda
+from lib_ostaf.method.parts import part_names, token_weight
+from lib_ostaf.method.schedule import StepSchedule
+from lib_ostaf.method.train import ATTRIBUTE_CHOICES
+from lib_ostaf.webui.prompt_tags import Dials
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_IMAGE = ASSETS / "reference.png"
@@ -63,20 +68,6 @@ def resolve_request(spec: str, adapters_dir: Path) -> tuple[AdapterFile, float |
         has = ", ".join(names) or "none recorded"
         raise InputError(f"{adapter.name} has no {', '.join(unknown)} part (its parts: {has})")
     return adapter, lam, dials
-
-
-def grid(images: Sequence[Image.Image], cols: int, labels: Sequence[str] = ()) -> Image.Image:
-    """Images in a grid, an optional label strip above each column."""
-    w, h = images[0].size
-    strip = 14 if labels else 0
-    rows = math.ceil(len(images) / cols)
-    canvas = Image.new("RGB", (cols * w, rows * h + strip), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, label in enumerate(labels[:cols]):
-        draw.text((i * w + 3, 1), label, fill="black")
-    for i, image in enumerate(images):
-        canvas.paste(image.resize((w, h)), ((i % cols) * w, strip + (i // cols) * h))
-    return canvas
 
 
 def lambda_sweep(
@@ -368,8 +359,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .hosts.diffusers_host import DiffusersHost
-    from .train import AttributeConfig, Callbacks, export, train_attribute, with_overrides
+    from lib_ostaf.hosts.diffusers_host import DiffusersHost
+    from lib_ostaf.method.train import (
+        AttributeConfig,
+        Callbacks,
+        export,
+        train_attribute,
+        with_overrides,
+    )
 
     if args.command == "train":
         config = with_overrides(
@@ -459,7 +456,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace):
     """The command's model on ``--device`` in ``--dtype`` (at ``--resolution`` if it has one)."""
-    from .hosts.diffusers_host import DiffusersHost
+    from lib_ostaf.hosts.diffusers_host import DiffusersHost
 
     return DiffusersHost.load(
         args.model,
@@ -482,7 +479,7 @@ def _embedding_file(spec: str, family: str):
 
 
 def _implant(args: argparse.Namespace) -> int:
-    from .objects import (
+    from lib_ostaf.method.objects import (
         ObjectConfig,
         export_objects,
         objects_from_lists,
@@ -491,7 +488,7 @@ def _implant(args: argparse.Namespace) -> int:
         train_objects,
         with_overrides,
     )
-    from .train import Callbacks
+    from lib_ostaf.method.train import Callbacks
 
     objects = objects_from_lists(args.token, args.classes, args.mask)
     config = with_overrides(
@@ -553,7 +550,7 @@ def _implant(args: argparse.Namespace) -> int:
 
 def _share(args: argparse.Namespace) -> int:
     """``share``: every input checked before the model loads; the sweep only on request."""
-    from .share import plan_share, preview_prompt, write_share
+    from lib_ostaf.webui.share import plan_share, preview_prompt, write_share
 
     plan = plan_share(
         args.adapters_dir,

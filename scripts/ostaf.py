@@ -21,8 +21,16 @@ from modules import (
     ui_extra_networks,
 )
 
-from lib_ostaf import activation, cards, prompt_tags, schedule
-from lib_ostaf.api import (
+from lib_ostaf.errors import InputError, OstafError
+from lib_ostaf.files.naming import ATTN_NAMES, PROJ_NAMES
+from lib_ostaf.hosts import a1111, forge
+from lib_ostaf.method import schedule
+from lib_ostaf.method.masks import auto_masks, mask_from_editor, mask_overlay
+from lib_ostaf.method.memory import CHECKPOINTING, PRECISIONS
+from lib_ostaf.method.objects import EMBEDDINGS_FOLDER
+from lib_ostaf.method.train import ATTRIBUTE_CHOICES, DEFAULT_PROMPTS
+from lib_ostaf.webui import activation, cards, prompt_tags
+from lib_ostaf.webui.api import (
     PREFIX,
     WRITE_ROUTES,
     ApiError,
@@ -32,17 +40,10 @@ from lib_ostaf.api import (
     api_enabled,
     check_basic_auth,
 )
-from lib_ostaf.errors import InputError, OstafError
-from lib_ostaf.hosts import a1111, forge
-from lib_ostaf.masks import auto_masks, mask_from_editor, mask_overlay
-from lib_ostaf.memory import CHECKPOINTING, PRECISIONS
-from lib_ostaf.naming import ATTN_NAMES, PROJ_NAMES
-from lib_ostaf.object_job import ObjectRequest
-from lib_ostaf.objects import EMBEDDINGS_FOLDER
-from lib_ostaf.registry import resolve_adapters_dir
-from lib_ostaf.share import share_adapter
-from lib_ostaf.train import ATTRIBUTE_CHOICES, DEFAULT_PROMPTS
-from lib_ostaf.training_job import TrainRequest
+from lib_ostaf.webui.object_job import ObjectRequest
+from lib_ostaf.webui.registry import resolve_adapters_dir
+from lib_ostaf.webui.share import share_adapter
+from lib_ostaf.webui.training_job import TrainRequest
 
 
 def _sdnext() -> bool:
@@ -890,7 +891,7 @@ def _attribute_tab():
 
 def _share_row(prefix, name, result):
     """*Share*: the adapter named in ``name`` as a folder ready for a model hub
-    (lib_ostaf.share: LoRA, embeddings, card picture, README.md model card with hashes)."""
+    (lib_ostaf.webui.share: LoRA, embeddings, card picture, README.md model card with hashes)."""
     with gr.Row():
         share_dir = gr.Textbox(
             label="Share to folder (empty: outputs/ostaf-share/<name>)",
@@ -932,7 +933,7 @@ def _result_gallery(elem_id):
 
 
 def _memory_options(prefix):
-    """Precision and gradient checkpointing (lib_ostaf.memory); 'auto' suits most GPUs."""
+    """Precision and gradient checkpointing (lib_ostaf.method.memory); 'auto' suits most GPUs."""
     with gr.Row():
         precision = gr.Radio(
             list(PRECISIONS), value="auto", label="Precision", elem_id=f"{prefix}_precision"

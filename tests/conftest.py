@@ -62,7 +62,7 @@ def disc_image(size: int = 64) -> Image.Image:
 def _no_machine_hf_cache(monkeypatch):
     """Tower auto-detection never sees this machine's Hugging Face cache (tests that want
     a cache pass ``env=`` explicitly)."""
-    from lib_ostaf import towers
+    from lib_ostaf.method import towers
 
     real = towers.hf_cache_dirs
     monkeypatch.setattr(towers, "hf_cache_dirs", lambda env=None: real(env) if env else [])

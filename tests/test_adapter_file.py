@@ -1,4 +1,5 @@
-"""Behaviour of lib_ostaf.adapter_file: kohya LoRA files, hashes, atomic writes, hostile input."""
+"""Behaviour of lib_ostaf.files.adapter_file: kohya LoRA files, hashes, atomic writes,
+hostile input."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lib_ostaf import adapter_file as af
-from lib_ostaf.adapter_file import (
+from lib_ostaf.errors import AdapterFileError, InputError
+from lib_ostaf.files import adapter_file as af
+from lib_ostaf.files.adapter_file import (
     ADAPTER_SUFFIX,
     STATE_SUFFIX,
     AdapterFile,
@@ -34,7 +36,6 @@ from lib_ostaf.adapter_file import (
     write_card,
     write_preview,
 )
-from lib_ostaf.errors import AdapterFileError, InputError
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"

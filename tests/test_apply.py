@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_ostaf.adapter_file import LoraModule, build_metadata, load_adapter, save_adapter
 from lib_ostaf.errors import IncompatibleModelError, InputError
+from lib_ostaf.files.adapter_file import LoraModule, build_metadata, load_adapter, save_adapter
 
 from .conftest import pristine, same_weights
 

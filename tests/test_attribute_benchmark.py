@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from bench import attribute_benchmark as ab
-from lib_ostaf import world
+from lib_ostaf.world import attributes as world
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lib_ostaf.adapter_file import load_adapter
 from lib_ostaf.batch import ManifestError, job_config, main, read_manifest
+from lib_ostaf.files.adapter_file import load_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from lib_ostaf.adapter_file import load_adapter
 from lib_ostaf.cli import main, resolve_adapter
 from lib_ostaf.errors import InputError
+from lib_ostaf.files.adapter_file import load_adapter
 
 
 def _train(tmp_path, reference_image, name="cli", *extra):

@@ -1,7 +1,7 @@
 """Our files load unchanged in diffusers' own kohya loader and give the same weights.
 
 Also: the key set follows kohya's convention per family (SD1 diffusers names, SDXL sgm
-names), computed here independently of lib_ostaf.naming.
+names), computed here independently of lib_ostaf.files.naming.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import re
 import pytest
 import torch
 
-from lib_ostaf.adapter_file import load_adapter
+from lib_ostaf.files.adapter_file import load_adapter
 from lib_ostaf.hosts.diffusers_host import DiffusersHost
-from lib_ostaf.targets import default_blocks
-from lib_ostaf.train import AttributeConfig, export, train_attribute
+from lib_ostaf.method.targets import default_blocks
+from lib_ostaf.method.train import AttributeConfig, export, train_attribute
 
 from .conftest import pristine, same_weights
 

@@ -1,4 +1,4 @@
-"""Device and dtype choice (lib_ostaf.devices) with CUDA / MPS faked present or absent, and
+"""Device and dtype choice (lib_ostaf.hosts.devices) with CUDA / MPS faked present or absent, and
 the CLI, batch and DiffusersHost.load wired to it (--device, --dtype, --resolution)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from lib_ostaf import batch, cli
-from lib_ostaf.devices import check_resolution, choose_device, choose_dtype
 from lib_ostaf.errors import InputError
+from lib_ostaf.hosts.devices import check_resolution, choose_device, choose_dtype
 from lib_ostaf.hosts.diffusers_host import DiffusersHost
 
 

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from lib_ostaf import tiny
-from lib_ostaf.embeddings import (
+from lib_ostaf.errors import AdapterFileError, IncompatibleModelError, InputError
+from lib_ostaf.method.embeddings import (
     bundle_state_dict,
     check_new_tokens,
     file_stem,
@@ -19,7 +19,7 @@ from lib_ostaf.embeddings import (
     validate_token,
     vectors_from_state,
 )
-from lib_ostaf.errors import AdapterFileError, IncompatibleModelError, InputError
+from lib_ostaf.world import tiny
 
 from .conftest import pristine, same_weights
 
@@ -214,7 +214,7 @@ def write_object_adapter(
     import os
     from pathlib import Path
 
-    from lib_ostaf.adapter_file import LoraModule, build_metadata, save_adapter, write_card
+    from lib_ostaf.files.adapter_file import LoraModule, build_metadata, save_adapter, write_card
 
     folder = Path(folder)
     emb_dir = Path(embeddings_dir) if embeddings_dir else folder / f"{name}.embeddings"
@@ -260,8 +260,8 @@ def write_object_adapter(
 
 
 def test_missing_embedding_is_an_error_naming_the_path(tmp_path):
-    from lib_ostaf.adapter_file import load_adapter
-    from lib_ostaf.embeddings import adapter_embeddings, embedding_files
+    from lib_ostaf.files.adapter_file import load_adapter
+    from lib_ostaf.method.embeddings import adapter_embeddings, embedding_files
 
     path = write_object_adapter(tmp_path, tokens=("<mug1>", "<cup2>"))
     found = adapter_embeddings(load_adapter(path))
@@ -280,8 +280,8 @@ def test_listed_elsewhere_falls_back_to_the_adapters_own_folder(tmp_path):
     (a share) has them in ``<name>.embeddings/`` instead: both are found, same vectors."""
     import shutil
 
-    from lib_ostaf.adapter_file import load_adapter
-    from lib_ostaf.embeddings import adapter_embeddings, embedding_files
+    from lib_ostaf.files.adapter_file import load_adapter
+    from lib_ostaf.method.embeddings import adapter_embeddings, embedding_files
 
     lora_dir, emb_dir = tmp_path / "models" / "Lora", tmp_path / "embeddings"
     lora_dir.mkdir(parents=True)
@@ -303,8 +303,8 @@ def test_webui_warns_once_with_the_path(tmp_path):
     adapter's first use in this process; the other adapter's tokens still come."""
     from types import SimpleNamespace
 
-    from lib_ostaf.adapter_file import load_adapter
-    from lib_ostaf.hosts.webui import wanted_tokens
+    from lib_ostaf.files.adapter_file import load_adapter
+    from lib_ostaf.hosts.webui_common import wanted_tokens
 
     broken = write_object_adapter(tmp_path, "broken")
     fine = write_object_adapter(tmp_path, "fine", tokens=("<cup2>",))

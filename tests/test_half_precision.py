@@ -13,19 +13,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lib_ostaf.memory as memory
+import lib_ostaf.method.memory as memory
 from lib_ostaf.errors import TrainingDiverged
 from lib_ostaf.hosts.diffusers_host import DiffusersHost
-from lib_ostaf.memory import (
+from lib_ostaf.method.memory import (
     ZERO_GRAD_STEPS,
     LossScaler,
     Precision,
     needs_loss_scaling,
     training_options,
 )
-from lib_ostaf.offsets import OffsetHooks
-from lib_ostaf.targets import TargetSpec, find_module, select_targets
-from lib_ostaf.train import AttributeConfig, Callbacks, diffusion_loss, run_steps, train_attribute
+from lib_ostaf.method.offsets import OffsetHooks
+from lib_ostaf.method.targets import TargetSpec, find_module, select_targets
+from lib_ostaf.method.train import (
+    AttributeConfig,
+    Callbacks,
+    diffusion_loss,
+    run_steps,
+    train_attribute,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from lib_ostaf.errors import IncompatibleModelError, InputError
-from lib_ostaf.hypernet import DirectLoRA, HypernetConfig, LayerShape, OstafHypernet
-from lib_ostaf.offsets import OffsetHooks, WeightPatcher, check_lambda, delta_weight
+from lib_ostaf.method.hypernet import DirectLoRA, HypernetConfig, LayerShape, OstafHypernet
+from lib_ostaf.method.offsets import OffsetHooks, WeightPatcher, check_lambda, delta_weight
 
 LAYERS = [
     LayerShape("l0", "attn1.to_q", 16, 16),

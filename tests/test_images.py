@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib_ostaf.augment import make_views
 from lib_ostaf.errors import InputError
-from lib_ostaf.images import load_image, square
+from lib_ostaf.method.augment import make_views
+from lib_ostaf.method.images import load_image, square
 
 
 @pytest.mark.parametrize(
@@ -134,7 +134,7 @@ def test_bad_files(tmp_path):
 
 
 def test_huge_image_refused_before_decoding(tmp_path, monkeypatch):
-    import lib_ostaf.images as images
+    import lib_ostaf.method.images as images
 
     Image.new("RGB", (300, 300)).save(tmp_path / "big.png")
     monkeypatch.setattr(images, "MAX_PIXELS", 300 * 299)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lib_ostaf.adapter_file import load_adapter, sweep_stale_temps
-from lib_ostaf.train import AttributeConfig, export, train_attribute
+from lib_ostaf.files.adapter_file import load_adapter, sweep_stale_temps
+from lib_ostaf.method.train import AttributeConfig, export, train_attribute
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"steps": 2, "lr": 1e-2, "n_views": 1}

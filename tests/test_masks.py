@@ -10,8 +10,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from lib_ostaf.errors import InputError
-from lib_ostaf.images import square
-from lib_ostaf.masks import (
+from lib_ostaf.method.images import square
+from lib_ostaf.method.masks import (
     auto_masks,
     iou,
     latent_weights,
@@ -200,7 +200,7 @@ def test_auto_mask_of_a_blank_image_fails_clearly():
 
 
 def test_mask_from_editor_payloads():
-    from lib_ostaf.masks import mask_from_editor
+    from lib_ostaf.method.masks import mask_from_editor
 
     bg = Image.new("RGB", (32, 32), (90, 90, 90))
     layer = Image.new("RGBA", (32, 32), (0, 0, 0, 0))

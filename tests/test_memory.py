@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from lib_ostaf.errors import InputError
-from lib_ostaf.memory import gradient_checkpointing, training_options
-from lib_ostaf.offsets import OffsetHooks
-from lib_ostaf.targets import TargetSpec, find_module, select_targets
-from lib_ostaf.train import AttributeConfig, train_attribute
+from lib_ostaf.method.memory import gradient_checkpointing, training_options
+from lib_ostaf.method.offsets import OffsetHooks
+from lib_ostaf.method.targets import TargetSpec, find_module, select_targets
+from lib_ostaf.method.train import AttributeConfig, train_attribute
 
 from .unets import CONTEXT_DIM, tiny_ldm_unet
 
@@ -108,8 +108,8 @@ def test_loss_scaling_follows_the_hosts_compute_dtype():
 
 @pytest.mark.parametrize("what", ["attribute", "objects"])
 def test_trainers_pass_the_hosts_compute_dtype(what, sd1_host, reference_image, monkeypatch):
-    import lib_ostaf.objects as objects
-    import lib_ostaf.train as train
+    import lib_ostaf.method.objects as objects
+    import lib_ostaf.method.train as train
 
     seen = []
 

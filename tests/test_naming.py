@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lib_ostaf.errors import IncompatibleModelError, InputError
-from lib_ostaf.naming import (
+from lib_ostaf.files.naming import (
     UNetInfo,
     diffusers_to_ldm,
     inspect_unet,

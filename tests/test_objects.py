@@ -13,15 +13,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from lib_ostaf import tiny
-from lib_ostaf.adapter_file import load_adapter, load_state
 from lib_ostaf.cli import main
-from lib_ostaf.embeddings import adapter_embeddings, load_embedding
 from lib_ostaf.errors import InputError, Interrupted
-from lib_ostaf.hypernet import DirectLoRA, HypernetConfig, LayerShape
-from lib_ostaf.images import square
-from lib_ostaf.masks import square_mask
-from lib_ostaf.objects import (
+from lib_ostaf.files.adapter_file import load_adapter, load_state
+from lib_ostaf.method.embeddings import adapter_embeddings, load_embedding
+from lib_ostaf.method.hypernet import DirectLoRA, HypernetConfig, LayerShape
+from lib_ostaf.method.images import square
+from lib_ostaf.method.masks import square_mask
+from lib_ostaf.method.objects import (
     FALLBACK,
     PROTOTYPE,
     ClipTower,
@@ -39,9 +38,10 @@ from lib_ostaf.objects import (
     relative_distance,
     train_objects,
 )
-from lib_ostaf.offsets import OffsetHooks
-from lib_ostaf.targets import TargetSpec, find_module, select_targets
-from lib_ostaf.train import Callbacks
+from lib_ostaf.method.offsets import OffsetHooks
+from lib_ostaf.method.targets import TargetSpec, find_module, select_targets
+from lib_ostaf.method.train import Callbacks
+from lib_ostaf.world import tiny
 
 from .conftest import pristine, same_weights
 from .test_embeddings import cond_equal, fresh_text_pipeline

@@ -7,18 +7,18 @@ import json
 import pytest
 import torch
 
-from lib_ostaf.activation import plan_generation, requests_for
-from lib_ostaf.adapter_file import load_adapter
 from lib_ostaf.errors import InputError
-from lib_ostaf.parts import module_parts, part_names, split_by_part
-from lib_ostaf.registry import AdapterRegistry
-from lib_ostaf.train import (
+from lib_ostaf.files.adapter_file import load_adapter
+from lib_ostaf.method.parts import module_parts, part_names, split_by_part
+from lib_ostaf.method.train import (
     SPLICE_LAMBDAS,
     AttributeConfig,
     Callbacks,
     export,
     train_attribute,
 )
+from lib_ostaf.webui.activation import plan_generation, requests_for
+from lib_ostaf.webui.registry import AdapterRegistry
 
 FAST = {"steps": 3, "n_views": 2}
 
@@ -169,7 +169,7 @@ def test_diffusers_host_merges_each_part_with_its_lambda(sd1_host, both, tmp_pat
 
 
 def test_schedule_on_the_diffusers_host_switches_at_boundaries_only(sd1_host, both, tmp_path):
-    from lib_ostaf.schedule import StepSchedule
+    from lib_ostaf.method.schedule import StepSchedule
 
     result, _ = both
     adapter = load_adapter(export(result, tmp_path, "duo"))

@@ -42,7 +42,7 @@ def test_vgg_layout_and_gram_distance(tmp_path):
 def models(tmp_path_factory):
     from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
-    from lib_ostaf import tiny
+    from lib_ostaf.world import tiny
 
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import resource
 
 import torch
 
-from lib_ostaf.train import AttributeConfig, train_attribute
+from lib_ostaf.method.train import AttributeConfig, train_attribute
 
 from .conftest import pristine, same_weights
 
@@ -48,7 +48,7 @@ def test_ten_trainings_return_to_baseline(sd1_host, reference_image):
 
 
 def test_object_trainings_return_to_baseline(sd1_host, reference_image):
-    from lib_ostaf.objects import ObjectConfig, ObjectSpec, train_objects
+    from lib_ostaf.method.objects import ObjectConfig, ObjectSpec, train_objects
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_ostaf.activation import plan_generation, requests_for
-from lib_ostaf.adapter_file import load_adapter
+from lib_ostaf.files.adapter_file import load_adapter
+from lib_ostaf.files.naming import inspect_unet, module_name_from_kohya
 from lib_ostaf.hosts.a1111 import A1111Applier
 from lib_ostaf.hosts.forge import ForgeApplier
-from lib_ostaf.naming import inspect_unet, module_name_from_kohya
-from lib_ostaf.registry import AdapterRegistry
-from lib_ostaf.schedule import StepSchedule, boundaries, inside, webui_step
+from lib_ostaf.method.schedule import StepSchedule, boundaries, inside, webui_step
+from lib_ostaf.webui.activation import plan_generation, requests_for
+from lib_ostaf.webui.registry import AdapterRegistry
 
 from .conftest import pristine, same_weights
 from .forge_fakes import FakeForgeModel

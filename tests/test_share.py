@@ -16,7 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lib_ostaf.adapter_file import (
+from lib_ostaf.cli import main
+from lib_ostaf.errors import AdapterFileError, InputError
+from lib_ostaf.files.adapter_file import (
     LoraModule,
     build_metadata,
     load_adapter,
@@ -24,11 +26,9 @@ from lib_ostaf.adapter_file import (
     write_card,
     write_preview,
 )
-from lib_ostaf.cli import main
-from lib_ostaf.errors import AdapterFileError, InputError
-from lib_ostaf.naming import inspect_unet
-from lib_ostaf.share import LICENSES, share_adapter, yaml_str
-from lib_ostaf.targets import TargetSpec, select_targets
+from lib_ostaf.files.naming import inspect_unet
+from lib_ostaf.method.targets import TargetSpec, select_targets
+from lib_ostaf.webui.share import LICENSES, share_adapter, yaml_str
 
 from .test_embeddings import write_object_adapter
 from .unets import tiny_diffusers_unet
@@ -115,7 +115,7 @@ def test_object_share_has_exactly_the_files_and_a_parsable_card(tmp_path):
     assert files["mug.preview.png"] == (src / "mug.preview.png").read_bytes()
     assert np.array_equal(np.asarray(Image.open(out / "mug.sweep.png")), np.asarray(SWEEP))
     # the shared adapter finds its tokens in the folder
-    from lib_ostaf.embeddings import adapter_embeddings
+    from lib_ostaf.method.embeddings import adapter_embeddings
 
     assert list(adapter_embeddings(load_adapter(out / "mug.safetensors"))) == ["<mug1>", "<cup2>"]
 

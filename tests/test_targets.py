@@ -9,8 +9,13 @@ import pytest
 from torch import nn
 
 from lib_ostaf.errors import IncompatibleModelError, InputError
-from lib_ostaf.naming import block_part, inspect_unet, ldm_to_diffusers, module_name_from_kohya
-from lib_ostaf.targets import (
+from lib_ostaf.files.naming import (
+    block_part,
+    inspect_unet,
+    ldm_to_diffusers,
+    module_name_from_kohya,
+)
+from lib_ostaf.method.targets import (
     ATTRIBUTE_PART,
     PARTS,
     Target,

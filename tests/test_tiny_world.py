@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lib_ostaf import tiny, world
 from lib_ostaf.hosts.diffusers_host import DiffusersHost
+from lib_ostaf.world import attributes as world
+from lib_ostaf.world import tiny
 
 
 def test_world_model_ships_small_and_is_the_default():

@@ -1,4 +1,4 @@
-"""Auto-detection of a CLIP image tower (lib_ostaf.towers): a fake Hugging Face cache and
+"""Auto-detection of a CLIP image tower (lib_ostaf.method.towers): a fake Hugging Face cache and
 a fake IP-Adapter folder built in tmp_path from tiny models; nothing is downloaded."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from lib_ostaf import tiny
-from lib_ostaf.objects import ClipTower
-from lib_ostaf.towers import find_tower, hf_cache_dirs, tower_fit
+from lib_ostaf.method.objects import ClipTower
+from lib_ostaf.method.towers import find_tower, hf_cache_dirs, tower_fit
+from lib_ostaf.world import tiny
 
 
 def _snapshot(hub, repo: str, model):

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_ostaf.adapter_file import load_adapter, load_state
 from lib_ostaf.errors import InputError, Interrupted, ModelNotFinite, TrainingDiverged
-from lib_ostaf.targets import default_blocks
-from lib_ostaf.train import AttributeConfig, Callbacks, export, train_attribute
+from lib_ostaf.files.adapter_file import load_adapter, load_state
+from lib_ostaf.method.targets import default_blocks
+from lib_ostaf.method.train import AttributeConfig, Callbacks, export, train_attribute
 
 from .conftest import DEMO_IMAGE, pristine, same_weights
 
@@ -73,7 +73,7 @@ def test_offsets_only_in_the_attributes_blocks(sd1_host, reference_image, attrib
 
 
 def _deltas(host, result):
-    from lib_ostaf.targets import find_module  # noqa: F401
+    from lib_ostaf.method.targets import find_module  # noqa: F401
 
     names = {t.kohya: t.name for t in result.targets}
     return {names[k]: m.delta() for k, m in result.lora_modules().items()}
@@ -125,8 +125,8 @@ def test_export_writes_file_state_and_card(trained, tmp_path):
 
 
 def test_appearance_learns_its_placeholder_and_lambda_scales_it(sd1_host, trained, tmp_path):
-    from lib_ostaf.embeddings import adapter_embeddings, scaled_embeddings
-    from lib_ostaf.train import TOKEN_INIT
+    from lib_ostaf.method.embeddings import adapter_embeddings, scaled_embeddings
+    from lib_ostaf.method.train import TOKEN_INIT
 
     result, _ = trained
     (vec,) = result.embeddings["ostafv"]
@@ -286,7 +286,7 @@ def test_bad_image(sd1_host, tmp_path):
 
 def test_non_finite_steps_are_skipped_then_training_stops():
     from lib_ostaf.errors import TrainingDiverged
-    from lib_ostaf.train import Callbacks, run_steps
+    from lib_ostaf.method.train import Callbacks, run_steps
 
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([w], lr=0.1)
@@ -312,9 +312,9 @@ def test_non_finite_steps_are_skipped_then_training_stops():
 
 def test_webui_tokens_scale_with_each_adapters_lambda(sd1_host, tmp_path):
     """The WebUI appliers' token list: a learned placeholder at the adapter's λ."""
-    from lib_ostaf.activation import PlannedAdapter
-    from lib_ostaf.embeddings import adapter_embeddings
-    from lib_ostaf.hosts.webui import wanted_tokens
+    from lib_ostaf.hosts.webui_common import wanted_tokens
+    from lib_ostaf.method.embeddings import adapter_embeddings
+    from lib_ostaf.webui.activation import PlannedAdapter
 
     cfg = AttributeConfig(attribute="appearance", steps=2, n_views=1, token_lr=0.05)
     result = train_attribute(sd1_host, DEMO_IMAGE, cfg)
@@ -388,7 +388,7 @@ def test_a_non_finite_text_encoding_names_the_text_side(sd1_host, monkeypatch):
 
 
 def test_an_object_model_already_non_finite_is_named_before_any_step(sd1_host, monkeypatch):
-    from lib_ostaf.objects import ObjectConfig, ObjectSpec, train_objects
+    from lib_ostaf.method.objects import ObjectConfig, ObjectSpec, train_objects
 
     predict = sd1_host.predict_noise
     monkeypatch.setattr(

@@ -6,14 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_ostaf.activation import plan_generation, requests_for
-from lib_ostaf.adapter_file import load_adapter
 from lib_ostaf.errors import IncompatibleModelError, InputError
+from lib_ostaf.files.adapter_file import load_adapter
+from lib_ostaf.files.naming import module_name_from_kohya
 from lib_ostaf.hosts.a1111 import A1111Applier, A1111Host, train_on_loaded_model
-from lib_ostaf.jobs import JobManager
-from lib_ostaf.naming import module_name_from_kohya
-from lib_ostaf.registry import AdapterRegistry
-from lib_ostaf.training_job import TrainRequest
+from lib_ostaf.webui.activation import plan_generation, requests_for
+from lib_ostaf.webui.jobs import JobManager
+from lib_ostaf.webui.registry import AdapterRegistry
+from lib_ostaf.webui.training_job import TrainRequest
 
 from .conftest import pristine, same_weights
 from .webui_fakes import FakeLora, FakeSdModel, FakeState, fake_modules, make_adapter
@@ -173,7 +173,7 @@ def _plan(folder, tags, ui=(), **xyz):
 def _expected(sd_model, base, folder, terms):
     """Base weights plus Σ λ·ΔW, computed independently from the files."""
     unet = sd_model.model.diffusion_model
-    from lib_ostaf.naming import inspect_unet
+    from lib_ostaf.files.naming import inspect_unet
 
     info = inspect_unet(unet)
     want = {k: v.clone() for k, v in base.items()}
@@ -260,7 +260,7 @@ def _expected_parts(sd_model, base, folder, name, weights):
     """Base weights plus Σ_part λ_part·ΔW_part, the parts read from the file's JSON table."""
     import json
 
-    from lib_ostaf.naming import inspect_unet
+    from lib_ostaf.files.naming import inspect_unet
 
     info = inspect_unet(sd_model.model.diffusion_model)
     adapter = load_adapter(folder / f"{name}.safetensors")

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from lib_ostaf.api import (
+from lib_ostaf.errors import Interrupted
+from lib_ostaf.method.masks import load_mask
+from lib_ostaf.webui.api import (
     ApiError,
     ImplantBody,
     OstafApi,
@@ -20,10 +22,8 @@ from lib_ostaf.api import (
     check_basic_auth,
     decode_image,
 )
-from lib_ostaf.errors import Interrupted
-from lib_ostaf.jobs import JobBusy, JobManager
-from lib_ostaf.masks import load_mask
-from lib_ostaf.registry import AdapterRegistry
+from lib_ostaf.webui.jobs import JobBusy, JobManager
+from lib_ostaf.webui.registry import AdapterRegistry
 
 
 def _png(size=(16, 16)) -> str:
@@ -90,9 +90,9 @@ def test_train_body_validation():
             TrainBody(image=_png(), name="x", **bad)
     with pytest.raises(ValidationError):
         TrainBody(name="x")  # image required
-    # lr 0 or null: each attribute's own default (one table, lib_ostaf.train.ATTRIBUTE_LR)
-    from lib_ostaf.train import ATTRIBUTE_LR
-    from lib_ostaf.training_job import TrainRequest
+    # lr 0 or null: each attribute's own default (one table, lib_ostaf.method.train.ATTRIBUTE_LR)
+    from lib_ostaf.method.train import ATTRIBUTE_LR
+    from lib_ostaf.webui.training_job import TrainRequest
 
     for lr in (0, None):
         assert TrainBody(image=_png(), name="x", lr=lr).lr == lr

@@ -11,14 +11,14 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from lib_ostaf.activation import plan_generation, requests_for
 from lib_ostaf.errors import IncompatibleModelError
+from lib_ostaf.files.naming import inspect_unet, is_linear_like, module_name_from_kohya
 from lib_ostaf.hosts import forge
 from lib_ostaf.hosts.forge import ForgeApplier, ForgeHost, patch_id, train_on_loaded_model
-from lib_ostaf.jobs import JobManager
-from lib_ostaf.naming import inspect_unet, is_linear_like, module_name_from_kohya
-from lib_ostaf.registry import AdapterRegistry
-from lib_ostaf.training_job import TrainRequest
+from lib_ostaf.webui.activation import plan_generation, requests_for
+from lib_ostaf.webui.jobs import JobManager
+from lib_ostaf.webui.registry import AdapterRegistry
+from lib_ostaf.webui.training_job import TrainRequest
 
 from .forge_fakes import (
     FakeForgeModel,
@@ -580,8 +580,8 @@ def test_old_forge_host_trains_token_vectors_through_a1111_text(tmp_path):
 
 
 def test_object_training_on_old_forge_and_tokens_apply(tmp_path):
-    from lib_ostaf.embeddings import load_embedding
-    from lib_ostaf.object_job import ObjectRequest
+    from lib_ostaf.method.embeddings import load_embedding
+    from lib_ostaf.webui.object_job import ObjectRequest
 
     from .conftest import disc_image
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_lib_ostaf_module_imports_without_modules():
     found = pkgutil.walk_packages(lib_ostaf.__path__, "lib_ostaf.")
     names = [m.name for m in found if not m.name.endswith("__main__")]
-    assert "lib_ostaf.hosts.a1111" in names and "lib_ostaf.api" in names
+    assert "lib_ostaf.hosts.a1111" in names and "lib_ostaf.webui.api" in names
     code = (
         "import importlib, sys\n"
         "class Block:\n"

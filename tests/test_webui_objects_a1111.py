@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_ostaf.activation import plan_generation, requests_for
-from lib_ostaf.embeddings import load_embedding
 from lib_ostaf.errors import InputError
 from lib_ostaf.hosts.a1111 import A1111Applier, A1111Host, train_on_loaded_model
-from lib_ostaf.jobs import JobManager
-from lib_ostaf.object_job import ObjectRequest
-from lib_ostaf.registry import AdapterRegistry
+from lib_ostaf.method.embeddings import load_embedding
+from lib_ostaf.webui.activation import plan_generation, requests_for
+from lib_ostaf.webui.jobs import JobManager
+from lib_ostaf.webui.object_job import ObjectRequest
+from lib_ostaf.webui.registry import AdapterRegistry
 
 from .conftest import disc_image, pristine, same_weights
 from .webui_fakes import FakeSdModel, FakeSdxlModel, fake_modules
@@ -193,7 +193,7 @@ def _webui_tower(sd_model, folder):
     openai/clip-vit-large-patch14 has SD1's), saved as a model folder."""
     from transformers import CLIPConfig, CLIPModel
 
-    from lib_ostaf import tiny
+    from lib_ostaf.world import tiny
 
     table = sd_model.cond_stage_model.token_embedding.weight
     text = {

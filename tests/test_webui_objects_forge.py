@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_ostaf.activation import plan_generation, requests_for
-from lib_ostaf.embeddings import load_embedding
 from lib_ostaf.hosts.forge import ForgeApplier, ForgeHost, train_on_loaded_model
-from lib_ostaf.jobs import JobManager
-from lib_ostaf.object_job import ObjectRequest
-from lib_ostaf.registry import AdapterRegistry
+from lib_ostaf.method.embeddings import load_embedding
+from lib_ostaf.webui.activation import plan_generation, requests_for
+from lib_ostaf.webui.jobs import JobManager
+from lib_ostaf.webui.object_job import ObjectRequest
+from lib_ostaf.webui.registry import AdapterRegistry
 
 from .conftest import disc_image
 from .forge_fakes import FakeForgeModel, fake_forge_modules

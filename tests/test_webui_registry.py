@@ -7,7 +7,7 @@ import os
 import pytest
 
 from lib_ostaf.errors import InputError
-from lib_ostaf.registry import AdapterRegistry, resolve_adapters_dir
+from lib_ostaf.webui.registry import AdapterRegistry, resolve_adapters_dir
 
 from .unets import tiny_ldm_unet
 from .webui_fakes import make_adapter

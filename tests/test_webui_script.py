@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_ostaf.adapter_file import load_adapter
-from lib_ostaf.naming import inspect_unet, module_name_from_kohya
+from lib_ostaf.files.adapter_file import load_adapter
+from lib_ostaf.files.naming import inspect_unet, module_name_from_kohya
 
 from .conftest import disc_image, pristine, same_weights
 from .webui_fakes import FakeSdModel, FakeState, make_adapter
@@ -568,7 +568,7 @@ def _png_b64() -> str:
 
 
 def test_folder_buttons_filter_keeps_other_folders():
-    from lib_ostaf.cards import without_folder_buttons
+    from lib_ostaf.webui.cards import without_folder_buttons
 
     def button(label, extra=""):
         return f"<button class='lg secondary{extra}' onclick='x(event)'>\n  {label}\n  </button>"

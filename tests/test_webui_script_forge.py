@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_ostaf.adapter_file import load_adapter
+from lib_ostaf.files.adapter_file import load_adapter
+from lib_ostaf.files.naming import inspect_unet, module_name_from_kohya
 from lib_ostaf.hosts.forge import ForgeApplier
-from lib_ostaf.naming import inspect_unet, module_name_from_kohya
 
 from .forge_fakes import FakeForgeModel, fake_forge_modules
 from .test_webui_script import ROOT, _fake_modules, _p, _Params

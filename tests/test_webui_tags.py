@@ -6,10 +6,10 @@ import types
 
 import pytest
 
-from lib_ostaf import prompt_tags as pt
-from lib_ostaf.cards import card_description, error_html, result_html
 from lib_ostaf.errors import InputError
-from lib_ostaf.registry import AdapterEntry
+from lib_ostaf.webui import prompt_tags as pt
+from lib_ostaf.webui.cards import card_description, error_html, result_html
+from lib_ostaf.webui.registry import AdapterEntry
 
 
 @pytest.mark.parametrize(

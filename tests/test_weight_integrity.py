@@ -14,13 +14,13 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from lib_ostaf.activation import plan_generation, requests_for
+from lib_ostaf.files.naming import inspect_unet, module_name_from_kohya
 from lib_ostaf.hosts.a1111 import A1111Applier, train_on_loaded_model
 from lib_ostaf.hosts.forge import ForgeApplier
-from lib_ostaf.jobs import JobManager
-from lib_ostaf.naming import inspect_unet, module_name_from_kohya
-from lib_ostaf.registry import AdapterRegistry
-from lib_ostaf.training_job import TrainRequest
+from lib_ostaf.webui.activation import plan_generation, requests_for
+from lib_ostaf.webui.jobs import JobManager
+from lib_ostaf.webui.registry import AdapterRegistry
+from lib_ostaf.webui.training_job import TrainRequest
 
 from .conftest import pristine, same_weights
 from .forge_fakes import FakeForgeModel

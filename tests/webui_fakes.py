@@ -30,8 +30,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from lib_ostaf.adapter_file import LoraModule, build_metadata, save_adapter, write_card
-from lib_ostaf.targets import TargetSpec, select_targets
+from lib_ostaf.files.adapter_file import LoraModule, build_metadata, save_adapter, write_card
+from lib_ostaf.method.targets import TargetSpec, select_targets
 
 from .unets import ADM_IN_CHANNELS, CONTEXT_DIM, tiny_ldm_unet
 

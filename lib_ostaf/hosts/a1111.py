@@ -8,7 +8,7 @@ the two ways of applying adapters at generation time.
   loaded with its own loader and appended to ``networks.loaded_networks`` after it has
   activated, so it merges them with its backup/restore (weights restored exactly, composes
   with ``<lora:…>``). Only when the Lora extension is disabled, our own
-  :class:`~lib_ostaf.offsets.WeightPatcher` merges and restores instead.
+  :class:`~lib_ostaf.method.offsets.WeightPatcher` merges and restores instead.
 
 ``modules.*`` (and the Lora extension's ``networks``) are imported lazily inside functions:
 importing this file needs no WebUI. Tests pass a fake ``sd_model`` / ``networks``.
@@ -27,25 +27,31 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..activation import PlannedAdapter
-from ..apply import merge_terms
-from ..errors import IncompatibleModelError, InputError, OstafError
-from ..images import square
-from ..jobs import Job, JobManager
-from ..naming import UNetInfo, inspect_unet
-from ..object_job import ObjectRequest, run_object_training
-from ..offsets import WeightPatcher
-from ..parts import module_parts
-from ..registry import AdapterRegistry
-from ..schedule import StepSchedule
-from ..training_job import (
+from lib_ostaf.errors import IncompatibleModelError, InputError, OstafError
+from lib_ostaf.files.naming import UNetInfo, inspect_unet
+from lib_ostaf.hosts.webui_common import (
+    WebuiText,
+    clear_cond_cache,
+    embedding_class,
+    make_embedding,
+    wanted_tokens,
+)
+from lib_ostaf.method.apply import merge_terms
+from lib_ostaf.method.images import square
+from lib_ostaf.method.offsets import WeightPatcher
+from lib_ostaf.method.parts import module_parts
+from lib_ostaf.method.schedule import StepSchedule
+from lib_ostaf.webui.activation import PlannedAdapter
+from lib_ostaf.webui.jobs import Job, JobManager
+from lib_ostaf.webui.object_job import ObjectRequest, run_object_training
+from lib_ostaf.webui.registry import AdapterRegistry
+from lib_ostaf.webui.training_job import (
     Reporter,
     TrainRequest,
     preserve_module_state,
     run_training,
     sweep_units,
 )
-from .webui import WebuiText, clear_cond_cache, embedding_class, make_embedding, wanted_tokens
 
 NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 NET_PREFIX = "ostaf:"  # names of our networks in Lora's loaded set
@@ -93,7 +99,7 @@ def model_family(sd_model: Any) -> str:
 
 
 class A1111Host:
-    """The loaded A1111 model as a :class:`~lib_ostaf.hosts.base.Host`."""
+    """The loaded A1111 model as a :class:`~lib_ostaf.method.host.Host`."""
 
     def __init__(
         self,
@@ -269,7 +275,7 @@ def lora_networks() -> Any | None:
 
 
 class A1111Applier:
-    """Puts a :class:`~lib_ostaf.activation.Plan`'s adapters on the loaded model."""
+    """Puts a :class:`~lib_ostaf.webui.activation.Plan`'s adapters on the loaded model."""
 
     def __init__(self, networks: Any = None, embeddings: Any = None) -> None:
         self._networks = networks  # injected by tests; else looked up on each call
@@ -521,7 +527,7 @@ class StateReporter(Reporter):
         cls, jobs: JobManager, job: Job, steps: int, state: Any, after: int = 0
     ) -> StateReporter:
         """Start ``job`` and put the WebUI's progress bar at 0 of ``steps`` training steps
-        plus ``after`` units of the λ sweep (:func:`~lib_ostaf.training_job.sweep_units`),
+        plus ``after`` units of the λ sweep (:func:`~lib_ostaf.webui.training_job.sweep_units`),
         so the bar reaches its end only when the run does."""
         jobs.start(job, steps, after)
         state.job_count, state.job_no = 1, 0

@@ -10,14 +10,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import tiny
-from ..devices import check_resolution, choose_device, choose_dtype
-from ..embeddings import ClipText, check_embeddings
-from ..errors import InputError, OstafError
-from ..images import square
-from ..naming import inspect_unet
-from ..offsets import WeightPatcher, check_lambda
-from .base import Embeddings
+from lib_ostaf.errors import InputError, OstafError
+from lib_ostaf.files.naming import inspect_unet
+from lib_ostaf.hosts.devices import check_resolution, choose_device, choose_dtype
+from lib_ostaf.method.embeddings import ClipText, check_embeddings
+from lib_ostaf.method.host import Embeddings
+from lib_ostaf.method.images import square
+from lib_ostaf.method.offsets import WeightPatcher, check_lambda
+from lib_ostaf.world import tiny
 
 DEFAULT_MODEL = "tiny"  # = "tiny-world", the attribute-world model (docs/results.md)
 TINY = ("tiny-sd1", "tiny-sdxl")  # random-weight stand-ins with real SD structure (tests)
@@ -61,7 +61,7 @@ class DiffusersHost:
         ``from_pretrained``; a ``.safetensors`` file → ``from_single_file``.
 
         ``device``: auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu; ``dtype``: auto
-        (half on a GPU, fp32 on the CPU), fp32, fp16 or bf16 (:mod:`lib_ostaf.devices`). The
+        (half on a GPU, fp32 on the CPU), fp32, fp16 or bf16 (:mod:`lib_ostaf.hosts.devices`). The
         embedded tiny models stay on the CPU under ``auto`` (they are too small to gain from
         a GPU, and the CPU keeps them deterministic); name a device to move them.
         ``resolution``: training and generation size in pixels (None: the model's own).
@@ -210,7 +210,7 @@ class DiffusersHost:
     ) -> None:
         """Merge ``[(AdapterFile, λ[, {part: λ_part}]), ...]`` into the UNet:
         W + Σ λ_part·ΔW_part (a part left out takes λ); ``[]`` restores it exactly."""
-        from ..apply import merge_terms
+        from lib_ostaf.method.apply import merge_terms
 
         terms = []
         for adapter, lam, *parts in adapters:

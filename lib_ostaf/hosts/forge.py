@@ -40,20 +40,26 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..activation import PlannedAdapter
-from ..apply import UNET_PREFIX, merge_terms
-from ..errors import IncompatibleModelError, InputError, OstafError
-from ..images import square
-from ..jobs import Job, JobManager
-from ..naming import UNetInfo, inspect_unet, is_linear_like, module_name_from_kohya
-from ..object_job import ObjectRequest, run_object_training
-from ..offsets import WeightPatcher
-from ..parts import module_parts
-from ..schedule import StepSchedule
-from ..training_job import TrainRequest, preserve_module_state, run_training, sweep_units
-from . import a1111, webui
-from .a1111 import NATIVE_RESOLUTION, A1111Applier, A1111Host, StateReporter
-from .webui import WebuiText, clear_cond_cache, embedding_class, wanted_tokens
+from lib_ostaf.errors import IncompatibleModelError, InputError, OstafError
+from lib_ostaf.files.naming import UNetInfo, inspect_unet, is_linear_like, module_name_from_kohya
+from lib_ostaf.hosts import a1111
+from lib_ostaf.hosts import webui_common as webui
+from lib_ostaf.hosts.a1111 import NATIVE_RESOLUTION, A1111Applier, A1111Host, StateReporter
+from lib_ostaf.hosts.webui_common import WebuiText, clear_cond_cache, embedding_class, wanted_tokens
+from lib_ostaf.method.apply import UNET_PREFIX, merge_terms
+from lib_ostaf.method.images import square
+from lib_ostaf.method.offsets import WeightPatcher
+from lib_ostaf.method.parts import module_parts
+from lib_ostaf.method.schedule import StepSchedule
+from lib_ostaf.webui.activation import PlannedAdapter
+from lib_ostaf.webui.jobs import Job, JobManager
+from lib_ostaf.webui.object_job import ObjectRequest, run_object_training
+from lib_ostaf.webui.training_job import (
+    TrainRequest,
+    preserve_module_state,
+    run_training,
+    sweep_units,
+)
 
 TRAINABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PATCH_PREFIX = "ostaf:"  # add_patches identifiers of ours
@@ -219,7 +225,7 @@ def _mode(posterior: Any) -> torch.Tensor:
 
 
 class ForgeHost:
-    """The loaded Forge model as a :class:`~lib_ostaf.hosts.base.Host`."""
+    """The loaded Forge model as a :class:`~lib_ostaf.method.host.Host`."""
 
     def __init__(
         self,
@@ -518,7 +524,7 @@ def make_embedding(token: str, vectors: Sequence[torch.Tensor], family: str) -> 
 
 
 class ForgeApplier:
-    """Puts a :class:`~lib_ostaf.activation.Plan`'s adapters on Forge's patchers."""
+    """Puts a :class:`~lib_ostaf.webui.activation.Plan`'s adapters on Forge's patchers."""
 
     def __init__(self) -> None:
         self.mode = "forge"
@@ -746,7 +752,7 @@ def train_on_loaded_model(
 
 def webui_state() -> Any:
     """The process-wide state of :mod:`lib_ostaf.hosts.a1111`, with Forge's applier."""
-    from .a1111 import webui_state as shared_state
+    from lib_ostaf.hosts.a1111 import webui_state as shared_state
 
     state = shared_state()
     if not isinstance(state.applier, ForgeApplier):

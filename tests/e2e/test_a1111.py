@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib_ostaf.prompt_tags import INFOTEXT_KEY, parse_infotext
+from lib_ostaf.webui.prompt_tags import INFOTEXT_KEY, parse_infotext
 
 URL = os.environ.get("OSTAF_WEBUI_URL", "").rstrip("/")
 pytestmark = [
@@ -162,7 +162,7 @@ def test_bad_input_never_stops_generation(baseline, adapter):
 
 def test_sdxl_adapter_on_sd1_model_is_skipped(baseline, adapter):
     """A file made for SDXL (metadata says so): clear message, generation goes on without it."""
-    from lib_ostaf.adapter_file import load_adapter, save_adapter
+    from lib_ostaf.files.adapter_file import load_adapter, save_adapter
 
     src = Path(call(f"/ostaf/v1/adapter?name={adapter['name']}")["path"])
     if not os.access(src.parent, os.W_OK):

@@ -16,7 +16,7 @@ import uuid
 import numpy as np
 import pytest
 
-from lib_ostaf.prompt_tags import INFOTEXT_KEY, parse_infotext_dials
+from lib_ostaf.webui.prompt_tags import INFOTEXT_KEY, parse_infotext_dials
 
 from .test_a1111 import GEN, URL, _png_of, call, png_b64, txt2img, wait_job
 

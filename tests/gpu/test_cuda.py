@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_auto_picks_the_gpu_and_half_weights():
-    from lib_ostaf.devices import choose_device, choose_dtype
+    from lib_ostaf.hosts.devices import choose_device, choose_dtype
 
     device = choose_device("auto")
     assert device.type == "cuda"
@@ -25,8 +25,8 @@ def test_auto_picks_the_gpu_and_half_weights():
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_training_on_half_weights_on_the_gpu(dtype, reference_image):
     from lib_ostaf.hosts.diffusers_host import DiffusersHost
-    from lib_ostaf.memory import training_options
-    from lib_ostaf.train import AttributeConfig, train_attribute
+    from lib_ostaf.method.memory import training_options
+    from lib_ostaf.method.train import AttributeConfig, train_attribute
 
     if dtype == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
@@ -43,7 +43,7 @@ def test_training_on_half_weights_on_the_gpu(dtype, reference_image):
 
 def test_fp16_autocast_on_fp32_weights_scales_the_loss():
     from lib_ostaf.hosts.diffusers_host import DiffusersHost
-    from lib_ostaf.memory import training_options
+    from lib_ostaf.method.memory import training_options
 
     host = DiffusersHost.load("tiny-sd1", device="cuda", dtype="fp32")
     with training_options(host.unet, host.device, host.family, "fp16", "on") as precision:

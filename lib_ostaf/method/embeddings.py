@@ -28,8 +28,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .adapter_file import _check_finite, _load_tensors, _open_checked, atomic_write
-from .errors import AdapterFileError, IncompatibleModelError, InputError
+from lib_ostaf.errors import AdapterFileError, IncompatibleModelError, InputError
+from lib_ostaf.files.adapter_file import _check_finite, _load_tensors, _open_checked, atomic_write
 
 # token → one tensor [n_vectors, width] per text encoder, in the host's encoder order
 Embeddings = Mapping[str, Sequence[torch.Tensor]]
@@ -93,7 +93,7 @@ class ClipText:
     """A transformers CLIP text encoder + tokenizer that splices vectors for new tokens.
 
     ``key`` names the encoder in embedding files (``clip_l`` / ``clip_g``). Implements the
-    ``TextEncoder`` protocol of :mod:`lib_ostaf.hosts.base`.
+    ``TextEncoder`` protocol of :mod:`lib_ostaf.method.host`.
     """
 
     def __init__(self, tokenizer: Any, model: nn.Module, key: str) -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from lib_ostaf.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def square_mask(mask: np.ndarray, size: int | None = None) -> np.ndarray:
-    """The mask through :func:`lib_ostaf.images.square`'s geometry: padded to a square
+    """The mask through :func:`lib_ostaf.method.images.square`'s geometry: padded to a square
     (centred, as the image is) and, with ``size``, resized to ``size``×``size``."""
     h, w = mask.shape
     out = mask
@@ -189,7 +189,7 @@ def save_mask(path: str | Path, mask: np.ndarray, *, overwrite: bool) -> Path:
     """Write a mask as a black/white PNG atomically."""
     import io
 
-    from .adapter_file import atomic_write
+    from lib_ostaf.files.adapter_file import atomic_write
 
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf, format="PNG")

@@ -11,10 +11,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .adapter_file import sd_version_label
-from .embeddings import file_stem
-from .prompt_tags import format_tag
-from .registry import AdapterEntry
+from lib_ostaf.files.adapter_file import sd_version_label
+from lib_ostaf.method.embeddings import file_stem
+from lib_ostaf.webui.prompt_tags import format_tag
+from lib_ostaf.webui.registry import AdapterEntry
 
 
 def sd_version_name(family: str | None) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import OstafError
+from lib_ostaf.errors import OstafError
 
 STATUSES = ("queued", "running", "done", "failed", "interrupted")
 MAX_LOG_LINES = 500
@@ -150,7 +150,7 @@ class JobManager:
 
     def run(self, job: Job, fn: Callable[[Job], dict[str, Any]]) -> Job:
         """Run ``fn(job)`` here, recording its result or its error on the job."""
-        from .errors import Interrupted
+        from lib_ostaf.errors import Interrupted
 
         try:
             result = fn(job)

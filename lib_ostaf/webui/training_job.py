@@ -17,16 +17,22 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .adapter_file import ADAPTER_SUFFIX, CARD_SUFFIX, STATE_SUFFIX, file_hashes, validate_name
-from .embeddings import placeholder_at
-from .errors import InputError, Interrupted
-from .hosts.base import Host
-from .images import load_image
-from .naming import ATTN_NAMES, PROJ_NAMES
-from .offsets import OffsetHooks, check_lambda
-from .preview import lambda_strip, render
-from .targets import find_module
-from .train import AttributeConfig, Callbacks, export, train_attribute
+from lib_ostaf.errors import InputError, Interrupted
+from lib_ostaf.files.adapter_file import (
+    ADAPTER_SUFFIX,
+    CARD_SUFFIX,
+    STATE_SUFFIX,
+    file_hashes,
+    validate_name,
+)
+from lib_ostaf.files.naming import ATTN_NAMES, PROJ_NAMES
+from lib_ostaf.method.embeddings import placeholder_at
+from lib_ostaf.method.host import Host
+from lib_ostaf.method.images import load_image
+from lib_ostaf.method.offsets import OffsetHooks, check_lambda
+from lib_ostaf.method.targets import find_module
+from lib_ostaf.method.train import AttributeConfig, Callbacks, export, train_attribute
+from lib_ostaf.webui.preview import lambda_strip, render
 
 MAX_STEPS = 100_000
 MAX_SWEEP = 8
@@ -54,7 +60,7 @@ class TrainRequest:
     n_views: int = 8
     resolution: int = 0
     overwrite: bool = False
-    save_state: bool = False  # also write <name>.ostaf-state (lib_ostaf.train.export)
+    save_state: bool = False  # also write <name>.ostaf-state (lib_ostaf.method.train.export)
     preview_every: int = 0
     preview_steps: int = 12
     preview_size: int = 0

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import IncompatibleModelError, InputError
+from lib_ostaf.errors import IncompatibleModelError, InputError
 
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from .adapter_file import AdapterFile, LoraModule
-from .augment import ATTRIBUTES
+from lib_ostaf.files.adapter_file import AdapterFile, LoraModule
+from lib_ostaf.method.augment import ATTRIBUTES
 
 PARTS_KEY = "ostaf.parts"
 PART_SEPARATOR = "+"

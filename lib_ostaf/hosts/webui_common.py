@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..errors import IncompatibleModelError, InputError
+from lib_ostaf.errors import IncompatibleModelError, InputError
 
 
 class StandInEmbedding:
@@ -69,7 +69,7 @@ def make_embedding(
 
 
 class WebuiText:
-    """A WebUI text encoder as a ``TextEncoder`` (hosts/base.py): subclasses give the token
+    """A WebUI text encoder as a ``TextEncoder`` (method/host.py): subclasses give the token
     ids of a text (:meth:`ids`) and its rows of the input-embedding table (:meth:`rows`).
     There is no pooled feature here (``has_pooled``): the prototypical embedding takes it
     from a full CLIPModel's own text tower when its token rows are this encoder's
@@ -107,9 +107,10 @@ def wanted_tokens(
     for each adapter whose embeddings cannot be read (its tokens are skipped; the message,
     which names the missing file, comes once per adapter file in this process). With
     ``encoders`` (the model's text encoders, built on demand), an attribute adapter's
-    learned placeholder is scaled by its λ (:func:`~lib_ostaf.embeddings.scaled_embeddings`)."""
-    from ..embeddings import adapter_embeddings, scaled_embeddings
-    from ..errors import OstafError
+    learned placeholder is scaled by its λ
+    (:func:`~lib_ostaf.method.embeddings.scaled_embeddings`)."""
+    from lib_ostaf.errors import OstafError
+    from lib_ostaf.method.embeddings import adapter_embeddings, scaled_embeddings
 
     wanted: dict[str, tuple[Any, Sequence[torch.Tensor]]] = {}
     messages: list[str] = []

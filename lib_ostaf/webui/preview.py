@@ -1,4 +1,4 @@
-"""Small previews through any :class:`~lib_ostaf.hosts.base.Host`: a deterministic DDIM
+"""Small previews through any :class:`~lib_ostaf.method.host.Host`: a deterministic DDIM
 sampler on ``host.predict_noise`` (so whatever offsets are hooked in show up), decoded by
 the host's ``decode_latents``. Used for the live preview while training and the λ sweep.
 """
@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .hosts.base import Conditioning, Host
+from lib_ostaf.method.host import Conditioning, Host
+from lib_ostaf.method.images import grid
 
 
 @torch.no_grad()
@@ -70,6 +71,4 @@ def render(
 
 def lambda_strip(images: Sequence[Image.Image], labels: Sequence[str]) -> Image.Image:
     """Images side by side with a label strip (the λ sweep of a result card)."""
-    from .cli import grid
-
     return grid(list(images), len(images), list(labels))

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .errors import InputError, TrainingDiverged
+from lib_ostaf.errors import InputError, TrainingDiverged
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINTING = ("auto", "on", "off")
@@ -148,7 +148,7 @@ class LossScaler:
 
 
 class Precision:
-    """Autocast + loss scaling for :func:`lib_ostaf.train.run_steps`.
+    """Autocast + loss scaling for :func:`lib_ostaf.method.train.run_steps`.
 
     ``scaling``: scale the loss (:class:`LossScaler`); on by default for fp16 autocast,
     and :func:`training_options` also turns it on for a UNet stored in fp16.

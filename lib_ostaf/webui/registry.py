@@ -1,7 +1,7 @@
 """The adapters folder of a WebUI: listing, name → file resolution, caching, path safety.
 
 Every path handed out lies inside the folder: names are checked with
-:func:`~lib_ostaf.adapter_file.validate_name` and the resolved path (symlinks followed)
+:func:`~lib_ostaf.files.adapter_file.validate_name` and the resolved path (symlinks followed)
 must still be inside the resolved folder. Loaded files are cached by (size, mtime), so a
 retrained adapter of the same name is picked up at once.
 """
@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapter_file import (
+from lib_ostaf.errors import AdapterFileError, InputError, OstafError
+from lib_ostaf.files.adapter_file import (
     ADAPTER_SUFFIX,
     CARD_SUFFIX,
     PREVIEW_SUFFIX,
@@ -24,7 +25,6 @@ from .adapter_file import (
     load_adapter,
     validate_name,
 )
-from .errors import AdapterFileError, InputError, OstafError
 
 MAX_CARD_BYTES = 1 << 20
 

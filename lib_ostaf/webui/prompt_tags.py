@@ -5,7 +5,7 @@ Host-agnostic: A1111 and Forge hand the tag's arguments over already split on ``
 formats / parses what goes into the image's generation parameters.
 
 After the name and the optional λ come the *dials*, ``key=value`` items in any order:
-a λ per part (``shape=0.6``, ``appearance=1.2``: :mod:`lib_ostaf.parts`) and a step
+a λ per part (``shape=0.6``, ``appearance=1.2``: :mod:`lib_ostaf.method.parts`) and a step
 schedule (``start=0.2``, ``end=0.8``: fractions of the sampling steps). Example:
 ``<ostaf:cat:1:shape=0.6:appearance=1.2:start=0.2:end=0.8>``.
 """
@@ -16,9 +16,9 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .augment import ATTRIBUTES
-from .errors import InputError
-from .offsets import check_lambda
+from lib_ostaf.errors import InputError
+from lib_ostaf.method.augment import ATTRIBUTES
+from lib_ostaf.method.offsets import check_lambda
 
 NETWORK = "ostaf"  # the extra-network name: <ostaf:...>
 INFOTEXT_KEY = "OSTAF"

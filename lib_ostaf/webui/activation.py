@@ -12,12 +12,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
-from .adapter_file import AdapterFile, LoraModule, sd_version_label
-from .errors import OstafError
-from .offsets import check_lambda
-from .parts import part_names, split_by_part, token_weight
-from .prompt_tags import AdapterRequest, Dials, format_infotext, request_from_items
-from .registry import AdapterRegistry, preferred_weight
+from lib_ostaf.errors import OstafError
+from lib_ostaf.files.adapter_file import AdapterFile, LoraModule, sd_version_label
+from lib_ostaf.method.offsets import check_lambda
+from lib_ostaf.method.parts import part_names, split_by_part, token_weight
+from lib_ostaf.webui.prompt_tags import AdapterRequest, Dials, format_infotext, request_from_items
+from lib_ostaf.webui.registry import AdapterRegistry, preferred_weight
 
 NONE_CHOICE = "None"
 

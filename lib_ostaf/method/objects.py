@@ -17,7 +17,7 @@ The paper's three parts, by their names (our reconstruction of each: docs/method
 What is trained: rank-r LoRA factors on the UNet attention (:class:`~.hypernet.DirectLoRA`
 through :class:`~.offsets.OffsetHooks`) plus the token vectors (own learning rate),
 optionally after a first phase that trains the vectors alone. The loop is the attribute
-trainer's (:func:`lib_ostaf.train.run_steps`).
+trainer's (:func:`lib_ostaf.method.train.run_steps`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import __version__
-from .adapter_file import (
+from lib_ostaf import __version__
+from lib_ostaf.errors import IncompatibleModelError, InputError, TrainingDiverged
+from lib_ostaf.files.adapter_file import (
     ADAPTER_SUFFIX,
     PREVIEW_SUFFIX,
     STATE_SUFFIX,
@@ -54,8 +55,9 @@ from .adapter_file import (
     write_card,
     write_preview,
 )
-from .adapter_file import save_state as write_state
-from .embeddings import (
+from lib_ostaf.files.adapter_file import save_state as write_state
+from lib_ostaf.files.naming import UNetInfo, block_part, inspect_unet
+from lib_ostaf.method.embeddings import (
     EMBEDDINGS_FOLDER,
     bundle_state_dict,
     check_new_tokens,
@@ -63,13 +65,12 @@ from .embeddings import (
     portable_keys,
     save_embedding,
 )
-from .embeddings import _splice as splice_rows
-from .embeddings import _split as split_prompt
-from .errors import IncompatibleModelError, InputError, TrainingDiverged
-from .hosts.base import Host
-from .hypernet import OFFSET_NETWORKS, HypernetConfig, LayerShape
-from .images import load_image, square
-from .masks import (
+from lib_ostaf.method.embeddings import _splice as splice_rows
+from lib_ostaf.method.embeddings import _split as split_prompt
+from lib_ostaf.method.host import Host
+from lib_ostaf.method.hypernet import OFFSET_NETWORKS, HypernetConfig, LayerShape
+from lib_ostaf.method.images import load_image, square
+from lib_ostaf.method.masks import (
     MaskSource,
     auto_masks,
     flip_mask,
@@ -79,12 +80,18 @@ from .masks import (
     save_mask,
     square_mask,
 )
-from .memory import check_options, training_options
-from .naming import UNetInfo, block_part, inspect_unet
-from .offsets import OffsetHooks, check_lambda
-from .targets import PARTS, Target, TargetSpec, available_blocks, find_module, select_targets
-from .towers import find_tower
-from .train import (
+from lib_ostaf.method.memory import check_options, training_options
+from lib_ostaf.method.offsets import OffsetHooks, check_lambda
+from lib_ostaf.method.targets import (
+    PARTS,
+    Target,
+    TargetSpec,
+    available_blocks,
+    find_module,
+    select_targets,
+)
+from lib_ostaf.method.towers import find_tower
+from lib_ostaf.method.train import (
     Callbacks,
     check_finite_base,
     check_finite_factors,
@@ -171,7 +178,7 @@ class ObjectConfig:
     default_lambda: float = 1.0
     n_probe: int = 8  # fixed (view, t, noise) triples per probe set
     preview_every: int = 0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (lib_ostaf.memory)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (lib_ostaf.method.memory)
     gradient_checkpointing: str = "auto"  # auto | on | off
 
     def __post_init__(self) -> None:
@@ -469,7 +476,7 @@ def resolve_tower(
     search: Sequence[str | Path] = (),
 ) -> tuple[ClipTower | None, str]:
     """(tower, note): a tower object, a folder, "auto" (below the ``search`` folders, then
-    the local Hugging Face cache: :func:`lib_ostaf.towers.find_tower`), or none."""
+    the local Hugging Face cache: :func:`lib_ostaf.method.towers.find_tower`), or none."""
     if isinstance(clip, ClipTower):
         return clip, clip.name
     if isinstance(clip, torch.nn.Module):
@@ -628,7 +635,7 @@ def _check_objects(host: Host, objects: Sequence[ObjectSpec]) -> None:
     if not getattr(host, "text_encoders", None):
         raise IncompatibleModelError(
             f"{type(host).__name__} does not expose its text encoders; object implantation "
-            "needs encode_prompt(prompt, embeddings) and text_encoders (hosts/base.py)"
+            "needs encode_prompt(prompt, embeddings) and text_encoders (method/host.py)"
         )
     if not objects:
         raise InputError("give at least one object (token, class, mask)")

@@ -25,7 +25,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import InputError
+from lib_ostaf.errors import InputError
 
 ATTRIBUTES = ("shape", "appearance", "style")
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def make_views(
 
 def object_mask(image: Image.Image) -> np.ndarray:
     """The reference's main object (automatic); the whole image if none stands out."""
-    from .masks import auto_masks
+    from lib_ostaf.method.masks import auto_masks
 
     try:
         return auto_masks(image, 1)[0]

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import IncompatibleModelError, InputError
-from .naming import (
+from lib_ostaf.errors import IncompatibleModelError, InputError
+from lib_ostaf.files.naming import (
     ATTN_NAMES,
     PROJ_NAMES,
     UNetInfo,

@@ -6,7 +6,7 @@ model reproduce the reference for the placeholder prompt. ``export`` writes the 
 LoRA file, the hypernetwork state and the WebUI card sidecars.
 
 The step loop itself (:func:`run_steps`, :func:`frozen`) is shared with object
-implantation (:func:`lib_ostaf.objects.train_objects`): one loop, two step functions.
+implantation (:func:`lib_ostaf.method.objects.train_objects`): one loop, two step functions.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import __version__
-from .adapter_file import (
+from lib_ostaf import __version__
+from lib_ostaf.errors import InputError, Interrupted, ModelNotFinite, TrainingDiverged
+from lib_ostaf.files.adapter_file import (
     PREVIEW_SUFFIX,
     STATE_SUFFIX,
     LoraModule,
@@ -37,9 +38,10 @@ from .adapter_file import (
     write_card,
     write_preview,
 )
-from .adapter_file import save_state as write_state
-from .augment import ATTRIBUTES, make_views
-from .embeddings import (
+from lib_ostaf.files.adapter_file import save_state as write_state
+from lib_ostaf.files.naming import UNetInfo, inspect_unet
+from lib_ostaf.method.augment import ATTRIBUTES, make_views
+from lib_ostaf.method.embeddings import (
     EMBEDDING_SUFFIX,
     EMBEDDINGS_FOLDER,
     Embeddings,
@@ -48,16 +50,20 @@ from .embeddings import (
     placeholder_at,
     save_embedding,
 )
-from .errors import InputError, Interrupted, ModelNotFinite, TrainingDiverged
-from .hosts.base import Host
-from .hypernet import OFFSET_NETWORKS, HypernetConfig, LayerShape
-from .images import load_image, square
-from .masks import MaskSource, load_mask, square_mask
-from .memory import NO_PRECISION, Precision, ZeroGradients, check_options, training_options
-from .naming import UNetInfo, inspect_unet
-from .offsets import OffsetHooks, check_lambda
-from .parts import PART_SEPARATOR, attribute_parts, parts_table
-from .targets import Target, TargetSpec, find_module, select_targets
+from lib_ostaf.method.host import Host
+from lib_ostaf.method.hypernet import OFFSET_NETWORKS, HypernetConfig, LayerShape
+from lib_ostaf.method.images import load_image, square
+from lib_ostaf.method.masks import MaskSource, load_mask, square_mask
+from lib_ostaf.method.memory import (
+    NO_PRECISION,
+    Precision,
+    ZeroGradients,
+    check_options,
+    training_options,
+)
+from lib_ostaf.method.offsets import OffsetHooks, check_lambda
+from lib_ostaf.method.parts import PART_SEPARATOR, attribute_parts, parts_table
+from lib_ostaf.method.targets import Target, TargetSpec, find_module, select_targets
 
 # "{token}" is replaced by the placeholder word. Reasons in docs/method.md.
 DEFAULT_PROMPTS = {
@@ -116,7 +122,7 @@ class AttributeConfig:
     blocks: tuple[str, ...] | None = None  # expert override: explicit diffusers block ids
     default_lambda: float = 1.0
     preview_every: int = 0  # 0 = no previews
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (lib_ostaf.memory)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (lib_ostaf.method.memory)
     gradient_checkpointing: str = "auto"  # auto | on | off
 
     def __post_init__(self) -> None:
@@ -385,7 +391,7 @@ def run_steps(
     ``should_stop`` is checked before every step, previews run every ``preview_every``.
     A step whose loss or gradients are not finite is skipped (like a loss scaler would);
     more than :data:`MAX_SKIPPED` of them stop the run with :class:`TrainingDiverged`, and
-    so do all-zero gradients (:class:`~lib_ostaf.memory.ZeroGradients`).
+    so do all-zero gradients (:class:`~lib_ostaf.method.memory.ZeroGradients`).
     """
     total = first + steps if total is None else total
     losses: list[float] = []
@@ -433,7 +439,7 @@ def train_attribute(
     """Train an OSTAF adapter on one reference image. The host's model is left as found.
 
     ``mask`` marks the reference's object (None: found automatically); the views vary
-    everything outside the attribute around it (:mod:`lib_ostaf.augment`). A combined
+    everything outside the attribute around it (:mod:`lib_ostaf.method.augment`). A combined
     attribute (``shape+appearance``) trains its parts one after the other, ``config.steps``
     steps each: the token-learning part exactly as alone, the other on its learned token
     (:data:`SPLICE_LAMBDAS`); and returns them as one result.

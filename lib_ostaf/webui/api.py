@@ -19,12 +19,12 @@ from typing import Any
 from PIL import Image, ImageOps
 from pydantic import BaseModel, Field
 
-from .errors import OstafError
-from .images import to_rgb
-from .jobs import Job, JobBusy, JobManager
-from .object_job import MAX_OBJECTS, ObjectRequest
-from .registry import AdapterRegistry
-from .training_job import TrainRequest
+from lib_ostaf.errors import OstafError
+from lib_ostaf.method.images import to_rgb
+from lib_ostaf.webui.jobs import Job, JobBusy, JobManager
+from lib_ostaf.webui.object_job import MAX_OBJECTS, ObjectRequest
+from lib_ostaf.webui.registry import AdapterRegistry
+from lib_ostaf.webui.training_job import TrainRequest
 
 PREFIX = "/ostaf/v1"
 # Routes that train, write files or stop a job: mounted only when the WebUI serves its own

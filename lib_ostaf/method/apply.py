@@ -7,10 +7,10 @@ from collections.abc import Hashable, Mapping
 import torch
 from torch import nn
 
-from .adapter_file import AdapterFile, LoraModule, sd_version_label
-from .errors import IncompatibleModelError
-from .naming import UNetInfo, module_name_from_kohya
-from .parts import split_by_part
+from lib_ostaf.errors import IncompatibleModelError
+from lib_ostaf.files.adapter_file import AdapterFile, LoraModule, sd_version_label
+from lib_ostaf.files.naming import UNetInfo, module_name_from_kohya
+from lib_ostaf.method.parts import split_by_part
 
 UNET_PREFIX = "lora_unet_"
 

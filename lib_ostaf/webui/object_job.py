@@ -1,6 +1,6 @@
 """An object implantation as a WebUI starts it: validate, train, preview, sweep, export.
 
-The object counterpart of :mod:`lib_ostaf.training_job` (same :class:`Reporter` and
+The object counterpart of :mod:`lib_ostaf.webui.training_job` (same :class:`Reporter` and
 :class:`TrainOutcome`): the tab or the API sends one image, one token + class per object
 and a mask per object (or none: automatic masks, written next to the adapter for
 correction). Every check that needs no model runs before the first step.
@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .adapter_file import file_hashes, validate_name
-from .embeddings import check_new_tokens
-from .errors import InputError
-from .hosts.base import Host
-from .images import load_image
-from .masks import MaskSource, load_mask
-from .objects import (
+from lib_ostaf.errors import InputError
+from lib_ostaf.files.adapter_file import file_hashes, validate_name
+from lib_ostaf.method.embeddings import check_new_tokens
+from lib_ostaf.method.host import Host
+from lib_ostaf.method.images import load_image
+from lib_ostaf.method.masks import MaskSource, load_mask
+from lib_ostaf.method.objects import (
     ObjectConfig,
     ObjectSpec,
     export_objects,
@@ -32,10 +32,10 @@ from .objects import (
     train_objects,
     with_overrides,
 )
-from .offsets import check_lambda
-from .preview import render
-from .train import Callbacks
-from .training_job import (
+from lib_ostaf.method.offsets import check_lambda
+from lib_ostaf.method.train import Callbacks
+from lib_ostaf.webui.preview import render
+from lib_ostaf.webui.training_job import (
     MAX_STEPS,
     Reporter,
     TrainOutcome,
@@ -54,7 +54,7 @@ class ObjectRequest:
     ``masks`` is empty (automatic masks) or one mask per object. ``clip`` is the CLIP image
     tower of the prototypical initialisation: a folder (the WebUI setting), "auto" (below
     ``clip_dirs``, the WebUI's image-encoder folders, then the local Hugging Face cache;
-    :func:`lib_ostaf.towers.find_tower`, never a download) or "none". Without a tower that
+    :func:`lib_ostaf.method.towers.find_tower`, never a download) or "none". Without a tower that
     matches the loaded text encoder the class word is used, and the log and card say why.
     ``clip_dirs`` is set by the host glue, never by an API body.
     """
@@ -77,7 +77,9 @@ class ObjectRequest:
     default_lambda: float = 1.0
     resolution: int = 0
     overwrite: bool = False
-    save_state: bool = False  # also write <name>.ostaf-state (lib_ostaf.objects.export_objects)
+    save_state: bool = (
+        False  # also write <name>.ostaf-state (lib_ostaf.method.objects.export_objects)
+    )
     preview_every: int = 0
     preview_steps: int = 12
     preview_size: int = 0

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .errors import InputError
+from lib_ostaf.errors import InputError
 
 
 @dataclass(frozen=True)

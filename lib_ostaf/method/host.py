@@ -16,7 +16,7 @@ Embeddings = Mapping[str, Sequence[torch.Tensor]]
 
 
 class TextEncoder(Protocol):
-    """One text encoder as object implantation needs it (``lib_ostaf.embeddings.ClipText``
+    """One text encoder as object implantation needs it (``lib_ostaf.method.embeddings.ClipText``
     implements it for transformers CLIP)."""
 
     key: str  # "clip_l" | "clip_g": the encoder's key in embedding files

@@ -8,7 +8,7 @@ One place for the choice, so the CLI, :mod:`lib_ostaf.batch` and
   :class:`~lib_ostaf.errors.InputError`, never a silent fall-back to the CPU.
 * **dtype** — ``auto`` loads the weights in half precision on a GPU (bf16 on a CUDA GPU
   that supports it, otherwise fp16) and in fp32 on the CPU; or ``fp32``, ``fp16``, ``bf16``.
-  Training on fp16 weights scales the loss (:mod:`lib_ostaf.memory`).
+  Training on fp16 weights scales the loss (:mod:`lib_ostaf.method.memory`).
 
 The WebUI hosts (A1111, Forge) never use this: they train the model the WebUI already
 loaded, on its device and in its dtype.
@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from .errors import InputError
+from lib_ostaf.errors import InputError
 
 DEVICES = ("auto", "cuda", "cuda:N", "mps", "cpu")  # for help texts
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -91,7 +91,7 @@ def choose_dtype(spec: str | torch.dtype | None, device: torch.device) -> torch.
 
 def check_resolution(resolution: int | None) -> int | None:
     """``resolution`` in pixels (None or 0 = the model's own) or InputError: a multiple of 8
-    from 64 to 4096, the WebUI tab's and API's rule (:mod:`lib_ostaf.training_job`)."""
+    from 64 to 4096, the WebUI tab's and API's rule (:mod:`lib_ostaf.webui.training_job`)."""
     if resolution is None or (isinstance(resolution, int) and resolution == 0):
         return None
     if isinstance(resolution, bool) or not isinstance(resolution, int):

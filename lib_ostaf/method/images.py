@@ -1,14 +1,17 @@
-"""Loading the reference image: any common format in, a square RGB image out."""
+"""Loading the reference image (any common format in, a square RGB image out) and laying
+images out in a labelled grid."""
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from lib_ostaf.errors import InputError
 
 MIN_SIDE = 16
 MAX_PIXELS = 64_000_000  # refuse decompression bombs before decoding
@@ -74,3 +77,17 @@ def square(image: Image.Image, size: int) -> Image.Image:
         canvas.paste(image, ((side - w) // 2, (side - h) // 2))
         image = canvas
     return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def grid(images: Sequence[Image.Image], cols: int, labels: Sequence[str] = ()) -> Image.Image:
+    """Images in a grid, an optional label strip above each column."""
+    w, h = images[0].size
+    strip = 14 if labels else 0
+    rows = math.ceil(len(images) / cols)
+    canvas = Image.new("RGB", (cols * w, rows * h + strip), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, label in enumerate(labels[:cols]):
+        draw.text((i * w + 3, 1), label, fill="black")
+    for i, image in enumerate(images):
+        canvas.paste(image.resize((w, h)), ((i % cols) * w, strip + (i // cols) * h))
+    return canvas

@@ -27,7 +27,8 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from .adapter_file import (
+from lib_ostaf.errors import InputError
+from lib_ostaf.files.adapter_file import (
     ADAPTER_SUFFIX,
     CARD_SUFFIX,
     PREVIEW_SUFFIX,
@@ -39,10 +40,9 @@ from .adapter_file import (
     sd_version_label,
     validate_name,
 )
-from .cards import trigger_forms, trigger_notes
-from .embeddings import EMBEDDINGS_FOLDER, embedding_files, file_stem
-from .errors import InputError
-from .registry import MAX_CARD_BYTES, preferred_weight
+from lib_ostaf.method.embeddings import EMBEDDINGS_FOLDER, embedding_files, file_stem
+from lib_ostaf.webui.cards import trigger_forms, trigger_notes
+from lib_ostaf.webui.registry import MAX_CARD_BYTES, preferred_weight
 
 MODEL_CARD = "README.md"
 SWEEP_SUFFIX = ".sweep.png"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import IncompatibleModelError, InputError
+from lib_ostaf.errors import IncompatibleModelError, InputError
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 LAYOUTS = ("diffusers", "ldm")
