@@ -207,16 +207,6 @@ def diffusers_to_ldm(name: str, info: UNetInfo) -> str:
     return join_block(*split_block(name, info, "diffusers"), info, "ldm")
 
 
-def to_diffusers_name(name: str, info: UNetInfo) -> str:
-    """A path in the UNet's own layout → diffusers path."""
-    return name if info.layout == "diffusers" else ldm_to_diffusers(name, info)
-
-
-def from_diffusers_name(name: str, info: UNetInfo) -> str:
-    """A diffusers path → path in the UNet's own layout."""
-    return name if info.layout == "diffusers" else diffusers_to_ldm(name, info)
-
-
 # ---------------------------------------------------------------------------------------------
 # Kohya keys
 

@@ -89,10 +89,6 @@ def is_forge() -> bool:
     return forge_generation() > 0
 
 
-def host_name() -> str:
-    return {0: "a1111", 1: "forge1", 2: "forge"}[forge_generation()]
-
-
 MODEL_MANAGEMENT = ("backend.memory_management", "ldm_patched.modules.model_management")
 LORA_MERGE = ("backend.patcher.lora", "ldm_patched.modules.lora")  # where patches are merged
 

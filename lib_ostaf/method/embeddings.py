@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -223,12 +223,6 @@ def _splice(
         handle.remove()
 
 
-def tokens_in(prompt: str, tokens: Sequence[str]) -> list[str]:
-    """The tokens that occur in ``prompt`` (case-insensitive), in order of first occurrence."""
-    found = [t for _, t in _split(prompt, tokens) if t is not None]
-    return list(dict.fromkeys(found))
-
-
 # --------------------------------------------------------------------------- files
 
 
@@ -405,32 +399,6 @@ def adapter_embeddings(
     return {
         token: load_embedding(path, family)[1] for token, path in embedding_files(adapter).items()
     }
-
-
-# --------------------------------------------------------------------------- diffusers
-
-
-def load_into_pipeline(pipe: Any, embeddings: Embeddings, family: str) -> Callable[[], None]:
-    """Register the tokens in a diffusers pipeline with its own ``load_textual_inversion``
-    (tokens added to the tokenizer(s), rows to the text encoder(s)); returns an undo."""
-    keys = portable_keys(family)
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if family == "sdxl":
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    for token, vectors in embeddings.items():
-        state = embedding_state_dict(vectors, family)
-        for key, (tokenizer, encoder) in zip(keys, pairs, strict=True):
-            pipe.load_textual_inversion(
-                state[key], token=token, text_encoder=encoder, tokenizer=tokenizer
-            )
-
-    def undo() -> None:
-        for tokenizer, encoder in pairs:
-            pipe.unload_textual_inversion(
-                list(embeddings), tokenizer=tokenizer, text_encoder=encoder
-            )
-
-    return undo
 
 
 def scaled_embeddings(

@@ -21,13 +21,6 @@ def inside(start: float, end: float, step: int, total: int) -> bool:
     return start <= step / total < end
 
 
-def active_at(
-    items: Sequence[Item], windows: Sequence[tuple[float, float]], step: int, total: int
-) -> list[Item]:
-    """The items whose window ``(start, end)`` contains ``step`` of ``total``, in order."""
-    return [x for x, (a, b) in zip(items, windows, strict=True) if inside(a, b, step, total)]
-
-
 def boundaries(windows: Sequence[tuple[float, float]], total: int) -> list[int]:
     """The steps (> 0) where the active set differs from the step before."""
     inside_at = [tuple(inside(a, b, s, total) for a, b in windows) for s in range(total)]

@@ -104,10 +104,6 @@ class ImplantBody(RunBody):
     background_weight: float = Field(0.0, ge=0, le=1)
 
 
-class JobRef(BaseModel):
-    job_id: str | None = None
-
-
 def model_fields(model: BaseModel) -> dict[str, Any]:
     dump = getattr(model, "model_dump", None)  # pydantic v2
     return dump() if dump is not None else model.dict()

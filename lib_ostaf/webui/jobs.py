@@ -18,7 +18,6 @@ from typing import Any
 
 from lib_ostaf.errors import OstafError
 
-STATUSES = ("queued", "running", "done", "failed", "interrupted")
 MAX_LOG_LINES = 500
 
 
