@@ -7,8 +7,9 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -26,12 +27,14 @@ from lib_ostaf.method.memory import CHECKPOINTING, PRECISIONS
 from lib_ostaf.method.offsets import check_lambda
 from lib_ostaf.method.parts import part_names, token_weight
 from lib_ostaf.method.schedule import StepSchedule
-from lib_ostaf.method.train import ATTRIBUTE_CHOICES
+from lib_ostaf.method.train import ATTRIBUTE_CHOICES, AttributeConfig
 from lib_ostaf.webui.prompt_tags import Dials
+from lib_ostaf.webui.run_settings import RUN
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_IMAGE = ASSETS / "reference.png"
 DEFAULT_OUT = Path("ostaf_adapters")
+SWEEP_LAMBDAS = ",".join(f"{lam:g}" for lam in RUN.sweep)  # the WebUI's result strip too
 
 
 def resolve_adapter(spec: str, adapters_dir: Path) -> tuple[AdapterFile, float | None]:
@@ -147,46 +150,69 @@ def _generate(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lib_ostaf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _implant_parser, _generate_parser, _sweep_parser):
+        add(sub)
+    _share_parser(sub)
+    _demo_parser(sub)
+    # --debug before or after the command; SUPPRESS keeps a subcommand from resetting it
+    parser.add_argument("--debug", action="store_true", help="tracebacks for internal errors")
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    return parser
 
-    def model_arg(p: argparse.ArgumentParser, resolution: bool = False) -> None:
+
+def _model_args(p: argparse.ArgumentParser, resolution: bool = False) -> None:
+    """--model, --device, --dtype (and --resolution for training)."""
+    p.add_argument(
+        "--model",
+        default=None,
+        help="diffusers folder or .safetensors checkpoint; default: the embedded tiny model",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA, then MPS, then CPU; the embedded tiny models: CPU), cuda, "
+        "cuda:N, mps or cpu",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weights' dtype; auto: bf16 on a CUDA GPU that has it, else fp16 on a GPU, "
+        "fp32 on the CPU",
+    )
+    if resolution:
         p.add_argument(
-            "--model",
+            "--resolution",
+            type=int,
             default=None,
-            help="diffusers folder or .safetensors checkpoint; default: the embedded tiny model",
-        )
-        p.add_argument(
-            "--device",
-            default="auto",
-            help="auto (CUDA, then MPS, then CPU; the embedded tiny models: CPU), cuda, "
-            "cuda:N, mps or cpu",
-        )
-        p.add_argument(
-            "--dtype",
-            choices=DTYPES,
-            default="auto",
-            help="weights' dtype; auto: bf16 on a CUDA GPU that has it, else fp16 on a GPU, "
-            "fp32 on the CPU",
-        )
-        if resolution:
-            p.add_argument(
-                "--resolution",
-                type=int,
-                default=None,
-                help="training size in pixels, a multiple of 8 (default: the model's own)",
-            )
-
-    def memory_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--precision", choices=PRECISIONS, default=None, help="default auto")
-        p.add_argument(
-            "--gradient-checkpointing", choices=CHECKPOINTING, default=None, help="default auto"
+            help="training size in pixels, a multiple of 8 (default: the model's own)",
         )
 
+
+def _memory_args(p: argparse.ArgumentParser, config: Any) -> None:
+    """--precision, --gradient-checkpointing; their defaults are the config's."""
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default=None, help=f"default {config.precision}"
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        choices=CHECKPOINTING,
+        default=None,
+        help=f"default {config.gradient_checkpointing}",
+    )
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    """train: flags default to None, AttributeConfig fills them in"""
     t = sub.add_parser("train", help="train an OSTAF adapter from one reference image")
     t.add_argument("--image", required=True, type=Path)
     t.add_argument("--attribute", required=True, choices=ATTRIBUTE_CHOICES)
     t.add_argument("--name", required=True, help="output name (file stem)")
     t.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    t.add_argument("--token", default=None, help="placeholder word (default ostafv)")
+    t.add_argument(
+        "--token", default=None, help=f"placeholder word (default {AttributeConfig.token})"
+    )
     t.add_argument("--prompt", default=None, help="training prompt containing {token}")
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--rank", type=int, default=None)
@@ -205,8 +231,13 @@ def _parser() -> argparse.ArgumentParser:
         help="also write <name>.ostaf-state (the hypernetwork's parameters; several times the "
         "LoRA's size; nothing in OSTAF reads it back)",
     )
-    memory_args(t)
-    model_arg(t, resolution=True)
+    _memory_args(t, AttributeConfig)
+    _model_args(t, resolution=True)
+
+
+def _implant_parser(sub: argparse._SubParsersAction) -> None:
+    """implant: flags default to None, ObjectConfig fills them in"""
+    from lib_ostaf.method.objects import ObjectConfig
 
     o = sub.add_parser(
         "implant",
@@ -257,9 +288,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also write <name>.ostaf-state (the hypernetwork's parameters and token "
         "vectors; several times the LoRA's size; nothing in OSTAF reads it back)",
     )
-    memory_args(o)
-    model_arg(o, resolution=True)
+    _memory_args(o, ObjectConfig)
+    _model_args(o, resolution=True)
 
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    """generate: sampling settings of one image"""
     g = sub.add_parser("generate", help="generate with adapters applied")
     g.add_argument("--prompt", required=True)
     g.add_argument(
@@ -281,33 +315,32 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--negative", default="")
     g.add_argument("--size", type=int, default=None)
     g.add_argument("--output", type=Path, default=Path("ostaf.png"))
-    model_arg(g)
+    _model_args(g)
 
+
+def _sweep_parser(sub: argparse._SubParsersAction) -> None:
+    """sweep: a grid of λ values × prompts"""
     s = sub.add_parser("sweep", help="a λ-sweep grid of one adapter")
     s.add_argument("--adapter", required=True)
     s.add_argument("--adapters-dir", type=Path, default=DEFAULT_OUT)
     s.add_argument("--prompt", action="append", required=True, help="repeatable: one row each")
-    s.add_argument("--lambdas", default="0,0.5,1,1.5")
+    s.add_argument("--lambdas", default=SWEEP_LAMBDAS)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--output", type=Path, default=Path("ostaf_sweep.png"))
-    model_arg(s)
+    _model_args(s)
 
-    _share_parser(sub, model_arg)
 
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    """demo: the README's first command"""
     d = sub.add_parser(
         "demo", help="train on the bundled reference with the tiny model, write a λ sweep"
     )
     d.add_argument("--out", type=Path, default=Path("demo_out"))
     d.add_argument("--steps", type=int, default=150)
-    # --debug before or after the command; SUPPRESS keeps a subcommand from resetting it
-    parser.add_argument("--debug", action="store_true", help="tracebacks for internal errors")
-    for p in sub.choices.values():
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    return parser
 
 
-def _share_parser(sub: argparse._SubParsersAction, model_arg: Callable[..., None]) -> None:
+def _share_parser(sub: argparse._SubParsersAction) -> None:
     h = sub.add_parser(
         "share",
         help="write a folder ready for a model hub: LoRA, embeddings, previews, model card",
@@ -326,11 +359,11 @@ def _share_parser(sub: argparse._SubParsersAction, model_arg: Callable[..., None
         default=[],
         help="sweep row (repeatable; default: the adapter's training prompt)",
     )
-    h.add_argument("--lambdas", default="0,0.5,1,1.5")
+    h.add_argument("--lambdas", default=SWEEP_LAMBDAS)
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--steps", type=int, default=20)
     h.add_argument("--overwrite", action="store_true", help="replace files in a non-empty --out")
-    model_arg(h)
+    _model_args(h)
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -359,7 +392,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lib_ostaf.hosts.diffusers_host import DiffusersHost
+    commands = {
+        "train": _train,
+        "implant": _implant,
+        "share": _share,
+        "generate": _generate,
+        "sweep": _sweep,
+        "demo": _demo,
+    }
+    return commands[args.command](args)
+
+
+def _train(args: argparse.Namespace) -> int:
     from lib_ostaf.method.train import (
         AttributeConfig,
         Callbacks,
@@ -368,90 +412,69 @@ def _run(args: argparse.Namespace) -> int:
         with_overrides,
     )
 
-    if args.command == "train":
-        config = with_overrides(
-            AttributeConfig(attribute=args.attribute),
-            token=args.token,
-            prompt=args.prompt,
-            steps=args.steps,
-            rank=args.rank,
-            lr=args.lr,
-            seed=args.seed,
-            network=args.network,
-            include_mid=args.include_mid,
-            blocks=tuple(b.strip() for b in args.blocks.split(",")) if args.blocks else None,
-            default_lambda=args.default_lambda,
-            precision=args.precision,
-            gradient_checkpointing=args.gradient_checkpointing,
-        )
-        host = _load(args)
-        result = train_attribute(host, args.image, config, Callbacks(progress=_print_progress))
-        path = export(
-            result, args.out, args.name, overwrite=args.overwrite, save_state=args.save_state
-        )
-        print(
-            f"\nloss on probe set: {result.probe_loss_before:.4f} → {result.probe_loss_after:.4f}"
-        )
-        print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB, {len(result.targets)} layers)")
-        return 0
+    config = with_overrides(
+        AttributeConfig(attribute=args.attribute),
+        token=args.token,
+        prompt=args.prompt,
+        steps=args.steps,
+        rank=args.rank,
+        lr=args.lr,
+        seed=args.seed,
+        network=args.network,
+        include_mid=args.include_mid,
+        blocks=tuple(b.strip() for b in args.blocks.split(",")) if args.blocks else None,
+        default_lambda=args.default_lambda,
+        precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    host = _load(args)
+    result = train_attribute(host, args.image, config, Callbacks(progress=_print_progress))
+    path = export(result, args.out, args.name, overwrite=args.overwrite, save_state=args.save_state)
+    print(f"\nloss on probe set: {result.probe_loss_before:.4f} → {result.probe_loss_after:.4f}")
+    print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB, {len(result.targets)} layers)")
+    return 0
 
-    if args.command == "implant":
-        return _implant(args)
 
-    if args.command == "share":
-        return _share(args)
+def _sweep(args: argparse.Namespace) -> int:
+    host = _load(args)
+    adapter, _ = resolve_adapter(args.adapter, args.adapters_dir)
+    lambdas = [check_lambda(x) for x in args.lambdas.split(",") if x.strip()]
+    if not lambdas:
+        raise InputError("--lambdas needs at least one value")
+    embeddings = adapter_embeddings(adapter, host.family)
+    image = lambda_sweep(
+        host, adapter, args.prompt, lambdas, seed=args.seed, steps=args.steps,
+        embeddings=embeddings or None,
+    )  # fmt: skip
+    image.save(args.output)
+    print(f"wrote {args.output}")
+    return 0
 
-    if args.command == "generate":
-        return _generate(args)
 
-    if args.command == "sweep":
-        host = _load(args)
-        adapter, _ = resolve_adapter(args.adapter, args.adapters_dir)
-        lambdas = [check_lambda(x) for x in args.lambdas.split(",") if x.strip()]
-        if not lambdas:
-            raise InputError("--lambdas needs at least one value")
-        embeddings = adapter_embeddings(adapter, host.family)
-        image = lambda_sweep(
-            host,
-            adapter,
-            args.prompt,
-            lambdas,
-            seed=args.seed,
-            steps=args.steps,
-            embeddings=embeddings or None,
-        )
-        image.save(args.output)
-        print(f"wrote {args.output}")
-        return 0
+def _demo(args: argparse.Namespace) -> int:
+    """The README's first command: the bundled reference on the embedded tiny model."""
+    from lib_ostaf.hosts.diffusers_host import DiffusersHost
+    from lib_ostaf.method.train import AttributeConfig, Callbacks, export, train_attribute
 
-    if args.command == "demo":
-        host = DiffusersHost.load(None)
-        config = AttributeConfig(attribute="appearance", steps=args.steps, seed=0)
-        result = train_attribute(host, DEMO_IMAGE, config, Callbacks(progress=_print_progress))
-        path = export(result, args.out, "demo_appearance", overwrite=True)
-        adapter = load_adapter(path)
-        prompts = [
-            config.training_prompt,
-            "a photo of a ostafv textured circle",
-            "a blue ostafv textured star",
-        ]
-        sweep = lambda_sweep(
-            host,
-            adapter,
-            prompts,
-            [0, 0.5, 1, 1.5],
-            seed=0,
-            steps=20,
-            embeddings=adapter_embeddings(adapter, host.family) or None,
-        )
-        sweep_path = args.out / "demo_sweep.png"
-        sweep.save(sweep_path)
-        print(
-            f"\nloss on probe set: {result.probe_loss_before:.4f} → {result.probe_loss_after:.4f}"
-        )
-        print(f"wrote {path} and {sweep_path}")
-        return 0
-    raise AssertionError(args.command)
+    host = DiffusersHost.load(None)
+    config = AttributeConfig(attribute="appearance", steps=args.steps, seed=0)
+    result = train_attribute(host, DEMO_IMAGE, config, Callbacks(progress=_print_progress))
+    path = export(result, args.out, "demo_appearance", overwrite=True)
+    adapter = load_adapter(path)
+    prompts = [
+        config.training_prompt,
+        "a photo of a ostafv textured circle",
+        "a blue ostafv textured star",
+    ]
+    sweep = lambda_sweep(
+        host, adapter, prompts, [0, 0.5, 1, 1.5], seed=0, steps=20,
+        embeddings=adapter_embeddings(adapter, host.family) or None,
+    )  # fmt: skip
+    sweep_path = args.out / "demo_sweep.png"
+    sweep.save(sweep_path)
+    print(f"\nloss on probe set: {result.probe_loss_before:.4f} → {result.probe_loss_after:.4f}")
+    print(f"wrote {path} and {sweep_path}")
+    return 0
 
 
 def _load(args: argparse.Namespace):
@@ -478,20 +501,11 @@ def _embedding_file(spec: str, family: str):
     return token or name, vectors
 
 
-def _implant(args: argparse.Namespace) -> int:
-    from lib_ostaf.method.objects import (
-        ObjectConfig,
-        export_objects,
-        objects_from_lists,
-        planned_files,
-        refuse_existing,
-        train_objects,
-        with_overrides,
-    )
-    from lib_ostaf.method.train import Callbacks
+def _object_config(args: argparse.Namespace) -> Any:
+    """ObjectConfig with the flags that were given (None: the config's default)."""
+    from lib_ostaf.method.objects import ObjectConfig, with_overrides
 
-    objects = objects_from_lists(args.token, args.classes, args.mask)
-    config = with_overrides(
+    return with_overrides(
         ObjectConfig(),
         steps=args.steps,
         embedding_steps=args.embedding_steps,
@@ -510,28 +524,39 @@ def _implant(args: argparse.Namespace) -> int:
         precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing,
     )
+
+
+def _implant(args: argparse.Namespace) -> int:
+    from lib_ostaf.method.objects import (
+        export_objects,
+        objects_from_lists,
+        planned_files,
+        refuse_existing,
+        train_objects,
+    )
+    from lib_ostaf.method.train import Callbacks
+
+    objects = objects_from_lists(args.token, args.classes, args.mask)
+    config = _object_config(args)
+    tokens = [o.token for o in objects]
+    where = {"embeddings_dir": args.embeddings_dir, "save_state": args.save_state}
     planned = planned_files(
-        args.out,
-        args.name,
-        [o.token for o in objects],
-        [not args.mask] * len(objects),
-        bundle=args.bundle,
-        embeddings_dir=args.embeddings_dir,
-        save_state=args.save_state,
+        args.out, args.name, tokens, [not args.mask] * len(objects), bundle=args.bundle, **where
     )
     if not args.overwrite:
         refuse_existing(planned)  # before training: a clash costs nothing
     host = _load(args)
     result = train_objects(host, args.image, objects, config, Callbacks(progress=_print_progress))
     files = export_objects(
-        result,
-        args.out,
-        args.name,
-        overwrite=args.overwrite,
-        bundle=args.bundle,
-        embeddings_dir=args.embeddings_dir,
-        save_state=args.save_state,
+        result, args.out, args.name, overwrite=args.overwrite, bundle=args.bundle, **where
     )
+    _print_implant_summary(result)
+    for path in files.all():
+        print(f"wrote {path}")
+    return 0
+
+
+def _print_implant_summary(result: Any) -> None:
     print()
     for p in result.prototypes:
         if p.cos_prototype is not None:
@@ -543,9 +568,6 @@ def _implant(args: argparse.Namespace) -> int:
             print(f"{p.token}: initialised from its class word ({p.note})")
     for label, (before, after) in result.probe.items():
         print(f"object loss '{label}': {before:.4f} → {after:.4f}")
-    for path in files.all():
-        print(f"wrote {path}")
-    return 0
 
 
 def _share(args: argparse.Namespace) -> int:

@@ -25,10 +25,11 @@ from lib_ostaf.errors import InputError, OstafError
 from lib_ostaf.files.naming import ATTN_NAMES, PROJ_NAMES
 from lib_ostaf.hosts import a1111, forge
 from lib_ostaf.method import schedule
+from lib_ostaf.method.hypernet import OFFSET_NETWORKS
 from lib_ostaf.method.masks import auto_masks, mask_from_editor, mask_overlay
 from lib_ostaf.method.memory import CHECKPOINTING, PRECISIONS
-from lib_ostaf.method.objects import EMBEDDINGS_FOLDER
-from lib_ostaf.method.train import ATTRIBUTE_CHOICES, DEFAULT_PROMPTS
+from lib_ostaf.method.objects import EMBEDDINGS_FOLDER, ObjectConfig
+from lib_ostaf.method.train import ATTRIBUTE_CHOICES, DEFAULT_PROMPTS, AttributeConfig
 from lib_ostaf.webui import activation, cards, prompt_tags
 from lib_ostaf.webui.api import (
     PREFIX,
@@ -42,6 +43,7 @@ from lib_ostaf.webui.api import (
 )
 from lib_ostaf.webui.object_job import ObjectRequest
 from lib_ostaf.webui.registry import resolve_adapters_dir
+from lib_ostaf.webui.run_settings import RUN
 from lib_ostaf.webui.share import share_adapter
 from lib_ostaf.webui.training_job import TrainRequest
 
@@ -110,67 +112,93 @@ def _adapters_dir() -> Path:
 REGISTRY = STATE.registry(_adapters_dir)
 JOBS, APPLIER = STATE.jobs, STATE.applier
 
+# Every default of the tab comes from the method's settings or the run's (one home each).
+ATTR, OBJ = AttributeConfig, ObjectConfig
+OPTION_DEFAULTS = {
+    "ostaf_dir": "",
+    "ostaf_preview_every": RUN.tab_preview_every,
+    "ostaf_preview_steps": RUN.preview_steps,
+    "ostaf_preview_size": RUN.preview_size,
+    "ostaf_sweep": ", ".join(f"{lam:g}" for lam in RUN.sweep),
+    "ostaf_default_steps": ATTR.steps,
+    "ostaf_default_rank": ATTR.rank,
+    "ostaf_default_lr": 0.0,  # 0 = the attribute's own learning rate
+    "ostaf_clip_tower": "",  # empty = automatic
+    "ostaf_infotext": True,
+}
+
 if not SDNEXT:  # no settings for what SD.Next does not get
     shared.options_templates.update(
         shared.options_section(
             ("ostaf", "OSTAF"),
             {
                 "ostaf_dir": shared.OptionInfo(
-                    "", "Adapters folder (empty: models/ostaf; --ostaf-dir overrides)"
+                    OPTION_DEFAULTS["ostaf_dir"],
+                    "Adapters folder (empty: models/ostaf; --ostaf-dir overrides)",
                 ),
                 "ostaf_preview_every": shared.OptionInfo(
-                    50,
+                    OPTION_DEFAULTS["ostaf_preview_every"],
                     "Training: live preview every N steps (0 = off)",
                     gr.Slider,
                     {"minimum": 0, "maximum": 1000, "step": 1},
                 ),
                 "ostaf_preview_steps": shared.OptionInfo(
-                    12,
+                    OPTION_DEFAULTS["ostaf_preview_steps"],
                     "Training: sampling steps of a preview",
                     gr.Slider,
                     {"minimum": 1, "maximum": 50, "step": 1},
                 ),
                 "ostaf_preview_size": shared.OptionInfo(
-                    0,
+                    OPTION_DEFAULTS["ostaf_preview_size"],
                     "Training: preview size in pixels (0 = training size)",
                     gr.Number,
                     {"precision": 0},
                 ),
                 "ostaf_sweep": shared.OptionInfo(
-                    "0, 0.5, 1, 1.5", "Training: λ values of the result sweep (empty = none)"
+                    OPTION_DEFAULTS["ostaf_sweep"],
+                    "Training: λ values of the result sweep (empty = none)",
                 ),
                 "ostaf_default_steps": shared.OptionInfo(
-                    400, "Training: default steps", gr.Number, {"precision": 0}
+                    OPTION_DEFAULTS["ostaf_default_steps"],
+                    "Training: default steps",
+                    gr.Number,
+                    {"precision": 0},
                 ),
                 "ostaf_default_rank": shared.OptionInfo(
-                    4, "Training: default rank", gr.Number, {"precision": 0}
+                    OPTION_DEFAULTS["ostaf_default_rank"],
+                    "Training: default rank",
+                    gr.Number,
+                    {"precision": 0},
                 ),
                 "ostaf_default_lr": shared.OptionInfo(
-                    0.0,
+                    OPTION_DEFAULTS["ostaf_default_lr"],
                     "Training: default learning rate (0 = the attribute's own default)",
                     gr.Number,
                 ),
                 "ostaf_clip_tower": shared.OptionInfo(
-                    "",
+                    OPTION_DEFAULTS["ostaf_clip_tower"],
                     "OSTAF: CLIP vision tower for the prototype (a folder with config.json; "
                     "empty = auto: IP-Adapter image-encoder folders, then the local Hugging Face "
                     "cache; never downloads)",
                 ),
                 "ostaf_infotext": shared.OptionInfo(
-                    True, "Write applied OSTAF adapters (name:λ (hash)) into infotext"
+                    OPTION_DEFAULTS["ostaf_infotext"],
+                    "Write applied OSTAF adapters (name:λ (hash)) into infotext",
                 ),
             },
         )
     )
 
 
-def _opt(key: str, default):
+def _opt(key: str, default=None):
+    """A WebUI setting; ours default to :data:`OPTION_DEFAULTS`."""
+    default = OPTION_DEFAULTS.get(key, default)
     value = getattr(shared.opts, key, default)
     return default if value is None else value
 
 
 def _sweep_lambdas() -> tuple:
-    text = str(_opt("ostaf_sweep", ""))
+    text = str(_opt("ostaf_sweep"))
     return tuple(float(x) for x in text.replace(";", ",").split(",") if x.strip())
 
 
@@ -309,7 +337,7 @@ class OstafScript(scripts.Script):
         plan = activation.plan_generation(requests, REGISTRY, HOST.model_family(sd_model), messages)
         messages = plan.messages + APPLIER.apply(sd_model, plan.adapters)
         _report(p, messages)
-        if plan.adapters and _opt("ostaf_infotext", True):
+        if plan.adapters and _opt("ostaf_infotext"):
             p.extra_generation_params[prompt_tags.INFOTEXT_KEY] = plan.infotext()
         else:
             p.extra_generation_params.pop(prompt_tags.INFOTEXT_KEY, None)
@@ -476,8 +504,8 @@ def _run_settings(default_lambda, resolution, overwrite, preview_every, precisio
         "resolution": int(resolution or 0),
         "overwrite": bool(overwrite),
         "preview_every": int(preview_every or 0),
-        "preview_steps": int(_opt("ostaf_preview_steps", 12)),
-        "preview_size": int(_opt("ostaf_preview_size", 0) or 0),
+        "preview_steps": int(_opt("ostaf_preview_steps")),
+        "preview_size": int(_opt("ostaf_preview_size") or 0),
         "sweep": _sweep_lambdas(),
         "precision": precision,
         "gradient_checkpointing": checkpointing,
@@ -500,7 +528,7 @@ def _with_tower(request):
         return request
     clip = request.clip
     if str(clip or "auto").strip().lower() == "auto":
-        clip = str(_opt("ostaf_clip_tower", "") or "").strip() or "auto"
+        clip = str(_opt("ostaf_clip_tower") or "").strip() or "auto"
     return replace(request, clip=clip, clip_dirs=_tower_dirs())
 
 
@@ -654,49 +682,57 @@ def _object_tab():
                 tokens.append(token)
             auto = gr.Button("Automatic masks (to check)", elem_id="ostaf_obj_auto")
             with gr.Row():
-                steps = gr.Number(value=400, precision=0, label="Steps", elem_id="ostaf_obj_steps")
+                steps = gr.Number(
+                    value=OBJ.steps, precision=0, label="Steps", elem_id="ostaf_obj_steps"
+                )
                 embedding_steps = gr.Number(
-                    value=100,
+                    value=OBJ.embedding_steps,
                     precision=0,
                     label="Token-only steps first",
                     elem_id="ostaf_obj_esteps",
                 )
-                rank = gr.Number(value=4, precision=0, label="Rank", elem_id="ostaf_obj_rank")
-                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="ostaf_obj_seed")
+                rank = gr.Number(
+                    value=OBJ.rank, precision=0, label="Rank", elem_id="ostaf_obj_rank"
+                )
+                seed = gr.Number(
+                    value=OBJ.seed, precision=0, label="Seed", elem_id="ostaf_obj_seed"
+                )
             with gr.Accordion("Method weights", open=False, elem_id="ostaf_obj_advanced"):
                 with gr.Row():
-                    lr = gr.Number(value=1e-4, label="LoRA learning rate", elem_id="ostaf_obj_lr")
+                    lr = gr.Number(value=OBJ.lr, label="LoRA learning rate", elem_id="ostaf_obj_lr")
                     embedding_lr = gr.Number(
-                        value=5e-4, label="Token learning rate", elem_id="ostaf_obj_elr"
+                        value=OBJ.embedding_lr, label="Token learning rate", elem_id="ostaf_obj_elr"
                     )
                 with gr.Row():
                     class_weight = gr.Number(
-                        value=1.0,
+                        value=OBJ.class_weight,
                         label="Class-characterizing regularization",
                         elem_id="ostaf_obj_class_weight",
                     )
                     background_weight = gr.Slider(
-                        0.0, 1.0, value=0.0, step=0.05,
+                        0.0, 1.0, value=OBJ.background_weight, step=0.05,
                         label="Loss weight outside the masks", elem_id="ostaf_obj_bg",
                     )  # fmt: skip
                 with gr.Row():
                     default_lambda = gr.Number(
-                        value=1.0, label="Preferred λ", elem_id="ostaf_obj_default_lambda"
+                        value=OBJ.default_lambda,
+                        label="Preferred λ",
+                        elem_id="ostaf_obj_default_lambda",
                     )
                     resolution = gr.Number(
-                        value=0, precision=0, label="Training size (0 = native)",
+                        value=RUN.resolution, precision=0, label="Training size (0 = native)",
                         elem_id="ostaf_obj_resolution",
                     )  # fmt: skip
                     preview_every = gr.Number(
-                        value=int(_opt("ostaf_preview_every", 50)), precision=0,
+                        value=int(_opt("ostaf_preview_every")), precision=0,
                         label="Preview every N steps (0 = off)", elem_id="ostaf_obj_preview_every",
                     )  # fmt: skip
                 overwrite = gr.Checkbox(
-                    False,
+                    RUN.overwrite,
                     label="Overwrite an adapter of the same name",
                     elem_id="ostaf_obj_overwrite",
                 )
-                precision, checkpointing = _memory_options("ostaf_obj")
+                precision, checkpointing = _memory_options("ostaf_obj", OBJ)
             with gr.Row():
                 interrupt = gr.Button("Interrupt", elem_id="ostaf_obj_interrupt")
                 train = gr.Button("Train", variant="primary", elem_id="ostaf_obj_train")
@@ -767,7 +803,7 @@ def _attribute_tab():
             image = gr.Image(label="Reference image", type="pil", elem_id="ostaf_image")
             attribute = gr.Radio(
                 list(ATTRIBUTE_CHOICES),
-                value="appearance",
+                value=ATTR.attribute,
                 label=(
                     "Attribute to learn (shape+appearance: one file, a dial per part; "
                     "one part at a time works best)"
@@ -776,50 +812,54 @@ def _attribute_tab():
             )
             name = gr.Textbox(label="Adapter name", placeholder="my_texture", elem_id="ostaf_name")
             with gr.Row():
-                token = gr.Textbox(value="ostafv", label="Placeholder token", elem_id="ostaf_token")
+                token = gr.Textbox(
+                    value=ATTR.token, label="Placeholder token", elem_id="ostaf_token"
+                )
                 prompt = gr.Textbox(
                     label="Training prompt ({token} = the token)",
-                    placeholder=DEFAULT_PROMPTS["appearance"],
+                    placeholder=DEFAULT_PROMPTS[ATTR.attribute],
                     elem_id="ostaf_prompt",
                 )
             with gr.Row():
                 steps = gr.Number(
-                    value=int(_opt("ostaf_default_steps", 400)),
+                    value=int(_opt("ostaf_default_steps")),
                     precision=0,
                     label="Steps",
                     elem_id="ostaf_steps",
                 )
                 rank = gr.Number(
-                    value=int(_opt("ostaf_default_rank", 4)),
+                    value=int(_opt("ostaf_default_rank")),
                     precision=0,
                     label="Rank",
                     elem_id="ostaf_rank",
                 )
                 lr = gr.Number(
-                    value=float(_opt("ostaf_default_lr", 0.0) or 0.0),
+                    value=float(_opt("ostaf_default_lr") or 0.0),
                     label="Learning rate (0 = the attribute's default)",
                     elem_id="ostaf_lr",
                 )
-                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="ostaf_seed")
+                seed = gr.Number(value=ATTR.seed, precision=0, label="Seed", elem_id="ostaf_seed")
             with gr.Accordion("Advanced", open=False, elem_id="ostaf_advanced"):
                 network = gr.Radio(
-                    ["hypernet", "lora"],
-                    value="hypernet",
+                    list(OFFSET_NETWORKS),
+                    value=ATTR.network,
                     label="Offset network (lora = ablation)",
                     elem_id="ostaf_network",
                 )
                 include_mid = gr.Checkbox(
-                    False, label="Also train the middle block", elem_id="ostaf_include_mid"
+                    ATTR.include_mid,
+                    label="Also train the middle block",
+                    elem_id="ostaf_include_mid",
                 )
                 attn = gr.CheckboxGroup(
                     list(ATTN_NAMES),
-                    value=list(ATTN_NAMES),
+                    value=list(ATTR.attn),
                     label="Attention",
                     elem_id="ostaf_attn",
                 )
                 proj = gr.CheckboxGroup(
                     list(PROJ_NAMES),
-                    value=list(PROJ_NAMES),
+                    value=list(ATTR.proj),
                     label="Projections",
                     elem_id="ostaf_proj",
                 )
@@ -830,24 +870,28 @@ def _attribute_tab():
                 )
                 with gr.Row():
                     default_lambda = gr.Number(
-                        value=1.0, label="Preferred λ", elem_id="ostaf_default_lambda"
+                        value=ATTR.default_lambda,
+                        label="Preferred λ",
+                        elem_id="ostaf_default_lambda",
                     )
                     resolution = gr.Number(
-                        value=0,
+                        value=RUN.resolution,
                         precision=0,
                         label="Training size (0 = model's native)",
                         elem_id="ostaf_resolution",
                     )
                     preview_every = gr.Number(
-                        value=int(_opt("ostaf_preview_every", 50)),
+                        value=int(_opt("ostaf_preview_every")),
                         precision=0,
                         label="Preview every N steps (0 = off)",
                         elem_id="ostaf_preview_every",
                     )
                 overwrite = gr.Checkbox(
-                    False, label="Overwrite an adapter of the same name", elem_id="ostaf_overwrite"
+                    RUN.overwrite,
+                    label="Overwrite an adapter of the same name",
+                    elem_id="ostaf_overwrite",
                 )
-                precision, checkpointing = _memory_options("ostaf")
+                precision, checkpointing = _memory_options("ostaf", ATTR)
             with gr.Row():
                 interrupt = gr.Button("Interrupt", elem_id="ostaf_interrupt")
                 train = gr.Button("Train", variant="primary", elem_id="ostaf_train")
@@ -932,15 +976,18 @@ def _result_gallery(elem_id):
     )
 
 
-def _memory_options(prefix):
+def _memory_options(prefix, config):
     """Precision and gradient checkpointing (lib_ostaf.method.memory); 'auto' suits most GPUs."""
     with gr.Row():
         precision = gr.Radio(
-            list(PRECISIONS), value="auto", label="Precision", elem_id=f"{prefix}_precision"
+            list(PRECISIONS),
+            value=config.precision,
+            label="Precision",
+            elem_id=f"{prefix}_precision",
         )
         checkpointing = gr.Radio(
             list(CHECKPOINTING),
-            value="auto",
+            value=config.gradient_checkpointing,
             label="Gradient checkpointing (less memory, ~30 % slower)",
             elem_id=f"{prefix}_checkpointing",
         )
@@ -958,27 +1005,34 @@ def _api_runner(job, request):
             shared.state.end()
 
 
-def _add_routes(_demo, app):
+def _auth_dependencies():
+    """The WebUI's --api-auth on our routes too (HTTP basic), as on /sdapi."""
     from fastapi import Depends, HTTPException
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
+    if not getattr(shared.cmd_opts, "api_auth", None):
+        return []
+    basic = HTTPBasic()
+
+    def auth(credentials: HTTPBasicCredentials = Depends(basic)):  # noqa: B008
+        if not check_basic_auth(
+            shared.cmd_opts.api_auth, credentials.username, credentials.password
+        ):
+            raise HTTPException(
+                status_code=401,
+                detail="Incorrect username or password",
+                headers={"WWW-Authenticate": "Basic"},
+            )
+        return True
+
+    return [Depends(auth)]
+
+
+def _add_routes(_demo, app):
+    from fastapi import HTTPException
+
     api = OstafApi(REGISTRY, JOBS, _api_runner)
-    deps = []
-    if getattr(shared.cmd_opts, "api_auth", None):
-        basic = HTTPBasic()
-
-        def auth(credentials: HTTPBasicCredentials = Depends(basic)):  # noqa: B008
-            if not check_basic_auth(
-                shared.cmd_opts.api_auth, credentials.username, credentials.password
-            ):
-                raise HTTPException(
-                    status_code=401,
-                    detail="Incorrect username or password",
-                    headers={"WWW-Authenticate": "Basic"},
-                )
-            return True
-
-        deps = [Depends(auth)]
+    deps = _auth_dependencies()
 
     def call(fn, *args):
         try:

@@ -17,9 +17,8 @@ importing this file needs no WebUI. Tests pass a fake ``sd_model`` / ``networks`
 from __future__ import annotations
 
 import contextlib
-import html
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +42,12 @@ from lib_ostaf.method.parts import module_parts
 from lib_ostaf.method.schedule import StepSchedule
 from lib_ostaf.webui.activation import PlannedAdapter
 from lib_ostaf.webui.jobs import Job, JobManager
-from lib_ostaf.webui.object_job import ObjectRequest, run_object_training
+from lib_ostaf.webui.object_job import ObjectRequest
+from lib_ostaf.webui.on_loaded_model import run_on_loaded_model
 from lib_ostaf.webui.registry import AdapterRegistry
 from lib_ostaf.webui.training_job import (
-    Reporter,
     TrainRequest,
     preserve_module_state,
-    run_training,
-    sweep_units,
 )
 
 NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
@@ -512,59 +509,6 @@ class A1111Applier:
 # Training inside the WebUI
 
 
-class StateReporter(Reporter):
-    """Forwards a run's progress to the job and to ``shared.state`` (the WebUI's progress bar
-    and live preview); stops on the job's interrupt or the WebUI's Interrupt button."""
-
-    def __init__(
-        self, jobs: JobManager, job: Job, state: Any, steps: int = 0, after: int = 0
-    ) -> None:
-        self.jobs, self.job, self.state = jobs, job, state
-        self.steps, self.after = steps, after
-
-    @classmethod
-    def begin(
-        cls, jobs: JobManager, job: Job, steps: int, state: Any, after: int = 0
-    ) -> StateReporter:
-        """Start ``job`` and put the WebUI's progress bar at 0 of ``steps`` training steps
-        plus ``after`` units of the λ sweep (:func:`~lib_ostaf.webui.training_job.sweep_units`),
-        so the bar reaches its end only when the run does."""
-        jobs.start(job, steps, after)
-        state.job_count, state.job_no = 1, 0
-        state.sampling_steps, state.sampling_step = steps + after, 0
-        state.textinfo = "OSTAF: preparing"
-        return cls(jobs, job, state, steps, after)
-
-    def progress(self, step: int, total: int, loss: float) -> None:
-        self.steps = total
-        self.jobs.update(self.job, step, total, loss)
-        self.state.sampling_step, self.state.sampling_steps = step, total + self.after
-        self.state.textinfo = html.escape(f"OSTAF training: step {step}/{total}, loss {loss:.4f}")
-
-    def phase(self, label: str, done: int, total: int) -> None:
-        units = self.after * done // total if total else self.after
-        self.jobs.set_phase(self.job, label, units)
-        self.state.sampling_step = self.steps + units
-        self.state.sampling_steps = self.steps + self.after
-        self.state.textinfo = html.escape(f"OSTAF: {label}, image {done}/{total}")
-
-    def preview(self, step: int, image: Image.Image) -> None:
-        self.jobs.set_preview(self.job, image)
-        self.state.assign_current_image(image)
-        self.log(f"preview at step {step}")
-
-    def log(self, line: str) -> None:
-        self.jobs.log(self.job, line)
-        print(f"OSTAF: {line}")
-
-    def should_stop(self) -> bool:
-        return bool(
-            self.job.stop.is_set()
-            or getattr(self.state, "interrupted", False)
-            or getattr(self.state, "stopping_generation", False)
-        )
-
-
 def train_on_loaded_model(
     jobs: JobManager,
     job: Job,
@@ -578,25 +522,18 @@ def train_on_loaded_model(
     database during each call, and requires_grad / train-eval modes are restored."""
     from modules import devices, shared
 
-    request.validate(out_dir)  # refuse bad input before touching the model
-    objects = isinstance(request, ObjectRequest)
-    total = request.total_steps if objects else request.steps
-    state = shared.state
-    reporter = StateReporter.begin(jobs, job, total, state, sweep_units(request))
-    host = A1111Host.from_webui(resolution=request.resolution or None)
-    applier.clear_for_training(host.sd_model)
-    try:
-        with preserve_module_state(host.sd_model):
-            if objects:
-                outcome = run_object_training(host, request, out_dir, reporter)
-            else:
-                outcome = run_training(host, request, out_dir, reporter)
-    finally:
-        with contextlib.suppress(Exception):
-            devices.torch_gc()
-    if outcome.sweep is not None:
-        job.images["sweep"] = outcome.sweep
-    return outcome.to_json()
+    @contextlib.contextmanager
+    def loaded_model(request: TrainRequest | ObjectRequest) -> Iterator[A1111Host]:
+        host = A1111Host.from_webui(resolution=request.resolution or None)
+        applier.clear_for_training(host.sd_model)
+        try:
+            with preserve_module_state(host.sd_model):
+                yield host
+        finally:
+            with contextlib.suppress(Exception):
+                devices.torch_gc()
+
+    return run_on_loaded_model(jobs, job, request, out_dir, shared.state, loaded_model)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import contextlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from lib_ostaf.errors import IncompatibleModelError, InputError, OstafError
 from lib_ostaf.files.naming import UNetInfo, inspect_unet, is_linear_like, module_name_from_kohya
 from lib_ostaf.hosts import a1111
 from lib_ostaf.hosts import webui_common as webui
-from lib_ostaf.hosts.a1111 import NATIVE_RESOLUTION, A1111Applier, A1111Host, StateReporter
+from lib_ostaf.hosts.a1111 import NATIVE_RESOLUTION, A1111Applier, A1111Host
 from lib_ostaf.hosts.webui_common import WebuiText, clear_cond_cache, embedding_class, wanted_tokens
 from lib_ostaf.method.apply import UNET_PREFIX, merge_terms
 from lib_ostaf.method.images import square
@@ -53,12 +53,11 @@ from lib_ostaf.method.parts import module_parts
 from lib_ostaf.method.schedule import StepSchedule
 from lib_ostaf.webui.activation import PlannedAdapter
 from lib_ostaf.webui.jobs import Job, JobManager
-from lib_ostaf.webui.object_job import ObjectRequest, run_object_training
+from lib_ostaf.webui.object_job import ObjectRequest
+from lib_ostaf.webui.on_loaded_model import run_on_loaded_model
 from lib_ostaf.webui.training_job import (
     TrainRequest,
     preserve_module_state,
-    run_training,
-    sweep_units,
 )
 
 TRAINABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -216,6 +215,28 @@ def autograd_safe_hooks(unet: torch.nn.Module) -> list[Any]:
     ]
 
 
+def _check_trainable_storage(kmodel: Any, unet: torch.nn.Module) -> None:
+    storage = getattr(kmodel, "storage_dtype", None)
+    weights = {p.dtype for p in unet.parameters()}
+    if (storage is not None and storage not in TRAINABLE_DTYPES) or not weights <= set(
+        TRAINABLE_DTYPES
+    ):
+        shown = storage if storage is not None else sorted(map(str, weights))
+        raise IncompatibleModelError(
+            f"the UNet weights are stored as {shown} (fp8/nf4/gguf); training needs "
+            "fp16/bf16/fp32 weights: set 'Diffusion in Low Bits' to Automatic or float16 "
+            "(generation with an adapter works in any storage)"
+        )
+
+
+def _prediction_type(sd_model: Any, predictor: Any) -> str:
+    v_param = getattr(sd_model, "parameterization", "eps") == "v"
+    pred = getattr(predictor, "prediction_type", "v_prediction" if v_param else "epsilon")
+    if pred not in ("epsilon", "v_prediction"):
+        raise IncompatibleModelError(f"unsupported prediction type {pred!r} (eps or v only)")
+    return pred
+
+
 def _mode(posterior: Any) -> torch.Tensor:
     return posterior.mode() if hasattr(posterior, "mode") else posterior.mean
 
@@ -249,22 +270,9 @@ class ForgeHost:
                 "the loaded checkpoint is an inpainting/instruct model; train on a regular "
                 "SD1/SD2/SDXL checkpoint (the adapter then works with inpainting too)"
             )
-        storage = getattr(kmodel, "storage_dtype", None)
-        weights = {p.dtype for p in unet.parameters()}
-        if (storage is not None and storage not in TRAINABLE_DTYPES) or not weights <= set(
-            TRAINABLE_DTYPES
-        ):
-            shown = storage if storage is not None else sorted(map(str, weights))
-            raise IncompatibleModelError(
-                f"the UNet weights are stored as {shown} (fp8/nf4/gguf); training needs "
-                "fp16/bf16/fp32 weights: set 'Diffusion in Low Bits' to Automatic or float16 "
-                "(generation with an adapter works in any storage)"
-            )
+        _check_trainable_storage(kmodel, unet)
         predictor = getattr(kmodel, "predictor", None)  # old Forge: none; A1111's flag instead
-        v_param = getattr(sd_model, "parameterization", "eps") == "v"
-        pred = getattr(predictor, "prediction_type", "v_prediction" if v_param else "epsilon")
-        if pred not in ("epsilon", "v_prediction"):
-            raise IncompatibleModelError(f"unsupported prediction type {pred!r} (eps or v only)")
+        pred = _prediction_type(sd_model, predictor)
         self.sd_model = sd_model
         self.patcher = patcher
         self.unet: torch.nn.Module = unet
@@ -719,31 +727,25 @@ def train_on_loaded_model(
     hooks only, object tokens in the engines' databases during each call only."""
     from modules import shared
 
-    request.validate(out_dir)
-    objects = isinstance(request, ObjectRequest)
-    state = shared.state
-    total = request.total_steps if objects else request.steps
-    reporter = StateReporter.begin(jobs, job, total, state, sweep_units(request))
-    host = ForgeHost.from_webui(resolution=request.resolution or None)
-    applier.clear_for_training(host.sd_model)
-    try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(preserve_module_state(host.unet))
-            if objects:
-                host.prepare_text()  # before the flags are saved: they are restored on these
-                for text in host.text_encoders:
-                    stack.enter_context(preserve_module_state(text.model))
-                outcome = run_object_training(host, request, out_dir, reporter)
-            else:
-                outcome = run_training(host, request, out_dir, reporter)
-    finally:
-        host.close()
-        with contextlib.suppress(Exception):
-            memory_management().soft_empty_cache()
-    clear_cond_cache()
-    if outcome.sweep is not None:
-        job.images["sweep"] = outcome.sweep
-    return outcome.to_json()
+    @contextlib.contextmanager
+    def loaded_model(request: TrainRequest | ObjectRequest) -> Iterator[ForgeHost]:
+        host = ForgeHost.from_webui(resolution=request.resolution or None)
+        applier.clear_for_training(host.sd_model)
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(preserve_module_state(host.unet))
+                if isinstance(request, ObjectRequest):
+                    host.prepare_text()  # before the flags are saved: restored on these
+                    for text in host.text_encoders:
+                        stack.enter_context(preserve_module_state(text.model))
+                yield host
+        finally:
+            host.close()
+            with contextlib.suppress(Exception):
+                memory_management().soft_empty_cache()
+        clear_cond_cache()  # after a finished run only, as before
+
+    return run_on_loaded_model(jobs, job, request, out_dir, shared.state, loaded_model)
 
 
 def webui_state() -> Any:

@@ -21,10 +21,15 @@ from pydantic import BaseModel, Field
 
 from lib_ostaf.errors import OstafError
 from lib_ostaf.method.images import to_rgb
+from lib_ostaf.method.objects import ObjectConfig
+from lib_ostaf.method.train import AttributeConfig
 from lib_ostaf.webui.jobs import Job, JobBusy, JobManager
 from lib_ostaf.webui.object_job import MAX_OBJECTS, ObjectRequest
 from lib_ostaf.webui.registry import AdapterRegistry
-from lib_ostaf.webui.training_job import TrainRequest
+from lib_ostaf.webui.run_settings import RUN
+from lib_ostaf.webui.training_job import MAX_STEPS, TrainRequest
+
+A, OBJ = AttributeConfig, ObjectConfig  # each method's settings: the defaults' one home
 
 PREFIX = "/ostaf/v1"
 # Routes that train, write files or stop a job: mounted only when the WebUI serves its own
@@ -41,43 +46,47 @@ class ApiError(Exception):
 
 
 class RunBody(BaseModel):
-    """Settings every training request shares (previews, sweep, memory options)."""
+    """Settings every training request shares (size, files, previews, sweep): RUN's."""
 
-    seed: int = 0
-    default_lambda: float = 1.0
-    resolution: int = Field(0, ge=0, le=4096, description="0 = the model's native size")
-    overwrite: bool = False
-    save_state: bool = Field(
-        False, description="also write <name>.ostaf-state (hypernetwork parameters; not read back)"
+    resolution: int = Field(
+        RUN.resolution, ge=0, le=4096, description="0 = the model's native size"
     )
-    preview_every: int = Field(0, ge=0)
-    preview_steps: int = Field(12, ge=1, le=150)
-    preview_size: int = Field(0, ge=0, le=4096)
-    guidance: float = 5.0
-    sweep: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5])
-    precision: str = Field("auto", description="auto | fp32 | bf16 | fp16")
-    gradient_checkpointing: str = Field("auto", description="auto | on | off")
+    overwrite: bool = RUN.overwrite
+    save_state: bool = Field(
+        RUN.save_state,
+        description="also write <name>.ostaf-state (hypernetwork parameters; not read back)",
+    )
+    preview_steps: int = Field(RUN.preview_steps, ge=1, le=150)
+    preview_size: int = Field(RUN.preview_size, ge=0, le=4096)
+    guidance: float = RUN.guidance
+    sweep: list[float] = Field(default_factory=lambda: list(RUN.sweep))
 
 
 class TrainBody(RunBody):
-    """POST /ostaf/v1/train. ``image``: base64 PNG/JPEG/WebP (a data URL is fine)."""
+    """POST /ostaf/v1/train. ``image``: base64 PNG/JPEG/WebP (a data URL is fine). Every
+    default is :class:`~lib_ostaf.method.train.AttributeConfig`'s."""
 
     image: str = Field(..., description="reference image, base64 (data URL accepted)")
     name: str = Field(..., description="output adapter name (file stem)")
     attribute: str = Field(
-        "appearance", description="appearance | shape | style | shape+appearance | shape+style"
+        A.attribute, description="appearance | shape | style | shape+appearance | shape+style"
     )
-    token: str = "ostafv"
-    prompt: str = ""
-    steps: int = Field(400, ge=1, le=100_000)
-    rank: int = Field(4, ge=1, le=256)
-    lr: float | None = Field(TrainRequest.lr, ge=0, lt=1, description="0/null: by attribute")
-    network: str = "hypernet"
-    include_mid: bool = False
-    attn: list[str] | None = None
+    token: str = A.token
+    prompt: str = A.prompt
+    steps: int = Field(A.steps, ge=1, le=MAX_STEPS)
+    rank: int = Field(A.rank, ge=1, le=256)
+    lr: float | None = Field(A.lr, ge=0, lt=1, description="0/null: by attribute")
+    seed: int = A.seed
+    network: str = A.network
+    include_mid: bool = A.include_mid
+    attn: list[str] | None = None  # None: AttributeConfig's
     proj: list[str] | None = None
-    blocks: list[str] | None = None
-    n_views: int = Field(8, ge=1, le=64)
+    blocks: list[str] | None = A.blocks
+    n_views: int = Field(A.n_views, ge=1, le=64)
+    default_lambda: float = A.default_lambda
+    preview_every: int = Field(A.preview_every, ge=0)
+    precision: str = Field(A.precision, description="auto | fp32 | bf16 | fp16")
+    gradient_checkpointing: str = Field(A.gradient_checkpointing, description="auto | on | off")
 
 
 class ObjectBody(BaseModel):
@@ -90,18 +99,24 @@ class ObjectBody(BaseModel):
 
 
 class ImplantBody(RunBody):
-    """POST /ostaf/v1/implant: object implantation from one image."""
+    """POST /ostaf/v1/implant: object implantation from one image. Every default is
+    :class:`~lib_ostaf.method.objects.ObjectConfig`'s."""
 
     image: str = Field(..., description="image with the object(s), base64 (data URL accepted)")
     name: str = Field(..., description="output adapter name (file stem)")
     objects: list[ObjectBody] = Field(..., description=f"1…{MAX_OBJECTS} objects")
-    steps: int = Field(400, ge=1, le=100_000)
-    embedding_steps: int = Field(100, ge=0, le=100_000)
-    rank: int = Field(4, ge=1, le=256)
-    lr: float = Field(1e-4, gt=0, lt=1)
-    embedding_lr: float = Field(5e-4, ge=0, lt=1)
-    class_weight: float = Field(1.0, ge=0)
-    background_weight: float = Field(0.0, ge=0, le=1)
+    steps: int = Field(OBJ.steps, ge=1, le=MAX_STEPS)
+    embedding_steps: int = Field(OBJ.embedding_steps, ge=0, le=MAX_STEPS)
+    rank: int = Field(OBJ.rank, ge=1, le=256)
+    lr: float = Field(OBJ.lr, gt=0, lt=1)
+    embedding_lr: float = Field(OBJ.embedding_lr, ge=0, lt=1)
+    class_weight: float = Field(OBJ.class_weight, ge=0)
+    background_weight: float = Field(OBJ.background_weight, ge=0, le=1)
+    seed: int = OBJ.seed
+    default_lambda: float = OBJ.default_lambda
+    preview_every: int = Field(OBJ.preview_every, ge=0)
+    precision: str = Field(OBJ.precision, description="auto | fp32 | bf16 | fp16")
+    gradient_checkpointing: str = Field(OBJ.gradient_checkpointing, description="auto | on | off")
 
 
 def model_fields(model: BaseModel) -> dict[str, Any]:
