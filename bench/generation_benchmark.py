@@ -172,8 +172,18 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def timing_main(
+    argv: list[str] | None,
+    doc: str,
+    script: str,
+    run_one: Callable[..., dict[str, Any]],
+    report_fn: Callable[[list[dict[str, Any]], dict[str, Any]], str],
+    plans: tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]],
+) -> None:
+    """The command line of a timing benchmark (this one, schedule_benchmark): ``plans`` =
+    (quick, full) lists of (model, latent, repetitions); writes bench/results/<script>.md
+    and .json unless --quick."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny model only, few repetitions")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--out", type=Path)
@@ -188,8 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     def log(msg: str) -> None:
         print(f"{time.perf_counter() - started:6.1f}s {msg}", file=sys.stderr, flush=True)
 
-    plan = [("tiny", 16, 8)] if args.quick else [("tiny", 16, 31), ("sd15", 16, 9), ("sd15", 32, 5)]
-    results = [run(name, latent, reps, log) for name, latent, reps in plan]
+    plan = plans[0] if args.quick else plans[1]
+    results = [run_one(name, latent, reps, log) for name, latent, reps in plan]
     meta = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -198,15 +208,20 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "flush_denormal": denormals,
         "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
-        "command": "python bench/generation_benchmark.py " + " ".join(argv or sys.argv[1:]),
+        "command": f"python bench/{script}.py " + " ".join(argv or sys.argv[1:]),
     }
-    text = report(results, meta)
+    text = report_fn(results, meta)
     print(text)
-    out = args.out or (None if args.quick else ROOT / "bench/results/generation_benchmark.md")
+    out = args.out or (None if args.quick else ROOT / f"bench/results/{script}.md")
     if out is not None:
         out.write_text(text, encoding="utf-8")
         raw = {"meta": meta, "results": results}
         out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    quick, full = [("tiny", 16, 8)], [("tiny", 16, 31), ("sd15", 16, 9), ("sd15", 32, 5)]
+    timing_main(argv, __doc__, "generation_benchmark", run, report, (quick, full))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,6 @@ in both). Runs are interleaved, medians; goal ≤ 1.05 (issue 16). Nothing is as
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -30,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.generation_benchmark import adapter, load  # noqa: E402
+from bench.generation_benchmark import adapter, load, timing_main  # noqa: E402
 from bench.step_benchmark import UNetHost  # noqa: E402
 from lib_ostaf.method.offsets import WeightPatcher  # noqa: E402
 from lib_ostaf.method.schedule import StepSchedule  # noqa: E402
@@ -133,38 +128,8 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny model only, few repetitions")
-    ap.add_argument("--threads", type=int)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    denormals = torch.set_flush_denormal(True)  # as generation_benchmark: no subnormal drift
-    started, load0 = time.perf_counter(), os.getloadavg()[0]
-
-    def log(msg: str) -> None:
-        print(f"{time.perf_counter() - started:6.1f}s {msg}", file=sys.stderr, flush=True)
-
-    plan = [("tiny", 16, 3)] if args.quick else [("tiny", 16, 15), ("sd15", 16, 5)]
-    results = [run(name, latent, reps, log) for name, latent, reps in plan]
-    meta = {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "threads": torch.get_num_threads(),
-        "flush_denormal": denormals,
-        "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
-        "command": "python bench/schedule_benchmark.py " + " ".join(argv or sys.argv[1:]),
-    }
-    text = report(results, meta)
-    print(text)
-    out = args.out or (None if args.quick else ROOT / "bench/results/schedule_benchmark.md")
-    if out is not None:
-        out.write_text(text, encoding="utf-8")
-        raw = {"meta": meta, "results": results}
-        out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n", encoding="utf-8")
+    quick, full = [("tiny", 16, 3)], [("tiny", 16, 15), ("sd15", 16, 5)]
+    timing_main(argv, __doc__, "schedule_benchmark", run, report, (quick, full))
 
 
 if __name__ == "__main__":

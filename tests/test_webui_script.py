@@ -4,11 +4,9 @@ page, the X/Y/Z axes and the tab's Train function."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import sys
-import threading
 import time
 import types
 from pathlib import Path
@@ -22,7 +20,7 @@ from lib_ostaf.files.adapter_file import load_adapter
 from lib_ostaf.files.naming import inspect_unet, module_name_from_kohya
 
 from .conftest import disc_image, pristine, same_weights
-from .webui_fakes import FakeSdModel, FakeState, make_adapter
+from .webui_fakes import FakeSdModel, fake_script_modules, make_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,42 +63,10 @@ class _Params:
 
 
 def _fake_modules(tmp_path: Path, sd_model) -> dict[str, types.ModuleType]:
-    callbacks: dict[str, list] = {}
-
-    def recorder(kind):
-        return lambda fn, **kw: callbacks.setdefault(kind, []).append(fn)
-
-    script_callbacks = types.ModuleType("modules.script_callbacks")
-    kinds = ("before_ui", "ui_tabs", "app_started", "model_loaded", "script_unloaded")
-    for kind in (*kinds, "cfg_denoiser"):
-        setattr(script_callbacks, f"on_{kind}", recorder(kind))
-    script_callbacks.registered = callbacks
-
-    shared = types.ModuleType("modules.shared")
-    shared.options_templates = {}
-    shared.options_section = lambda section, options: options
-    shared.OptionInfo = lambda default, label, *a, **k: types.SimpleNamespace(default=default)
-    shared.opts = types.SimpleNamespace(samples_format="png")
-    shared.cmd_opts = types.SimpleNamespace(ostaf_dir=str(tmp_path), api_auth=None, lowvram=False)
-    shared.sd_model = sd_model
-    shared.state = FakeState()
-
-    devices = types.ModuleType("modules.devices")
-    devices.device, devices.dtype_unet = torch.device("cpu"), torch.float32
-    devices.autocast, devices.torch_gc = contextlib.nullcontext, lambda: None
-
-    extra_networks = types.ModuleType("modules.extra_networks")
-    extra_networks.registered = []
-
-    class ExtraNetwork:
-        def __init__(self, name):
-            self.name = name
-
-    extra_networks.ExtraNetwork = ExtraNetwork
-    extra_networks.register_extra_network = extra_networks.registered.append
-
-    uen = types.ModuleType("modules.ui_extra_networks")
-    uen.pages = []
+    """:func:`fake_script_modules` with a model, plus what this file checks: A1111's Extra
+    Networks page behaviour, the X/Y/Z script's module, ``sd_hijack``."""
+    fakes = fake_script_modules(tmp_path)
+    fakes["modules.shared"].sd_model = sd_model
 
     class ExtraNetworksPage:
         def __init__(self, title):
@@ -132,9 +98,7 @@ def _fake_modules(tmp_path: Path, sd_model) -> dict[str, types.ModuleType]:
             if "description" in item["user_metadata"]:
                 item["description"] = item["user_metadata"]["description"]  # raw, as A1111
 
-    uen.ExtraNetworksPage = ExtraNetworksPage
-    uen.quote_js = json.dumps
-    uen.register_page = uen.pages.append
+    fakes["modules.ui_extra_networks"].ExtraNetworksPage = ExtraNetworksPage
 
     xyz = types.ModuleType("xyz_grid.py")
 
@@ -145,47 +109,16 @@ def _fake_modules(tmp_path: Path, sd_model) -> dict[str, types.ModuleType]:
     xyz.AxisOption, xyz.format_value = AxisOption, lambda p, opt, x: x
     xyz.axis_options = [AxisOption("Seed", int, None)]
     xyz_class = type("Script", (), {"__module__": "xyz_grid.py"})
-
-    scripts = types.ModuleType("modules.scripts")
-
-    class Script:
-        is_img2img = False
-
-        def elem_id(self, item_id):
-            return f"script_txt2img_ostaf_{item_id}"
-
-    scripts.Script, scripts.AlwaysVisible = Script, object()
-    scripts.scripts_data = [types.SimpleNamespace(script_class=xyz_class, module=xyz)]
-
-    call_queue = types.ModuleType("modules.call_queue")
-    call_queue.queue_lock = threading.Lock()
-    call_queue.wrap_gradio_gpu_call = lambda fn, extra_outputs=None: fn
-
-    paths = types.ModuleType("modules.paths")
-    paths.models_path = str(tmp_path / "models")
+    fakes["modules.scripts"].scripts_data = [
+        types.SimpleNamespace(script_class=xyz_class, module=xyz)
+    ]
 
     sd_hijack = types.ModuleType("modules.sd_hijack")
     sd_hijack.model_hijack = types.SimpleNamespace(
         embedding_db=getattr(sd_model, "embedding_db", None)
     )
-
-    pkg = types.ModuleType("modules")
-    pkg.__path__ = []
-    mods = {
-        "sd_hijack": sd_hijack,
-        "shared": shared,
-        "devices": devices,
-        "extra_networks": extra_networks,
-        "ui_extra_networks": uen,
-        "scripts": scripts,
-        "script_callbacks": script_callbacks,
-        "call_queue": call_queue,
-        "paths": paths,
-    }
-    for name, mod in mods.items():
-        setattr(pkg, name, mod)
-    out = {f"modules.{k}": v for k, v in mods.items()}
-    return {"modules": pkg, **out, "gradio": _fake_gradio(), "xyz": xyz}
+    fakes["modules"].sd_hijack = fakes["modules.sd_hijack"] = sd_hijack
+    return {**fakes, "gradio": _fake_gradio(), "xyz": xyz}
 
 
 @pytest.fixture()
