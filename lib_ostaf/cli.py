@@ -203,6 +203,12 @@ def _memory_args(p: argparse.ArgumentParser, config: Any) -> None:
     )
 
 
+def _config_flags(p: argparse.ArgumentParser, kind: type, *names: str) -> None:
+    """``--<name>`` flags of a config field: None when not given, the config's default."""
+    for name in names:
+        p.add_argument(f"--{name}", type=kind, default=None)
+
+
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     """train: flags default to None, AttributeConfig fills them in"""
     t = sub.add_parser("train", help="train an OSTAF adapter from one reference image")
@@ -214,16 +220,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "--token", default=None, help=f"placeholder word (default {AttributeConfig.token})"
     )
     t.add_argument("--prompt", default=None, help="training prompt containing {token}")
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--rank", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--seed", type=int, default=None)
+    _config_flags(t, int, "steps", "rank", "seed")
+    _config_flags(t, float, "lr", "default-lambda")
     t.add_argument("--network", choices=("hypernet", "lora"), default=None)
     t.add_argument("--include-mid", action="store_true", default=None)
     t.add_argument(
         "--blocks", default=None, help="comma-separated diffusers block ids (expert override)"
     )
-    t.add_argument("--default-lambda", type=float, default=None)
     t.add_argument("--overwrite", action="store_true")
     t.add_argument(
         "--save-state",
@@ -268,19 +271,11 @@ def _implant_parser(sub: argparse._SubParsersAction) -> None:
         help="CLIP image tower folder for the prototypical embedding; 'auto' (local cache, "
         "default) or 'none' (class word)",
     )
-    o.add_argument("--steps", type=int, default=None)
-    o.add_argument("--embedding-steps", type=int, default=None)
-    o.add_argument("--rank", type=int, default=None)
-    o.add_argument("--lr", type=float, default=None)
-    o.add_argument("--embedding-lr", type=float, default=None)
+    _config_flags(o, int, "steps", "embedding-steps", "rank", "prototype-steps", "seed")
+    _config_flags(o, float, "lr", "embedding-lr", "background-weight", "feather", "default-lambda")
     o.add_argument("--class-weight", type=float, default=None, help="0 disables")
-    o.add_argument("--background-weight", type=float, default=None)
-    o.add_argument("--feather", type=float, default=None)
-    o.add_argument("--prototype-steps", type=int, default=None)
     o.add_argument("--probe", type=int, default=None, help="probe draws per prompt")
     o.add_argument("--no-flip", action="store_true")
-    o.add_argument("--seed", type=int, default=None)
-    o.add_argument("--default-lambda", type=float, default=None)
     o.add_argument("--overwrite", action="store_true")
     o.add_argument(
         "--save-state",

@@ -112,6 +112,7 @@ def _adapters_dir() -> Path:
 REGISTRY = STATE.registry(_adapters_dir)
 JOBS, APPLIER = STATE.jobs, STATE.applier
 
+SLOTS_ENABLED = False  # the accordion applies nothing until ticked
 # Every default of the tab comes from the method's settings or the run's (one home each).
 ATTR, OBJ = AttributeConfig, ObjectConfig
 OPTION_DEFAULTS = {
@@ -283,7 +284,9 @@ class OstafScript(scripts.Script):
         choices = [activation.NONE_CHOICE, *REGISTRY.names()]
         with gr.Accordion("OSTAF", open=False, elem_id=self.elem_id("ostaf")):
             enabled = gr.Checkbox(
-                False, label="Apply the adapters below", elem_id=self.elem_id("ostaf_enabled")
+                SLOTS_ENABLED,
+                label="Apply the adapters below",
+                elem_id=self.elem_id("ostaf_enabled"),
             )
             slots = []
             for i in range(N_SLOTS):
@@ -297,7 +300,7 @@ class OstafScript(scripts.Script):
                     lam = gr.Slider(
                         minimum=-2.0,
                         maximum=3.0,
-                        value=1.0,
+                        value=activation.SLOT_WEIGHT,
                         step=0.05,
                         label=f"OSTAF λ {i + 1}",
                         elem_id=self.elem_id(f"ostaf_lambda_{i}"),
@@ -376,7 +379,7 @@ def _paste_slot(i, field):
         if i < len(picks):
             name, weight, dials = picks[i]
             return gr.update(value=(name, weight, ":".join(dials.items))[field])
-        return gr.update(value=(activation.NONE_CHOICE, 1.0, "")[field])
+        return gr.update(value=(activation.NONE_CHOICE, activation.SLOT_WEIGHT, "")[field])
 
     return paste
 

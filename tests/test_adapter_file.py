@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from lib_ostaf.errors import AdapterFileError, InputError
 from lib_ostaf.files import adapter_file as af
+from lib_ostaf.files import atomic
 from lib_ostaf.files.adapter_file import (
     ADAPTER_SUFFIX,
     STATE_SUFFIX,
@@ -393,7 +394,7 @@ def test_failed_replace_leaves_old_file_and_no_temp(
     def fail(*a, **k):
         raise exc
 
-    monkeypatch.setattr(af.os, "replace", fail)
+    monkeypatch.setattr(atomic.os, "replace", fail)
     expected = AdapterFileError if isinstance(exc, OSError) else KeyboardInterrupt
     with pytest.raises(expected):
         save_adapter(p, _modules(seed=5), _meta(), overwrite=True)
@@ -405,7 +406,7 @@ def test_failed_new_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mon
     def fail(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(af.os, "fsync", fail)
+    monkeypatch.setattr(atomic.os, "fsync", fail)
     with pytest.raises(KeyboardInterrupt):
         _save(tmp_path)
     assert os.listdir(tmp_path) == []
@@ -431,7 +432,7 @@ def test_atomic_write_does_not_clobber_file_created_meanwhile(
         if not p.exists():
             p.write_bytes(b"other writer")
 
-    monkeypatch.setattr(af.os, "fsync", racing_fsync)
+    monkeypatch.setattr(atomic.os, "fsync", racing_fsync)
     with pytest.raises(InputError):
         af.atomic_write(p, b"mine", overwrite=False)
     assert p.read_bytes() == b"other writer"

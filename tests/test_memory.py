@@ -108,7 +108,7 @@ def test_loss_scaling_follows_the_hosts_compute_dtype():
 
 @pytest.mark.parametrize("what", ["attribute", "objects"])
 def test_trainers_pass_the_hosts_compute_dtype(what, sd1_host, reference_image, monkeypatch):
-    import lib_ostaf.method.objects as objects
+    import lib_ostaf.method.objects.training as objects
     import lib_ostaf.method.train as train
 
     seen = []

@@ -329,6 +329,31 @@ def inspect_unet(unet: nn.Module) -> UNetInfo:
     """Family, layout and block structure of a diffusers or ldm/sgm SD UNet (any size)."""
     if not isinstance(unet, nn.Module):
         raise IncompatibleModelError(f"expected a torch UNet module, got {type(unet).__name__}")
+    layout, lpb, num_levels = _layout_and_levels(unet)
+    depths, proj_in, context_dim = _scan_attention(unet, layout, lpb)
+    if not depths or not context_dim:
+        raise IncompatibleModelError(
+            f"{type(unet).__name__} has no cross-attention transformer blocks; "
+            "not a text-conditioned Stable Diffusion UNet"
+        )
+    blocks = sorted(depths, key=block_sort_key)
+    shape = UNetInfo("", layout, lpb, context_dim, num_levels)  # structure only
+    if bad := [b for b in blocks if shape.depth(b) == 0]:
+        raise IncompatibleModelError(f"unsupported UNet layout: unexpected blocks {bad}")
+    family = "sdxl" if _is_xl(unet, layout) else ("sd2" if _is_linear(proj_in) else "sd1")
+    return UNetInfo(
+        family=family,
+        layout=layout,
+        layers_per_block=lpb,
+        context_dim=context_dim,
+        num_levels=num_levels,
+        attention_blocks=tuple(blocks),
+        transformer_depths=tuple(depths[b] for b in blocks),
+    )
+
+
+def _layout_and_levels(unet: nn.Module) -> tuple[str, int, int]:
+    """(layout, layers_per_block, num_levels) of a diffusers or ldm/sgm UNet."""
     if all(hasattr(unet, a) for a in ("down_blocks", "mid_block", "up_blocks")):
         layout = "diffusers"
         num_levels = len(unet.down_blocks)
@@ -340,7 +365,6 @@ def inspect_unet(unet: nn.Module) -> UNetInfo:
                 f"per up level {sorted(up)}"
             )
         lpb = down.pop()
-        block_re = _DIFFUSERS_BLOCK
     elif all(hasattr(unet, a) for a in ("input_blocks", "middle_block", "output_blocks")):
         layout = "ldm"
         lpb, num_levels = _ldm_levels(unet)
@@ -350,7 +374,6 @@ def inspect_unet(unet: nn.Module) -> UNetInfo:
                 f"unsupported UNet: {len(unet.input_blocks)} input / {len(unet.output_blocks)} "
                 f"output blocks for {num_levels} levels × {lpb} layers"
             )
-        block_re = _LDM_BLOCK
     else:
         raise IncompatibleModelError(
             f"{type(unet).__name__} is not a Stable Diffusion UNet (expected diffusers "
@@ -358,7 +381,14 @@ def inspect_unet(unet: nn.Module) -> UNetInfo:
         )
     if lpb < 1:
         raise IncompatibleModelError("unsupported UNet: no resnets per level")
+    return layout, lpb, num_levels
 
+
+def _scan_attention(
+    unet: nn.Module, layout: str, lpb: int
+) -> tuple[dict[str, int], nn.Module | None, int]:
+    """(transformer blocks per canonical attention block, first proj_in, cross-attention dim)."""
+    block_re = _DIFFUSERS_BLOCK if layout == "diffusers" else _LDM_BLOCK
     depths: dict[str, int] = {}
     proj_in: nn.Module | None = None
     context_dim = 0
@@ -381,34 +411,18 @@ def inspect_unet(unet: nn.Module) -> UNetInfo:
         elif rest.endswith("attn2.to_k") and not context_dim:
             lin = mod if is_linear_like(mod) else getattr(mod, "base_layer", None)
             context_dim = int(getattr(lin, "in_features", 0))
-    if not depths or not context_dim:
-        raise IncompatibleModelError(
-            f"{type(unet).__name__} has no cross-attention transformer blocks; "
-            "not a text-conditioned Stable Diffusion UNet"
-        )
-    blocks = sorted(depths, key=block_sort_key)
-    shape = UNetInfo("", layout, lpb, context_dim, num_levels)  # structure only
-    if bad := [b for b in blocks if shape.depth(b) == 0]:
-        raise IncompatibleModelError(f"unsupported UNet layout: unexpected blocks {bad}")
+    return depths, proj_in, context_dim
 
+
+def _is_xl(unet: nn.Module, layout: str) -> bool:
+    """The UNet takes SDXL's extra conditioning (pooled text + size/crop embeddings)."""
     if layout == "diffusers":
-        xl = _config(unet, "addition_embed_type") == "text_time" or (
+        return _config(unet, "addition_embed_type") == "text_time" or (
             hasattr(unet, "add_embedding") and hasattr(unet, "add_time_proj")
         )
-    else:
-        num_classes = getattr(unet, "num_classes", None)
-        xl = (
-            num_classes == "sequential"
-            or getattr(unet, "adm_in_channels", None) is not None
-            or (hasattr(unet, "label_emb") and not isinstance(num_classes, int))
-        )
-    family = "sdxl" if xl else ("sd2" if _is_linear(proj_in) else "sd1")
-    return UNetInfo(
-        family=family,
-        layout=layout,
-        layers_per_block=lpb,
-        context_dim=context_dim,
-        num_levels=num_levels,
-        attention_blocks=tuple(blocks),
-        transformer_depths=tuple(depths[b] for b in blocks),
+    num_classes = getattr(unet, "num_classes", None)
+    return (
+        num_classes == "sequential"
+        or getattr(unet, "adm_in_channels", None) is not None
+        or (hasattr(unet, "label_emb") and not isinstance(num_classes, int))
     )

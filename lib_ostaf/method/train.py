@@ -466,6 +466,22 @@ def train_attribute(
     return results[0] if len(results) == 1 else combine_parts(config, results)
 
 
+@dataclass
+class _PartSetup:
+    """What one part trains with, built once before its first step (:func:`_set_up_part`)."""
+
+    targets: list[Target]
+    info: UNetInfo
+    modules: dict[str, torch.nn.Module]  # kohya key → the target layer
+    network: torch.nn.Module  # the offset network (hypernetwork, or LoRA factors)
+    latents: torch.Tensor  # the views' latents (float32, CPU)
+    empty: Any  # the empty prompt's conditioning (caption dropout), or None
+    token: Placeholder
+    cond: Any  # the prompt's conditioning for the probe before training
+    t_range: tuple[int, int]  # the sampled timesteps, both ends included
+    probe: _Probe
+
+
 def _train_part(
     host: Host,
     image: Image.Image | str | Path,
@@ -480,19 +496,83 @@ def _train_part(
     """One attribute's training (progress counted from ``first`` of ``total``);
     ``spliced`` = (learned, start) token vectors of an earlier part (see :class:`Placeholder`)."""
     started = time.perf_counter()
+    part = _set_up_part(host, image, config, mask, spliced)
+    losses, before, after = _fit_part(host, config, part, callbacks, first=first, total=total)
+    return TrainResult(
+        config=config,
+        network=part.network.eval(),
+        targets=part.targets,
+        info=part.info,
+        losses=losses,
+        probe_loss_before=before,
+        probe_loss_after=after,
+        seconds=time.perf_counter() - started,
+        host_meta={
+            "base_model": host.base_model_name,
+            "prediction_type": host.prediction_type,
+            "resolution": host.resolution,
+        },
+        embeddings=part.token.current(),
+        token_init=part.token.init(),
+        parts=dict.fromkeys((t.kohya for t in part.targets), config.attribute),
+    )
+
+
+def _set_up_part(
+    host: Host,
+    image: Image.Image | str | Path,
+    config: AttributeConfig,
+    mask: MaskSource | None,
+    spliced: tuple[Embeddings, Embeddings] | None,
+) -> _PartSetup:
+    """The part's targets, offset network, cached views and prompt, and probe."""
     reference = load_image(image)
     info = inspect_unet(host.unet)
     targets = select_targets(host.unet, config.target_spec(), info)
     modules = {t.kohya: find_module(host.unet, t.name) for t in targets}
+    network = _offset_network(host, config, targets)
+    # Cache: the views' latents and the prompt's conditioning are computed once.
+    latents = _view_latents(host, reference, config, mask)
+    with torch.no_grad():
+        empty = host.encode_prompt("") if config.caption_dropout > 0 else None
+    token = Placeholder(host, config, spliced)
+    with torch.no_grad():
+        cond = token.cond(probe=True)  # for the probe before training
+    t_lo, t_hi = _timestep_range(host, config)
+    probe = _Probe(latents, torch.linspace(t_lo, t_hi, 16).round().long().tolist(), config.seed)
+    return _PartSetup(
+        targets=targets,
+        info=info,
+        modules=modules,
+        network=network,
+        latents=latents,
+        empty=empty,
+        token=token,
+        cond=cond,
+        t_range=(t_lo, t_hi),
+        probe=probe,
+    )
+
+
+def _offset_network(
+    host: Host, config: AttributeConfig, targets: Sequence[Target]
+) -> torch.nn.Module:
+    """The offset network over ``targets`` (hypernetwork, or LoRA factors for the ablation),
+    initialised after seeding the global RNG with ``config.seed``."""
     layers = [
         LayerShape(t.kohya, f"{t.attn}.{t.proj}", t.in_features, t.out_features) for t in targets
     ]
 
     torch.manual_seed(config.seed)
     net_cfg = HypernetConfig(rank=config.rank, code_dim=config.code_dim, hidden=config.hidden)
-    network = OFFSET_NETWORKS[config.network](layers, net_cfg).to(host.device)
+    return OFFSET_NETWORKS[config.network](layers, net_cfg).to(host.device)
 
-    # Cache: the views' latents and the prompt's conditioning are computed once.
+
+def _view_latents(
+    host: Host, reference: Image.Image, config: AttributeConfig, mask: MaskSource | None
+) -> torch.Tensor:
+    """The latents (float32, CPU) of the reference's views (:func:`make_views`), which vary
+    everything outside the attribute around the object (``mask``)."""
     ref = square(reference, host.resolution)
     with torch.no_grad():
         cell = max(1, host.resolution // host.encode_image(ref).shape[-1])
@@ -504,41 +584,40 @@ def _train_part(
             mask=None if mask is None else square_mask(load_mask(mask, reference.size), ref.width),
             cell=cell,
         )
-        latents = torch.cat([host.encode_image(v) for v in views]).float().cpu()
-        empty = host.encode_prompt("") if config.caption_dropout > 0 else None
-    token = Placeholder(host, config, spliced)
-    with torch.no_grad():
-        cond = token.cond(probe=True)  # for the probe before training
+        return torch.cat([host.encode_image(v) for v in views]).float().cpu()
 
+
+def _timestep_range(host: Host, config: AttributeConfig) -> tuple[int, int]:
+    """The sampled timesteps ``(lo, hi)``, both included: ``config.timesteps`` of the
+    host's training schedule."""
     n_train = len(host.alphas_cumprod)
     t_lo, t_hi = (round(f * (n_train - 1)) for f in config.timesteps)
-    probe = _Probe(latents, torch.linspace(t_lo, t_hi, 16).round().long().tolist(), config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    return t_lo, t_hi
+
+
+def _optimizer(
+    network: torch.nn.Module, token: Placeholder, config: AttributeConfig
+) -> torch.optim.AdamW:
+    """AdamW over the offsets and, if the placeholder learns its vector, that vector."""
     groups = [{"params": list(network.parameters()), "lr": config.lr_}]
     if token.vectors:
         groups.append({"params": token.vectors, "lr": config.token_lr_})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    return torch.optim.AdamW(groups, weight_decay=0.0)
 
-    def step_loss(step: int) -> torch.Tensor:
-        i = int(torch.randint(latents.shape[0], (1,), generator=generator))
-        t = torch.randint(t_lo, t_hi + 1, (1,), generator=generator)
-        noise = torch.randn(latents[i : i + 1].shape, generator=generator)
-        drop = config.caption_dropout > 0 and (
-            float(torch.rand((), generator=generator)) < config.caption_dropout
-        )
-        hooks.factors = network()
-        return diffusion_loss(
-            host,
-            latents[i : i + 1].to(host.device),
-            noise.to(host.device),
-            t,
-            empty if drop else token.cond(),
-        )
 
-    def set_factors() -> None:
-        hooks.factors = network()
-        callbacks.preview_embeddings = token.current() or None
-
+def _fit_part(
+    host: Host,
+    config: AttributeConfig,
+    part: _PartSetup,
+    callbacks: Callbacks,
+    *,
+    first: int,
+    total: int,
+) -> tuple[list[float], float, float]:
+    """The part's training steps on the frozen model: ``(losses, probe before, probe
+    after)``, every loss and the learned offsets and token checked finite."""
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = _optimizer(part.network, part.token, config)
     options = training_options(
         host.unet,
         host.device,
@@ -548,9 +627,15 @@ def _train_part(
         compute_dtype=host.dtype,
     )
     try:
-        with frozen(host.unet, *token.encoders), OffsetHooks(modules) as hooks:
-            check_finite_cond(cond, learned=False)
-            before = _probe_loss(host, network, hooks, probe, cond)
+        with frozen(host.unet, *part.token.encoders), OffsetHooks(part.modules) as hooks:
+            step_loss = _step_loss(host, config, part, hooks, generator)
+
+            def set_factors() -> None:
+                hooks.factors = part.network()
+                callbacks.preview_embeddings = part.token.current() or None
+
+            check_finite_cond(part.cond, learned=False)
+            before = _probe_loss(host, part.network, hooks, part.probe, part.cond)
             check_finite_base([before])
             with options as precision:
                 losses = run_steps(
@@ -564,38 +649,60 @@ def _train_part(
                     total=total,
                     precision=precision,
                 )
-            with torch.no_grad():
-                check_finite_factors(network())
-                if not finite(*token.vectors):
-                    raise TrainingDiverged(
-                        "training diverged: the learned token vector is not finite; lower "
-                        "token_lr. Nothing was written."
-                    )
-                cond = token.cond(probe=True)
-            check_finite_cond(cond, learned=bool(token.vectors))
-            after = _probe_loss(host, network, hooks, probe, cond)
-            check_finite_probe([after])
+            after = _probe_after_training(host, part, hooks)
     finally:
         optimizer.state.clear()
         callbacks.preview_embeddings = None
-    return TrainResult(
-        config=config,
-        network=network.eval(),
-        targets=targets,
-        info=info,
-        losses=losses,
-        probe_loss_before=before,
-        probe_loss_after=after,
-        seconds=time.perf_counter() - started,
-        host_meta={
-            "base_model": host.base_model_name,
-            "prediction_type": host.prediction_type,
-            "resolution": host.resolution,
-        },
-        embeddings=token.current(),
-        token_init=token.init(),
-        parts=dict.fromkeys((t.kohya for t in targets), config.attribute),
-    )
+    return losses, before, after
+
+
+def _step_loss(
+    host: Host,
+    config: AttributeConfig,
+    part: _PartSetup,
+    hooks: OffsetHooks,
+    generator: torch.Generator,
+) -> Callable[[int], torch.Tensor]:
+    """The step function of :func:`run_steps`: the diffusion loss of a random view,
+    timestep and noise (drawn from ``generator`` in that order, then the caption-dropout
+    draw), with the offsets at their current values."""
+    latents, empty, token = part.latents, part.empty, part.token
+    t_lo, t_hi = part.t_range
+
+    def step_loss(step: int) -> torch.Tensor:
+        i = int(torch.randint(latents.shape[0], (1,), generator=generator))
+        t = torch.randint(t_lo, t_hi + 1, (1,), generator=generator)
+        noise = torch.randn(latents[i : i + 1].shape, generator=generator)
+        drop = config.caption_dropout > 0 and (
+            float(torch.rand((), generator=generator)) < config.caption_dropout
+        )
+        hooks.factors = part.network()
+        return diffusion_loss(
+            host,
+            latents[i : i + 1].to(host.device),
+            noise.to(host.device),
+            t,
+            empty if drop else token.cond(),
+        )
+
+    return step_loss
+
+
+def _probe_after_training(host: Host, part: _PartSetup, hooks: OffsetHooks) -> float:
+    """The probe loss with the learned offsets and token, each checked finite first
+    (:class:`TrainingDiverged` names what diverged)."""
+    with torch.no_grad():
+        check_finite_factors(part.network())
+        if not finite(*part.token.vectors):
+            raise TrainingDiverged(
+                "training diverged: the learned token vector is not finite; lower "
+                "token_lr. Nothing was written."
+            )
+        cond = part.token.cond(probe=True)
+    check_finite_cond(cond, learned=bool(part.token.vectors))
+    after = _probe_loss(host, part.network, hooks, part.probe, cond)
+    check_finite_probe([after])
+    return after
 
 
 class PartNetworks(torch.nn.Module):
@@ -736,18 +843,52 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     stem = out / name
     state_path = stem.with_name(name + STATE_SUFFIX)
-    paths = [stem.with_name(name + s) for s in (".safetensors", STATE_SUFFIX, ".json")]
     emb_dir = stem.with_name(name + EMBEDDINGS_FOLDER)
     emb_paths = {t: emb_dir / (file_stem(t) + EMBEDDING_SUFFIX) for t in result.embeddings}
-    paths += emb_paths.values()
-    if preview is not None:
-        paths.append(stem.with_name(name + ".preview.png"))
     if not overwrite:  # an old sidecar counts even when none is written: never mismatched
-        existing = [p.name for p in paths if p.exists()]
-        if existing:
-            raise InputError(
-                f"{', '.join(existing)} already exist(s) in {out}; choose another name or overwrite"
-            )
+        _refuse_existing(out, name, emb_paths.values(), preview=preview is not None)
+    metadata = _adapter_metadata(result, name, emb_dir, emb_paths)
+    if save_state:
+        _write_network_state(state_path, result, overwrite=overwrite)
+    _write_attribute_card(stem, result.config, result.info.family, overwrite=overwrite)
+    if preview is not None:
+        write_preview(stem, preview, overwrite=overwrite)
+    for token, p in emb_paths.items():
+        emb_dir.mkdir(exist_ok=True)
+        save_embedding(p, result.embeddings[token], result.info.family, overwrite=overwrite)
+    path = save_adapter(
+        stem.with_name(name + ".safetensors"),
+        result.lora_modules(),
+        metadata,
+        overwrite=overwrite,
+        dtype=save_dtype,
+    )
+    if not save_state:
+        state_path.unlink(missing_ok=True)  # a stale sidecar of an earlier adapter
+    if preview is None and overwrite:  # an earlier adapter's card picture
+        stem.with_name(name + PREVIEW_SUFFIX).unlink(missing_ok=True)
+    return path
+
+
+def _refuse_existing(out: Path, name: str, emb_paths: Iterable[Path], *, preview: bool) -> None:
+    """InputError naming every file of the export already in ``out`` (the adapter, state
+    sidecar, card, embeddings and, with a ``preview``, its picture)."""
+    stem = out / name
+    paths = [stem.with_name(name + s) for s in (".safetensors", STATE_SUFFIX, ".json")]
+    paths += emb_paths
+    if preview:
+        paths.append(stem.with_name(name + ".preview.png"))
+    existing = [p.name for p in paths if p.exists()]
+    if existing:
+        raise InputError(
+            f"{', '.join(existing)} already exist(s) in {out}; choose another name or overwrite"
+        )
+
+
+def _adapter_metadata(
+    result: TrainResult, name: str, emb_dir: Path, emb_paths: dict[str, Path]
+) -> dict[str, str]:
+    """The adapter file's kohya/modelspec metadata with the ``ostaf.*`` record of the run."""
     cfg = result.config
     meta = result.host_meta
     targets = [t.kohya for t in result.targets]
@@ -755,7 +896,7 @@ def export(
         "steps_done": len(result.losses),
         "seconds": round(result.seconds, 1),
     }
-    metadata = build_metadata(
+    return build_metadata(
         name=name,
         family=result.info.family,
         prediction_type=meta.get("prediction_type", "epsilon"),
@@ -788,17 +929,27 @@ def export(
             else {}
         ),
     )
-    if save_state:
-        state = {
-            k: v.detach().float().cpu().contiguous() for k, v in result.network.state_dict().items()
-        }
-        state_config = {
-            "network": cfg.network,
-            "hypernet": result.network.config.to_dict(),
-            "layers": [asdict(layer) for layer in result.network.layers],
-            "attribute_config": asdict(cfg),
-        }
-        write_state(state_path, state, state_config, overwrite=overwrite)
+
+
+def _write_network_state(path: Path, result: TrainResult, *, overwrite: bool) -> None:
+    """The ``.ostaf-state`` sidecar: the offset network's parameters (float32) and config."""
+    cfg = result.config
+    state = {
+        k: v.detach().float().cpu().contiguous() for k, v in result.network.state_dict().items()
+    }
+    state_config = {
+        "network": cfg.network,
+        "hypernet": result.network.config.to_dict(),
+        "layers": [asdict(layer) for layer in result.network.layers],
+        "attribute_config": asdict(cfg),
+    }
+    write_state(path, state, state_config, overwrite=overwrite)
+
+
+def _write_attribute_card(
+    stem: Path, cfg: AttributeConfig, family: str, *, overwrite: bool
+) -> None:
+    """The WebUI card (``<name>.json``): preferred λ, trigger word and description."""
     write_card(
         stem,
         preferred_weight=cfg.default_lambda,
@@ -806,26 +957,9 @@ def export(
         description=(
             f"OSTAF {cfg.attribute} adapter trained on one image with '{cfg.training_prompt}'"
         ),
-        sd_version=sd_version_label(result.info.family),
+        sd_version=sd_version_label(family),
         overwrite=overwrite,
     )
-    if preview is not None:
-        write_preview(stem, preview, overwrite=overwrite)
-    for token, p in emb_paths.items():
-        emb_dir.mkdir(exist_ok=True)
-        save_embedding(p, result.embeddings[token], result.info.family, overwrite=overwrite)
-    path = save_adapter(
-        stem.with_name(name + ".safetensors"),
-        result.lora_modules(),
-        metadata,
-        overwrite=overwrite,
-        dtype=save_dtype,
-    )
-    if not save_state:
-        state_path.unlink(missing_ok=True)  # a stale sidecar of an earlier adapter
-    if preview is None and overwrite:  # an earlier adapter's card picture
-        stem.with_name(name + PREVIEW_SUFFIX).unlink(missing_ok=True)
-    return path
 
 
 def settings_record(config: AttributeConfig) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from lib_ostaf.webui.prompt_tags import AdapterRequest, Dials, format_infotext, 
 from lib_ostaf.webui.registry import AdapterRegistry, preferred_weight
 
 NONE_CHOICE = "None"
+SLOT_WEIGHT = 1.0  # an accordion slot's λ until the user moves it
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ correction). Every check that needs no model runs before the first step.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from lib_ostaf.method.objects import (
 from lib_ostaf.method.offsets import check_lambda
 from lib_ostaf.method.train import Callbacks
 from lib_ostaf.webui.preview import render
+from lib_ostaf.webui.run_settings import RUN
 from lib_ostaf.webui.training_job import (
     MAX_STEPS,
     Reporter,
@@ -64,29 +65,27 @@ class ObjectRequest:
     tokens: Sequence[str] = ()
     classes: Sequence[str] = ()
     masks: Sequence[MaskSource | None] = ()
-    steps: int = 400
-    embedding_steps: int = 100
-    rank: int = 4
-    lr: float = 1e-4
-    embedding_lr: float = 5e-4
-    class_weight: float = 1.0
-    background_weight: float = 0.0
-    seed: int = 0
-    clip: str = "auto"
+    steps: int = ObjectConfig.steps
+    embedding_steps: int = ObjectConfig.embedding_steps
+    rank: int = ObjectConfig.rank
+    lr: float = ObjectConfig.lr
+    embedding_lr: float = ObjectConfig.embedding_lr
+    class_weight: float = ObjectConfig.class_weight
+    background_weight: float = ObjectConfig.background_weight
+    seed: int = ObjectConfig.seed
+    clip: str = ObjectConfig.clip
     clip_dirs: tuple[str, ...] = ()
-    default_lambda: float = 1.0
-    resolution: int = 0
-    overwrite: bool = False
-    save_state: bool = (
-        False  # also write <name>.ostaf-state (lib_ostaf.method.objects.export_objects)
-    )
-    preview_every: int = 0
-    preview_steps: int = 12
-    preview_size: int = 0
-    guidance: float = 5.0
-    sweep: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)
-    precision: str = "auto"
-    gradient_checkpointing: str = "auto"
+    default_lambda: float = ObjectConfig.default_lambda
+    resolution: int = RUN.resolution
+    overwrite: bool = RUN.overwrite
+    save_state: bool = RUN.save_state  # also write <name>.ostaf-state (export_objects)
+    preview_every: int = ObjectConfig.preview_every
+    preview_steps: int = RUN.preview_steps
+    preview_size: int = RUN.preview_size
+    guidance: float = RUN.guidance
+    sweep: tuple[float, ...] = RUN.sweep
+    precision: str = ObjectConfig.precision
+    gradient_checkpointing: str = ObjectConfig.gradient_checkpointing
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ObjectRequest:
@@ -183,6 +182,40 @@ def run_object_training(
     prompt = config.prompt_for(tokens)
     preview_size = int(request.preview_size or host.resolution)
     callbacks = Callbacks(progress=reporter.progress, should_stop=reporter.should_stop)
+    sample = _preview_sampler(host, request, prompt, preview_size)
+    if config.preview_every:
+        callbacks.preview = lambda step: reporter.preview(
+            step, sample(callbacks.preview_embeddings)
+        )
+    reporter.log(
+        f"implanting {', '.join(f'{s.token} ({s.class_name})' for s in specs)} as {request.name!r}:"
+        f" {request.total_steps} steps, rank {config.rank}"
+        + ("" if specs[0].mask is not None else "; automatic masks")
+    )
+    with torch.inference_mode(False), torch.enable_grad():
+        result = train_objects(
+            host, image, specs, config, callbacks, tower_dirs=tuple(request.clip_dirs)
+        )
+        _log_implantation(result, reporter)
+        strip, card_preview = sweep_and_preview(
+            host, result, request.sweep, config.default_lambda,
+            lambda _lam: sample(result.embeddings), reporter,
+        )  # fmt: skip
+    files = export_objects(
+        result,
+        out_dir,
+        request.name,
+        overwrite=request.overwrite,
+        preview=card_preview,
+        save_state=bool(request.save_state),
+    )
+    return _object_outcome(files, result, request, tokens, specs, strip, card_preview, reporter)
+
+
+def _preview_sampler(
+    host: Host, request: ObjectRequest, prompt: str, preview_size: int
+) -> Callable[[Mapping[str, Sequence[torch.Tensor]] | None], Image.Image]:
+    """``sample(embeddings)``: one preview of the objects' prompt with the tokens' vectors."""
 
     def sample(embeddings: Mapping[str, Sequence[torch.Tensor]] | None) -> Image.Image:
         with torch.no_grad():
@@ -198,42 +231,35 @@ def run_object_training(
                 guidance=request.guidance,
             )
 
-    if config.preview_every:
-        callbacks.preview = lambda step: reporter.preview(
-            step, sample(callbacks.preview_embeddings)
-        )
-    reporter.log(
-        f"implanting {', '.join(f'{s.token} ({s.class_name})' for s in specs)} as {request.name!r}:"
-        f" {request.total_steps} steps, rank {config.rank}"
-        + ("" if specs[0].mask is not None else "; automatic masks")
-    )
-    with torch.inference_mode(False), torch.enable_grad():
-        result = train_objects(
-            host, image, specs, config, callbacks, tower_dirs=tuple(request.clip_dirs)
-        )
-        reporter.log(result.prototype_summary())
-        for p in result.prototypes:
-            if p.cos_prototype is not None:
-                reporter.log(
-                    f"{p.token}: prototypical embedding ({p.encoder}), cosine to the prototype "
-                    f"{p.cos_class_word:.3f} → {p.cos_prototype:.3f}"
-                )
-            else:
-                reporter.log(f"{p.token}: starts from its class word (fell back to the class word)")
-        for label, (before, after) in result.probe.items():
-            reporter.log(f"object loss '{label}': {before:.4f} → {after:.4f}")
-        strip, card_preview = sweep_and_preview(
-            host, result, request.sweep, config.default_lambda,
-            lambda _lam: sample(result.embeddings), reporter,
-        )  # fmt: skip
-    files = export_objects(
-        result,
-        out_dir,
-        request.name,
-        overwrite=request.overwrite,
-        preview=card_preview,
-        save_state=bool(request.save_state),
-    )
+    return sample
+
+
+def _log_implantation(result: Any, reporter: Reporter) -> None:
+    """Each token's start (prototypical embedding or class word) and the object losses."""
+    reporter.log(result.prototype_summary())
+    for p in result.prototypes:
+        if p.cos_prototype is not None:
+            reporter.log(
+                f"{p.token}: prototypical embedding ({p.encoder}), cosine to the prototype "
+                f"{p.cos_class_word:.3f} → {p.cos_prototype:.3f}"
+            )
+        else:
+            reporter.log(f"{p.token}: starts from its class word (fell back to the class word)")
+    for label, (before, after) in result.probe.items():
+        reporter.log(f"object loss '{label}': {before:.4f} → {after:.4f}")
+
+
+def _object_outcome(
+    files: Any,
+    result: Any,
+    request: ObjectRequest,
+    tokens: list[str],
+    specs: Sequence[ObjectSpec],
+    strip: Image.Image | None,
+    card_preview: Image.Image | None,
+    reporter: Reporter,
+) -> TrainOutcome:
+    """The written files logged, and the run's outcome (probe losses averaged over objects)."""
     size = files.lora.stat().st_size
     for path in files.all():
         reporter.log(f"wrote {path}")

@@ -25,14 +25,20 @@ from lib_ostaf.files.adapter_file import (
     file_hashes,
     validate_name,
 )
-from lib_ostaf.files.naming import ATTN_NAMES, PROJ_NAMES
 from lib_ostaf.method.embeddings import placeholder_at
 from lib_ostaf.method.host import Host
 from lib_ostaf.method.images import load_image
 from lib_ostaf.method.offsets import OffsetHooks, check_lambda
 from lib_ostaf.method.targets import find_module
-from lib_ostaf.method.train import AttributeConfig, Callbacks, export, train_attribute
+from lib_ostaf.method.train import (
+    AttributeConfig,
+    Callbacks,
+    TrainResult,
+    export,
+    train_attribute,
+)
 from lib_ostaf.webui.preview import lambda_strip, render
+from lib_ostaf.webui.run_settings import RUN
 
 MAX_STEPS = 100_000
 MAX_SWEEP = 8
@@ -40,34 +46,37 @@ MAX_SWEEP = 8
 
 @dataclass
 class TrainRequest:
-    """What the tab or the API asks for. ``resolution`` 0 = the model's native size."""
+    """What the tab or the API asks for. ``resolution`` 0 = the model's native size. Every
+    default is AttributeConfig's (the method) or RUN's (what every run shares)."""
 
     image: Image.Image | str | Path | None
     name: str
-    attribute: str = "appearance"
-    token: str = "ostafv"
-    prompt: str = ""
-    steps: int = 400
-    rank: int = 4
+    attribute: str = AttributeConfig.attribute
+    token: str = AttributeConfig.token
+    prompt: str = AttributeConfig.prompt
+    steps: int = AttributeConfig.steps
+    rank: int = AttributeConfig.rank
     lr: float | None = AttributeConfig.lr  # None or 0: the attribute's default
-    seed: int = 0
-    network: str = "hypernet"
-    include_mid: bool = False
-    attn: tuple[str, ...] = ATTN_NAMES
-    proj: tuple[str, ...] = PROJ_NAMES
-    blocks: tuple[str, ...] | None = None
-    default_lambda: float = 1.0
-    n_views: int = 8
-    resolution: int = 0
-    overwrite: bool = False
-    save_state: bool = False  # also write <name>.ostaf-state (lib_ostaf.method.train.export)
-    preview_every: int = 0
-    preview_steps: int = 12
-    preview_size: int = 0
-    guidance: float = 5.0
-    sweep: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)
-    precision: str = "auto"
-    gradient_checkpointing: str = "auto"
+    seed: int = AttributeConfig.seed
+    network: str = AttributeConfig.network
+    include_mid: bool = AttributeConfig.include_mid
+    attn: tuple[str, ...] = AttributeConfig.attn
+    proj: tuple[str, ...] = AttributeConfig.proj
+    blocks: tuple[str, ...] | None = AttributeConfig.blocks
+    default_lambda: float = AttributeConfig.default_lambda
+    n_views: int = AttributeConfig.n_views
+    resolution: int = RUN.resolution
+    overwrite: bool = RUN.overwrite
+    save_state: bool = (
+        RUN.save_state
+    )  # also write <name>.ostaf-state (lib_ostaf.method.train.export)
+    preview_every: int = AttributeConfig.preview_every
+    preview_steps: int = RUN.preview_steps
+    preview_size: int = RUN.preview_size
+    guidance: float = RUN.guidance
+    sweep: tuple[float, ...] = RUN.sweep
+    precision: str = AttributeConfig.precision
+    gradient_checkpointing: str = AttributeConfig.gradient_checkpointing
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainRequest:
@@ -79,7 +88,7 @@ class TrainRequest:
             raise InputError(f"steps must be at most {MAX_STEPS}, got {self.steps}")
         return AttributeConfig(
             attribute=self.attribute,
-            token=(self.token or "ostafv").strip(),
+            token=(self.token or AttributeConfig.token).strip(),
             prompt=self.prompt.strip(),
             steps=self.steps,
             rank=self.rank,
@@ -217,44 +226,13 @@ def run_training(
     reporter = reporter or Reporter()
     config, image = request.validate(out_dir)
     preview_size = int(request.preview_size or host.resolution)
-    need_samples = bool(config.preview_every) or bool(request.sweep)
     with torch.inference_mode(False), torch.enable_grad():
-        uncond = None
-        if need_samples:
-            with torch.no_grad():
-                uncond = host.encode_prompt("") if request.guidance != 1.0 else None
-
-        def sample(embeddings: dict | None = None) -> Image.Image:
-            with torch.no_grad():  # the learned placeholder, when there is one
-                cond = host.encode_prompt(config.training_prompt, embeddings or None)
-            return render(
-                host,
-                cond,
-                uncond,
-                steps=request.preview_steps,
-                seed=request.seed,
-                size=preview_size,
-                guidance=request.guidance,
-            )
-
-        callbacks = Callbacks(progress=reporter.progress, should_stop=reporter.should_stop)
-
-        def on_preview(step: int) -> None:
-            reporter.preview(step, sample(callbacks.preview_embeddings))
+        sample = _preview_sampler(host, request, config, preview_size)
+        result = _train_reported(host, request, config, image, sample, reporter)
 
         def at_lambda(lam: float) -> Image.Image:  # the placeholder scaled as at generation
             return sample(placeholder_at(result.embeddings, result.token_init, lam))
 
-        reporter.log(
-            f"training {config.attribute} adapter {request.name!r}: {config.steps} steps, "
-            f"rank {config.rank}, prompt '{config.training_prompt}'"
-        )
-        callbacks.preview = on_preview if config.preview_every else None
-        result = train_attribute(host, image, config, callbacks)
-        reporter.log(
-            f"trained {len(result.targets)} layers in {result.seconds:.1f} s; probe loss "
-            f"{result.probe_loss_before:.4f} → {result.probe_loss_after:.4f}"
-        )
         strip, card_preview = sweep_and_preview(
             host, result, request.sweep, config.default_lambda, at_lambda, reporter
         )
@@ -281,6 +259,61 @@ def run_training(
         sweep_lambdas=tuple(request.sweep),
         preview=card_preview,
     )
+
+
+def _preview_sampler(
+    host: Host, request: TrainRequest, config: AttributeConfig, preview_size: int
+) -> Callable[..., Image.Image]:
+    """``sample(embeddings)``: one preview of the training prompt (with the learned
+    placeholder, when given); the empty prompt is encoded once, if anything is sampled."""
+    need_samples = bool(config.preview_every) or bool(request.sweep)
+    uncond = None
+    if need_samples:
+        with torch.no_grad():
+            uncond = host.encode_prompt("") if request.guidance != 1.0 else None
+
+    def sample(embeddings: dict | None = None) -> Image.Image:
+        with torch.no_grad():  # the learned placeholder, when there is one
+            cond = host.encode_prompt(config.training_prompt, embeddings or None)
+        return render(
+            host,
+            cond,
+            uncond,
+            steps=request.preview_steps,
+            seed=request.seed,
+            size=preview_size,
+            guidance=request.guidance,
+        )
+
+    return sample
+
+
+def _train_reported(
+    host: Host,
+    request: TrainRequest,
+    config: AttributeConfig,
+    image: Image.Image,
+    sample: Callable[..., Image.Image],
+    reporter: Reporter,
+) -> TrainResult:
+    """:func:`train_attribute` with the reporter's progress, stop and previews, the run
+    logged before and after."""
+    callbacks = Callbacks(progress=reporter.progress, should_stop=reporter.should_stop)
+
+    def on_preview(step: int) -> None:
+        reporter.preview(step, sample(callbacks.preview_embeddings))
+
+    reporter.log(
+        f"training {config.attribute} adapter {request.name!r}: {config.steps} steps, "
+        f"rank {config.rank}, prompt '{config.training_prompt}'"
+    )
+    callbacks.preview = on_preview if config.preview_every else None
+    result = train_attribute(host, image, config, callbacks)
+    reporter.log(
+        f"trained {len(result.targets)} layers in {result.seconds:.1f} s; probe loss "
+        f"{result.probe_loss_before:.4f} → {result.probe_loss_after:.4f}"
+    )
+    return result
 
 
 def sweep_images(lambdas: Sequence[float], default_lambda: float) -> int:

@@ -1,12 +1,9 @@
-"""Object implantation (Lu, Xie, Guo 2024): one image, one or several objects, each a new word.
+"""Object implantation (Lu, Xie, Guo 2024): the inputs, the losses and the training.
 
 The paper's three parts, by their names (our reconstruction of each: docs/method.md):
 
-* **prototypical embedding** — :func:`prototype_target` + :func:`prototypical_embedding`:
-  the new token starts from the object's appearance and its class: the normalized mean of
-  CLIP image features of the image and of the masked object and the CLIP text feature of
-  "a photo of a {class}", reached by optimising only the token's row (cosine loss). No CLIP
-  image tower → the class word's embedding (``class-word-fallback``, logged and recorded).
+* **prototypical embedding** — :mod:`.prototype`: the new token starts from the object's
+  appearance and its class (or, with no CLIP image tower, from the class word's embedding).
 * **class-characterizing regularization** — :func:`prior_preservation_loss` (adapted vs
   frozen base model on the class prompt, same x_t and t; image-free) +
   :func:`anchor_loss` (each token no farther from its class word than it started).
@@ -14,22 +11,20 @@ The paper's three parts, by their names (our reconstruction of each: docs/method
   of the masks of the objects named in the step's prompt; a random subset of objects per
   step ("a photo of <o1> and <o2>").
 
-What is trained: rank-r LoRA factors on the UNet attention (:class:`~.hypernet.DirectLoRA`
-through :class:`~.offsets.OffsetHooks`) plus the token vectors (own learning rate),
+What is trained: rank-r LoRA factors on the UNet attention
+(:class:`~lib_ostaf.method.hypernet.DirectLoRA` through
+:class:`~lib_ostaf.method.offsets.OffsetHooks`) plus the token vectors (own learning rate),
 optionally after a first phase that trains the vectors alone. The loop is the attribute
 trainer's (:func:`lib_ostaf.method.train.run_steps`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,35 +33,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lib_ostaf import __version__
 from lib_ostaf.errors import IncompatibleModelError, InputError, TrainingDiverged
-from lib_ostaf.files.adapter_file import (
-    ADAPTER_SUFFIX,
-    PREVIEW_SUFFIX,
-    STATE_SUFFIX,
-    LoraModule,
-    atomic_write,
-    build_metadata,
-    content_hashes,
-    lora_state_dict,
-    save_adapter,
-    sd_version_label,
-    validate_name,
-    write_card,
-    write_preview,
-)
-from lib_ostaf.files.adapter_file import save_state as write_state
+from lib_ostaf.files.adapter_file import LoraModule
 from lib_ostaf.files.naming import UNetInfo, block_part, inspect_unet
-from lib_ostaf.method.embeddings import (
-    EMBEDDINGS_FOLDER,
-    bundle_state_dict,
-    check_new_tokens,
-    file_stem,
-    portable_keys,
-    save_embedding,
-)
-from lib_ostaf.method.embeddings import _splice as splice_rows
-from lib_ostaf.method.embeddings import _split as split_prompt
+from lib_ostaf.method.embeddings import check_new_tokens
 from lib_ostaf.method.host import Host
 from lib_ostaf.method.hypernet import OFFSET_NETWORKS, HypernetConfig, LayerShape
 from lib_ostaf.method.images import load_image, square
@@ -76,11 +46,19 @@ from lib_ostaf.method.masks import (
     flip_mask,
     latent_weights,
     load_mask,
-    resize_mask,
-    save_mask,
     square_mask,
 )
 from lib_ostaf.method.memory import check_options, training_options
+from lib_ostaf.method.objects.prototype import (
+    FALLBACK,
+    PROTOTYPE,
+    ClipTower,
+    PrototypeInfo,
+    class_word_vectors,
+    prototype_target,
+    prototypical_embedding,
+    resolve_tower,
+)
 from lib_ostaf.method.offsets import OffsetHooks, check_lambda
 from lib_ostaf.method.targets import (
     PARTS,
@@ -90,7 +68,6 @@ from lib_ostaf.method.targets import (
     find_module,
     select_targets,
 )
-from lib_ostaf.method.towers import find_tower
 from lib_ostaf.method.train import (
     Callbacks,
     check_finite_base,
@@ -105,14 +82,6 @@ from lib_ostaf.method.train import (
 )
 
 log = logging.getLogger(__name__)
-
-PROTOTYPE = "prototype"
-FALLBACK = "class-word-fallback"
-# CLIP's image normalisation (OpenAI and OpenCLIP towers alike).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-BUNDLE_INFIX = ".a1111"  # <name>.a1111.safetensors: LoRA + bundle_emb for A1111
-MASK_INFIX = ".mask-"  # <name>.mask-<token>.png (automatic masks)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -310,277 +279,6 @@ def class_regularization(
     return prior, anchor
 
 
-# --------------------------------------------------------------------------- prototype
-
-
-class ClipTower:
-    """A CLIP image tower (``CLIPModel`` or ``CLIPVisionModelWithProjection``) for the
-    prototypical embedding. A full ``CLIPModel`` also brings its text projection (SD1's
-    text encoder has none); a vision-only tower pairs with an encoder that has its own
-    projection of the same width (SDXL's CLIP-G)."""
-
-    def __init__(self, model: torch.nn.Module, *, mean=CLIP_MEAN, std=CLIP_STD) -> None:
-        self.model = model.eval().requires_grad_(False)
-        config = model.config
-        vision = getattr(config, "vision_config", config)
-        self.image_size = int(vision.image_size)
-        self.projection_dim = int(model.visual_projection.out_features)
-        self.text_projection = getattr(model, "text_projection", None)
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
-        self.name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
-
-    @classmethod
-    def load(cls, source: str | Path, *, local_only: bool = True) -> ClipTower:
-        """From a folder (``config.json`` of a CLIPModel or CLIPVisionModelWithProjection)
-        or, with ``local_only``, a Hugging Face id already in the local cache."""
-        from transformers import CLIPModel, CLIPVisionModelWithProjection
-        from transformers.utils import logging as hf_logging
-
-        path = Path(source)
-        model_type = ""
-        if path.is_dir():
-            try:
-                model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
-            except (OSError, ValueError) as exc:
-                raise InputError(f"{path} is not a CLIP model folder: {exc}") from None
-        elif path.exists():
-            raise InputError(f"{path}: give the CLIP image tower as a model folder")
-        model_cls = (
-            CLIPVisionModelWithProjection if model_type == "clip_vision_model" else CLIPModel
-        )
-        hf_logging.disable_progress_bar()
-        try:
-            model = model_cls.from_pretrained(str(source), local_files_only=local_only)
-        except Exception as exc:  # OSError, ValueError, ... from transformers
-            raise InputError(f"could not load a CLIP image tower from {source}: {exc}") from exc
-        finally:
-            hf_logging.enable_progress_bar()
-        mean, std = CLIP_MEAN, CLIP_STD
-        pre = path / "preprocessor_config.json"
-        if pre.is_file():
-            with contextlib.suppress(OSError, ValueError, TypeError):
-                cfg = json.loads(pre.read_text())
-                mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
-        return cls(model, mean=mean, std=std)
-
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @torch.no_grad()
-    def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Projected image embeddings ``[N, projection_dim]`` (not normalized)."""
-        size = self.image_size
-        arrays = [np.asarray(square(im, size), dtype=np.float32) / 255.0 for im in images]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-        x = ((x - self.mean) / self.std).to(self.device(), next(self.model.parameters()).dtype)
-        pooled = self.model.vision_model(pixel_values=x).pooler_output
-        return self.model.visual_projection(pooled).float()
-
-    def match(self, encoders: Sequence[Any]) -> int | str:
-        """Index of the text encoder whose CLIP space this tower shares, or the reason none.
-
-        A full CLIPModel pairs only with an encoder that is its text tower (same token
-        rows, :meth:`same_text`): its text projection is applied to that encoder's pooled
-        feature. An encoder without its own pooled feature (a WebUI's, ``has_pooled``
-        False) then gets it from the tower's own text model (:meth:`text_feature`)."""
-        reasons: list[str] = []
-        for i, enc in enumerate(encoders):
-            own = getattr(enc, "has_pooled", True)
-            if self.text_projection is not None:
-                if self.text_projection.in_features != enc.width:
-                    continue
-                why = self.same_text(enc)
-                if why:
-                    reasons.append(why)
-                    continue
-                return i
-            elif enc.projection_dim == self.projection_dim:
-                if own:
-                    return i
-                reasons.append(
-                    f"{enc.key} gives no pooled feature in this WebUI; an image-only tower "
-                    "needs one (give a full CLIPModel folder)"
-                )
-        if reasons:
-            return "; ".join(reasons)
-        widths = ", ".join(f"{e.key} {e.width}" for e in encoders)
-        if self.text_projection is None:
-            return (
-                f"the image tower (projection {self.projection_dim}) matches no text encoder "
-                f"with its own projection ({widths}); give a full CLIPModel folder"
-            )
-        return f"the CLIP model's text width {self.text_projection.in_features} ≠ {widths}"
-
-    def same_text(self, encoder: Any, text: str = "a photo of a dog on the table") -> str:
-        """ "" when this CLIPModel's token table agrees with ``encoder``'s rows for ``text``
-        (mean cosine ≥ 0.9: the same text encoder, perhaps fine-tuned), else the reason."""
-        table = self.model.text_model.embeddings.token_embedding.weight
-        ids_of = getattr(encoder, "ids", None) or encoder.word_ids
-        ids = [int(i) for i in ids_of(text)]
-        if not ids or max(ids) >= table.shape[0]:
-            return f"the CLIP model's vocabulary is not {encoder.key}'s"
-        mine = table[torch.tensor(ids, device=table.device)].detach().float().cpu()
-        theirs = encoder.word_vectors(text)[: len(ids)].detach().float().cpu()
-        if theirs.shape != mine.shape:
-            return f"the CLIP model's vocabulary is not {encoder.key}'s"
-        cos = float(F.cosine_similarity(mine, theirs, dim=-1).mean())
-        if cos < 0.9:
-            return (
-                f"the CLIP model's text tower is not the loaded {encoder.key} "
-                f"(token rows' cosine {cos:.2f} < 0.9)"
-            )
-        return ""
-
-    def text_feature(self, encoder: Any, prompt: str, vectors: dict | None) -> torch.Tensor:
-        """The prompt's pooled (EOS) feature in this tower's CLIP space (differentiable)."""
-        if self.text_projection is not None and not getattr(encoder, "has_pooled", True):
-            pooled = self._own_pooled(encoder, prompt, vectors)
-            weight = self.text_projection.weight
-            return F.linear(pooled.float(), weight.to(pooled.device, torch.float32))
-        if self.text_projection is not None:
-            pooled = encoder.pooled(prompt, vectors, project=False)
-            weight = self.text_projection.weight
-            return F.linear(pooled.float(), weight.to(pooled.device, torch.float32))
-        return encoder.pooled(prompt, vectors, project=True).float()
-
-    def _own_pooled(self, encoder: Any, prompt: str, vectors: dict | None) -> torch.Tensor:
-        """The EOS feature of ``prompt`` through this CLIPModel's own text model, with the
-        encoder's token ids and ``vectors`` spliced in (for a WebUI's encoder, which has
-        none; :meth:`same_text` checked the two agree)."""
-        text_model = self.model.text_model
-        cfg = self.model.config.text_config
-        bos, eos = int(cfg.bos_token_id), int(cfg.eos_token_id)
-        vectors = dict(vectors or {})
-        body: list[int] = []
-        slots: list[tuple[int, str, int]] = []
-        for piece, token in split_prompt(prompt, list(vectors)):
-            if token is None and piece.strip():
-                body.extend(int(i) for i in encoder.ids(piece))
-            elif token is not None:
-                for j in range(vectors[token].shape[0]):
-                    slots.append((1 + len(body), token, j))
-                    body.append(bos)
-        limit = int(cfg.max_position_embeddings)
-        body = body[: limit - 2]
-        slots = [s for s in slots if s[0] < limit - 1]
-        device = next(self.model.parameters()).device
-        ids = torch.tensor([[bos, *body, eos]], device=device)
-        with splice_rows(text_model.embeddings.token_embedding, slots, vectors):
-            return text_model(input_ids=ids).pooler_output[0]
-
-
-def resolve_tower(
-    clip: str | Path | ClipTower | torch.nn.Module | None,
-    host: Host,
-    search: Sequence[str | Path] = (),
-) -> tuple[ClipTower | None, str]:
-    """(tower, note): a tower object, a folder, "auto" (below the ``search`` folders, then
-    the local Hugging Face cache: :func:`lib_ostaf.method.towers.find_tower`), or none."""
-    if isinstance(clip, ClipTower):
-        return clip, clip.name
-    if isinstance(clip, torch.nn.Module):
-        return ClipTower(clip), type(clip).__name__
-    if clip is None or str(clip).lower() in ("", "none"):
-        return None, "no CLIP image tower given"
-    if str(clip).lower() == "auto":
-        found = find_tower(list(host.text_encoders), list(search))
-        if found.folder is None:
-            return None, found.note()
-        return ClipTower.load(found.folder), found.note()
-    return ClipTower.load(clip), f"CLIP image tower {clip}"
-
-
-def masked_object(image: Image.Image, mask: np.ndarray, margin: float = 0.1) -> Image.Image:
-    """The object alone: bounding box (+ margin) of the mask, background painted white.
-
-    A mask of another size than the image is resized to it (as :func:`load_mask` does)."""
-    mask = resize_mask(mask, image.size)
-    if not mask.any():
-        raise InputError("the object's mask is empty at the model's resolution")
-    rows, cols = np.nonzero(mask)
-    h, w = mask.shape
-    pad_y, pad_x = (
-        int(margin * (rows.max() - rows.min() + 1)),
-        int(margin * (cols.max() - cols.min() + 1)),
-    )
-    y0, y1 = max(0, rows.min() - pad_y), min(h, rows.max() + 1 + pad_y)
-    x0, x1 = max(0, cols.min() - pad_x), min(w, cols.max() + 1 + pad_x)
-    a = np.asarray(image.convert("RGB")).copy()
-    a[~mask] = 255
-    return Image.fromarray(a[y0:y1, x0:x1])
-
-
-def prototype_target(
-    tower: ClipTower,
-    encoder: Any,
-    image: Image.Image,
-    mask: np.ndarray,
-    class_prompt: str,
-) -> torch.Tensor:
-    """The prototype: normalized mean of the normalized CLIP features of the image, of the
-    masked object and of the class prompt's text."""
-    images = tower.image_features([image, masked_object(image, mask)])
-    with torch.no_grad():
-        text = tower.text_feature(encoder, class_prompt, None)
-    parts = torch.cat([F.normalize(images, dim=-1), F.normalize(text[None].to(images), dim=-1)])
-    return F.normalize(parts.mean(0), dim=0)
-
-
-@dataclass
-class PrototypeInfo:
-    """How a token was initialised (recorded in the file's metadata)."""
-
-    token: str
-    method: str  # PROTOTYPE | FALLBACK
-    encoder: str = ""  # key of the text encoder that was optimised ("clip_g", ...)
-    cos_class_word: float | None = None  # cos(text feature with the class word, prototype)
-    cos_prototype: float | None = None  # same after the optimisation
-    note: str = ""
-
-
-def prototypical_embedding(
-    tower: ClipTower,
-    encoder: Any,
-    target: torch.Tensor,
-    token: str,
-    init: torch.Tensor,
-    prompt: str,
-    *,
-    steps: int,
-    lr: float,
-) -> tuple[torch.Tensor, float, float]:
-    """Optimise only the token's row so that ``prompt``'s pooled text feature turns toward
-    ``target`` (loss 1 − cos). The row keeps the class word's norm (stays in the range of
-    real word embeddings); the best row seen is returned with (cos at init, cos at best)."""
-    device = target.device
-    row = init.detach().clone().float().to(device).requires_grad_(True)
-    norm = init.detach().float().to(device).norm(dim=-1, keepdim=True)
-    optimizer = torch.optim.Adam([row], lr=lr)
-    best, best_cos, first = row.detach().clone(), -2.0, None
-    for step in range(steps + 1):
-        feature = tower.text_feature(encoder, prompt, {token: row})
-        cos = F.cosine_similarity(feature.to(device), target, dim=0)
-        value = float(cos.detach())
-        if first is None:
-            first = value
-        if value > best_cos:
-            best, best_cos = row.detach().clone(), value
-        if step == steps:
-            break
-        optimizer.zero_grad(set_to_none=True)
-        (1.0 - cos).backward()
-        optimizer.step()
-        with torch.no_grad():
-            row.mul_(norm / row.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-    return best, float(first), best_cos
-
-
-def class_word_vectors(host: Host, class_name: str) -> tuple[torch.Tensor, ...]:
-    """The class word's embedding per text encoder: mean of its token rows, ``[1, width]``."""
-    return tuple(enc.word_vectors(class_name).mean(0, keepdim=True) for enc in host.text_encoders)
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -672,8 +370,50 @@ def train_objects(
     tokens = [o.token for o in objects]
     classes = [o.class_name.strip() for o in objects]
     class_vecs = [class_word_vectors(host, c) for c in classes]
+    masks, auto = _object_masks(reference, objects)
+    info, targets, modules, layers = _lora_targets(host, config)
+    scene = _scene(host, config, reference, masks, classes)
+    clip = tower if tower is not None else config.clip
+    prototypes, initial = _initial_embeddings(
+        host, config, clip, tower_dirs, tokens, classes, class_vecs, scene
+    )
+    loop = _new_loop(host, config, callbacks, layers, tokens, class_vecs, initial, scene)
+    losses, probe = _train(loop, modules)
+    trained = {t: tuple(p.detach().float().cpu().clone() for p in loop.vectors[t]) for t in tokens}
+    return ObjectResult(
+        config=config,
+        tokens=tokens,
+        classes=classes,
+        embeddings=trained,
+        initial_embeddings=initial,
+        network=loop.network.eval(),
+        targets=targets,
+        info=info,
+        losses=losses,
+        terms=loop.terms,
+        probe=probe,
+        prototypes=prototypes,
+        masks=masks,
+        auto_masked=auto,
+        seconds=time.perf_counter() - started,
+        host_meta=_host_meta(host),
+    )
 
-    # Masks: given (checked, resized) or automatic; at the image's own size.
+
+def _host_meta(host: Host) -> dict[str, Any]:
+    """What the export needs of the host once training is over."""
+    return {
+        "base_model": host.base_model_name,
+        "prediction_type": host.prediction_type,
+        "resolution": host.resolution,
+        "family": host.family,
+    }
+
+
+def _object_masks(
+    reference: Image.Image, objects: Sequence[ObjectSpec]
+) -> tuple[list[np.ndarray], list[bool]]:
+    """(masks, automatic?): given (checked, resized) or automatic; at the image's own size."""
     if objects[0].mask is not None:
         masks = [load_mask(o.mask, reference.size, label=f"mask of {o.token}") for o in objects]
         auto = [False] * len(objects)
@@ -684,16 +424,42 @@ def train_objects(
     for k in range(len(masks)):
         for j in range(k):
             if np.array_equal(masks[k], masks[j]):
-                log.warning("%s and %s have the same mask", tokens[j], tokens[k])
+                log.warning("%s and %s have the same mask", objects[j].token, objects[k].token)
+    return masks, auto
 
+
+def _lora_targets(
+    host: Host, config: ObjectConfig
+) -> tuple[UNetInfo, list[Target], dict[str, torch.nn.Module], list[LayerShape]]:
+    """The UNet layers the LoRA adapts: (info, targets, their modules, their shapes)."""
     info = inspect_unet(host.unet)
     targets = select_targets(host.unet, _target_spec(host, config, info), info)
     modules = {t.kohya: find_module(host.unet, t.name) for t in targets}
     layers = [
         LayerShape(t.kohya, f"{t.attn}.{t.proj}", t.in_features, t.out_features) for t in targets
     ]
+    return info, targets, modules, layers
 
-    # Views (reference, mirrored) with their masks; latents and mask weights cached.
+
+@dataclass
+class _Scene:
+    """The training views (reference, mirrored) with their masks, encoded once."""
+
+    image: Image.Image  # the reference, square at the model's resolution
+    masks: list[np.ndarray]  # its masks, same geometry
+    latents: torch.Tensor  # [views, C, h, w] float32 CPU
+    weights: torch.Tensor  # [views, objects, 1, h, w] mask weights on the latent grid
+    class_conds: list[Any]  # conditioning of each object's class prompt
+
+
+def _scene(
+    host: Host,
+    config: ObjectConfig,
+    reference: Image.Image,
+    masks: Sequence[np.ndarray],
+    classes: Sequence[str],
+) -> _Scene:
+    """Views (reference, mirrored) with their masks; latents and mask weights cached."""
     sq_image = square(reference, host.resolution)
     sq_masks = [square_mask(m, host.resolution) for m in masks]  # the image's geometry
     views = [(sq_image, sq_masks)]
@@ -708,9 +474,16 @@ def train_objects(
     weights = torch.stack(
         [torch.cat([latent_weights(m, latent_hw, config.feather) for m in ms]) for _, ms in views]
     )  # [views, objects, 1, h, w]
+    return _Scene(sq_image, sq_masks, latents, weights, class_conds)
 
-    # Prototypical embedding (or the class word), per object.
-    the_tower, note = resolve_tower(tower if tower is not None else config.clip, host, tower_dirs)
+
+def _matched_tower(
+    host: Host,
+    clip: ClipTower | torch.nn.Module | str | Path | None,
+    tower_dirs: Sequence[str | Path],
+) -> tuple[ClipTower | None, int | None, str]:
+    """(tower, index of the text encoder it pairs with, note); no tower when none pairs."""
+    the_tower, note = resolve_tower(clip, host, tower_dirs)
     matched: int | None = None
     if the_tower is not None:
         found = the_tower.match(host.text_encoders)
@@ -718,6 +491,22 @@ def train_objects(
             note, the_tower = f"{note} not used: {found}", None
         else:
             matched = found
+    return the_tower, matched, note
+
+
+def _initial_embeddings(
+    host: Host,
+    config: ObjectConfig,
+    clip: ClipTower | torch.nn.Module | str | Path | None,
+    tower_dirs: Sequence[str | Path],
+    tokens: Sequence[str],
+    classes: Sequence[str],
+    class_vecs: Sequence[tuple[torch.Tensor, ...]],
+    scene: _Scene,
+) -> tuple[list[PrototypeInfo], dict[str, tuple[torch.Tensor, ...]]]:
+    """Prototypical embedding (or the class word), per object: (how, initial vectors).
+    The tower is dropped on return, before training."""
+    the_tower, matched, note = _matched_tower(host, clip, tower_dirs)
     prototypes: list[PrototypeInfo] = []
     initial: dict[str, tuple[torch.Tensor, ...]] = {}
     torch.manual_seed(config.seed)
@@ -726,7 +515,7 @@ def train_objects(
         if the_tower is not None and matched is not None:
             encoder = host.text_encoders[matched]
             target = prototype_target(
-                the_tower, encoder, sq_image, sq_masks[k], config.class_prompt_for(cls)
+                the_tower, encoder, scene.image, scene.masks[k], config.class_prompt_for(cls)
             )
             row, cos0, cos1 = prototypical_embedding(
                 the_tower,
@@ -745,74 +534,136 @@ def train_objects(
         initial[token] = tuple(v.detach().float().cpu().clone() for v in vecs)
     if the_tower is None:
         log.warning("%s: new tokens start from their class word's embedding (%s)", note, FALLBACK)
-    del the_tower
+    return prototypes, initial
 
-    # Trainable parts: LoRA factors and the token vectors.
-    torch.manual_seed(config.seed)
-    net_cfg = HypernetConfig(rank=config.rank)
-    network = OFFSET_NETWORKS[config.network](layers, net_cfg).to(host.device)
-    vectors = {
-        t: [torch.nn.Parameter(v.clone().to(host.device)) for v in initial[t]] for t in tokens
-    }
-    token_params = [p for t in tokens for p in vectors[t]]
-    margins = [
-        [float(relative_distance(v, c)) for v, c in zip(initial[t], class_vecs[k], strict=True)]
-        for k, t in enumerate(tokens)
-    ]
-    for p in token_params:
-        p.requires_grad_(config.embedding_lr > 0)
 
-    n_train = len(host.alphas_cumprod)
-    t_lo, t_hi = (round(f * (n_train - 1)) for f in config.timestep_range)
-    generator = torch.Generator().manual_seed(config.seed)
-    terms: dict[str, list[float]] = {"object": [], "prior": [], "anchor": []}
-    state = {"lora": False}
+@dataclass
+class _Loop:
+    """What the steps of one implantation share: data, trainable parts, sampler, log."""
 
-    def embeddings_of(members: Sequence[int]) -> dict[str, list[torch.Tensor]]:
-        return {tokens[k]: vectors[tokens[k]] for k in members}
+    host: Host
+    config: ObjectConfig
+    callbacks: Callbacks
+    tokens: list[str]
+    class_vecs: list[tuple[torch.Tensor, ...]]
+    scene: _Scene
+    network: torch.nn.Module  # the LoRA factors
+    vectors: dict[str, list[torch.nn.Parameter]]  # the token vectors, per text encoder
+    margins: list[list[float]]  # each token's starting distance from its class word
+    t_lo: int
+    t_hi: int
+    generator: torch.Generator  # draws of the steps: view, objects, t, noise
+    terms: dict[str, list[float]] = field(
+        default_factory=lambda: {"object": [], "prior": [], "anchor": []}
+    )
+    lora: bool = False  # the second phase: LoRA factors on
+    hooks: OffsetHooks = field(init=False, repr=False)  # set once the hooks are on the UNet
 
-    def step_loss(step: int) -> torch.Tensor:
-        i = int(torch.randint(latents.shape[0], (1,), generator=generator))
-        members = _subset(len(tokens), generator)
-        t = torch.randint(t_lo, t_hi + 1, (1,), generator=generator)
-        noise = torch.randn(latents[i : i + 1].shape, generator=generator)
-        hooks.factors = network() if state["lora"] else {}
+    @property
+    def token_params(self) -> list[torch.nn.Parameter]:
+        return [p for t in self.tokens for p in self.vectors[t]]
+
+    def embeddings_of(self, members: Sequence[int]) -> dict[str, list[torch.nn.Parameter]]:
+        return {self.tokens[k]: self.vectors[self.tokens[k]] for k in members}
+
+    def step_loss(self, step: int) -> torch.Tensor:
+        """One step: a random view, subset of objects, t and noise; the object loss plus the
+        class-characterizing regularization."""
+        host, config, latents, g = self.host, self.config, self.scene.latents, self.generator
+        i = int(torch.randint(latents.shape[0], (1,), generator=g))
+        members = _subset(len(self.tokens), g)
+        t = torch.randint(self.t_lo, self.t_hi + 1, (1,), generator=g)
+        noise = torch.randn(latents[i : i + 1].shape, generator=g)
+        self.hooks.factors = self.network() if self.lora else {}
         cond = host.encode_prompt(
-            config.prompt_for([tokens[k] for k in members]), embeddings_of(members)
+            config.prompt_for([self.tokens[k] for k in members]), self.embeddings_of(members)
         )
         x_t, target = noisy_latents(
             latents[i : i + 1], noise, t, host.alphas_cumprod, host.prediction_type
         )
         x_t = x_t.to(host.device, host.dtype)
         pred = host.predict_noise(x_t, t.to(host.device), cond)
-        union = weights[i, members].amax(0)[None]
+        union = self.scene.weights[i, members].amax(0)[None]
         w = union + config.background_weight * (1 - union)
         loss = object_loss(pred, target.to(pred.device), w)
-        prior = anchor = loss.new_zeros(())
-        if config.class_weight > 0:
-            k = members[0]
-            if state["lora"]:
-                prior, anchor = class_regularization(
-                    host, hooks, x_t, t.to(host.device), class_conds[k],
-                    vectors[tokens[k]], class_vecs[k], config.anchor_weight, margins[k],
-                )  # fmt: skip
-            elif config.anchor_weight:
-                anchor = anchor_loss(vectors[tokens[k]], class_vecs[k], margins[k])
-        terms["object"].append(float(loss.detach()))
-        terms["prior"].append(float(prior.detach()))
-        terms["anchor"].append(float(anchor.detach()))
+        prior, anchor = self._regularization(members[0], x_t, t, loss.new_zeros(()))
+        self.terms["object"].append(float(loss.detach()))
+        self.terms["prior"].append(float(prior.detach()))
+        self.terms["anchor"].append(float(anchor.detach()))
         return loss + config.class_weight * (prior + config.anchor_weight * anchor)
 
-    def before_preview() -> None:
-        hooks.factors = network() if state["lora"] else {}
-        callbacks.preview_embeddings = {
-            t: tuple(v.detach().float().cpu() for v in vectors[t]) for t in tokens
+    def _regularization(
+        self, k: int, x_t: torch.Tensor, t: torch.Tensor, zero: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prior, anchor) for object ``k``: the prior only with the LoRA on (before, the
+        adapted model is the base one), the anchor whenever weighted; ``zero`` otherwise."""
+        config, prior, anchor = self.config, zero, zero
+        if config.class_weight > 0:
+            vectors = self.vectors[self.tokens[k]]
+            class_vecs, margins = self.class_vecs[k], self.margins[k]
+            if self.lora:
+                prior, anchor = class_regularization(
+                    self.host, self.hooks, x_t, t.to(self.host.device), self.scene.class_conds[k],
+                    vectors, class_vecs, config.anchor_weight, margins,
+                )  # fmt: skip
+            elif config.anchor_weight:
+                anchor = anchor_loss(vectors, class_vecs, margins)
+        return prior, anchor
+
+    def before_preview(self) -> None:
+        self.hooks.factors = self.network() if self.lora else {}
+        self.callbacks.preview_embeddings = {
+            t: tuple(v.detach().float().cpu() for v in self.vectors[t]) for t in self.tokens
         }
 
-    probe_sets = _probe_sets(tokens, latents.shape[0], config, t_lo, t_hi)
-    first_phase = config.embedding_steps if config.embedding_lr > 0 else 0
-    total = first_phase + config.steps
-    losses: list[float] = []
+    def probe(self, factors: Any, sets: dict[str, _ProbeSet]) -> dict[str, float]:
+        s = self.scene
+        return _probe(
+            self.host, self.hooks, factors, sets, s.latents, s.weights, self.tokens,
+            self.vectors, self.config,
+        )  # fmt: skip
+
+
+def _new_loop(
+    host: Host,
+    config: ObjectConfig,
+    callbacks: Callbacks,
+    layers: list[LayerShape],
+    tokens: list[str],
+    class_vecs: list[tuple[torch.Tensor, ...]],
+    initial: dict[str, tuple[torch.Tensor, ...]],
+    scene: _Scene,
+) -> _Loop:
+    """Trainable parts (LoRA factors, token vectors from ``initial``) and the step sampler."""
+    torch.manual_seed(config.seed)
+    net_cfg = HypernetConfig(rank=config.rank)
+    network = OFFSET_NETWORKS[config.network](layers, net_cfg).to(host.device)
+    vectors = {
+        t: [torch.nn.Parameter(v.clone().to(host.device)) for v in initial[t]] for t in tokens
+    }
+    margins = [
+        [float(relative_distance(v, c)) for v, c in zip(initial[t], class_vecs[k], strict=True)]
+        for k, t in enumerate(tokens)
+    ]
+    for t in tokens:
+        for p in vectors[t]:
+            p.requires_grad_(config.embedding_lr > 0)
+    n_train = len(host.alphas_cumprod)
+    t_lo, t_hi = (round(f * (n_train - 1)) for f in config.timestep_range)
+    generator = torch.Generator().manual_seed(config.seed)
+    return _Loop(
+        host, config, callbacks, tokens, class_vecs, scene, network, vectors, margins,
+        t_lo, t_hi, generator,
+    )  # fmt: skip
+
+
+def _train(
+    loop: _Loop, modules: dict[str, torch.nn.Module]
+) -> tuple[list[float], dict[str, tuple[float, float]]]:
+    """Both phases with the hooks on and the model frozen: (losses, probe before/after).
+    Raises before returning anything not finite; the optimizers' state is freed."""
+    host, config, token_params = loop.host, loop.config, loop.token_params
+    probe_sets = _probe_sets(loop.tokens, loop.scene.latents.shape[0], config, loop.t_lo, loop.t_hi)
     optimizers: list[torch.optim.Optimizer] = []
     encoders = [getattr(e, "model", None) for e in host.text_encoders]
     try:
@@ -820,73 +671,61 @@ def train_objects(
             frozen(host.unet, *[m for m in encoders if m is not None]),
             OffsetHooks(modules) as hooks,
         ):
-            before = _probe(host, hooks, {}, probe_sets, latents, weights, tokens, vectors, config)
+            loop.hooks = hooks
+            before = loop.probe({}, probe_sets)
             check_finite_base(before.values())
-            options = training_options(
-                host.unet, host.device, host.family, config.precision,
-                config.gradient_checkpointing, compute_dtype=host.dtype,
-            )  # fmt: skip
-            with options as precision:
-                if first_phase:
-                    opt = torch.optim.AdamW(token_params, lr=config.embedding_lr, weight_decay=0.0)
-                    optimizers.append(opt)
-                    losses += run_steps(
-                        first_phase, step_loss, opt, callbacks,
-                        preview_every=config.preview_every, before_preview=before_preview,
-                        total=total, precision=precision,
-                    )  # fmt: skip
-                state["lora"] = True
-                groups = [{"params": list(network.parameters()), "lr": config.lr}]
-                if config.embedding_lr > 0:
-                    groups.append({"params": token_params, "lr": config.embedding_lr})
-                opt = torch.optim.AdamW(groups, weight_decay=0.0)
-                optimizers.append(opt)
-                losses += run_steps(
-                    config.steps, step_loss, opt, callbacks,
-                    preview_every=config.preview_every, before_preview=before_preview,
-                    first=total - config.steps, total=total, precision=precision,
-                )  # fmt: skip
+            losses = _run_phases(loop, token_params, optimizers)
             with torch.no_grad():
-                factors = network()
+                factors = loop.network()
             check_finite_factors(factors)
             if not finite(*token_params):
                 raise TrainingDiverged(
                     "training diverged: the token vectors are not finite; lower the token "
                     "learning rate. Nothing was written."
                 )
-            after = _probe(
-                host, hooks, factors, probe_sets, latents, weights, tokens, vectors, config
-            )
+            after = loop.probe(factors, probe_sets)
             check_finite_probe(after.values())
     finally:
         for opt in optimizers:
             opt.state.clear()
-        callbacks.preview_embeddings = None
+        loop.callbacks.preview_embeddings = None
+    return losses, {label: (before[label], after[label]) for label in before}
 
-    trained = {t: tuple(p.detach().float().cpu().clone() for p in vectors[t]) for t in tokens}
-    return ObjectResult(
-        config=config,
-        tokens=tokens,
-        classes=classes,
-        embeddings=trained,
-        initial_embeddings=initial,
-        network=network.eval(),
-        targets=targets,
-        info=info,
-        losses=losses,
-        terms=terms,
-        probe={label: (before[label], after[label]) for label in before},
-        prototypes=prototypes,
-        masks=masks,
-        auto_masked=auto,
-        seconds=time.perf_counter() - started,
-        host_meta={
-            "base_model": host.base_model_name,
-            "prediction_type": host.prediction_type,
-            "resolution": host.resolution,
-            "family": host.family,
-        },
-    )
+
+def _run_phases(
+    loop: _Loop, token_params: list[torch.nn.Parameter], optimizers: list[torch.optim.Optimizer]
+) -> list[float]:
+    """The token vectors alone (``embedding_steps``), then LoRA + vectors (``steps``); each
+    phase's optimizer goes into ``optimizers`` (for the caller to free)."""
+    host, config, callbacks = loop.host, loop.config, loop.callbacks
+    first_phase = config.embedding_steps if config.embedding_lr > 0 else 0
+    total = first_phase + config.steps
+    losses: list[float] = []
+    options = training_options(
+        host.unet, host.device, host.family, config.precision,
+        config.gradient_checkpointing, compute_dtype=host.dtype,
+    )  # fmt: skip
+    with options as precision:
+        if first_phase:
+            opt = torch.optim.AdamW(token_params, lr=config.embedding_lr, weight_decay=0.0)
+            optimizers.append(opt)
+            losses += run_steps(
+                first_phase, loop.step_loss, opt, callbacks,
+                preview_every=config.preview_every, before_preview=loop.before_preview,
+                total=total, precision=precision,
+            )  # fmt: skip
+        loop.lora = True
+        groups = [{"params": list(loop.network.parameters()), "lr": config.lr}]
+        if config.embedding_lr > 0:
+            groups.append({"params": token_params, "lr": config.embedding_lr})
+        opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        optimizers.append(opt)
+        losses += run_steps(
+            config.steps, loop.step_loss, opt, callbacks,
+            preview_every=config.preview_every, before_preview=loop.before_preview,
+            first=total - config.steps, total=total, precision=precision,
+        )  # fmt: skip
+    return losses
 
 
 def _target_spec(host: Host, config: ObjectConfig, info: UNetInfo) -> TargetSpec:
@@ -946,247 +785,3 @@ def _probe(
             total += float(object_loss(pred, target.to(pred.device), union))
         out[label] = total / len(s.t)
     return out
-
-
-# --------------------------------------------------------------------------- export
-
-
-@dataclass
-class ObjectFiles:
-    """What :func:`export_objects` wrote."""
-
-    lora: Path
-    state: Path | None  # the optional .ostaf-state sidecar (``save_state``)
-    card: Path
-    embeddings: dict[str, Path]
-    bundle: Path | None = None
-    masks: dict[str, Path] = field(default_factory=dict)
-    preview: Path | None = None
-
-    @property
-    def state_path(self) -> Path:
-        """Where the sidecar is (or would be) — also when this export writes none."""
-        return self.lora.with_name(self.lora.name[: -len(ADAPTER_SUFFIX)] + STATE_SUFFIX)
-
-    def all(self) -> list[Path]:
-        paths = [self.lora, *([self.state] if self.state else []), self.card]
-        paths += [*self.embeddings.values(), *self.masks.values()]
-        if self.bundle:
-            paths += [
-                self.bundle,
-                self.bundle.with_name(self.bundle.name[: -len(ADAPTER_SUFFIX)] + ".json"),
-            ]
-        return paths + ([self.preview] if self.preview else [])
-
-
-def planned_files(
-    out_dir: str | Path,
-    name: str,
-    tokens: Sequence[str],
-    auto_masked: Sequence[bool],
-    *,
-    bundle: bool = False,
-    embeddings_dir: str | Path | None = None,
-    preview: bool = False,
-    save_state: bool = False,
-) -> ObjectFiles:
-    """Where :func:`export_objects` writes (checked before training by the CLI)."""
-    name = validate_name(name)
-    if bundle:
-        validate_name(name + BUNDLE_INFIX)
-    out = Path(out_dir)
-    emb_dir = (
-        Path(embeddings_dir) if embeddings_dir is not None else out / (name + EMBEDDINGS_FOLDER)
-    )
-    return ObjectFiles(
-        lora=out / (name + ADAPTER_SUFFIX),
-        state=out / (name + STATE_SUFFIX) if save_state else None,
-        card=out / (name + ".json"),
-        embeddings={t: emb_dir / (file_stem(t) + ADAPTER_SUFFIX) for t in tokens},
-        bundle=out / (name + BUNDLE_INFIX + ADAPTER_SUFFIX) if bundle else None,
-        masks={
-            t: out / f"{name}{MASK_INFIX}{file_stem(t)}.png"
-            for t, a in zip(tokens, auto_masked, strict=True)
-            if a
-        },
-        preview=out / (name + ".preview.png") if preview else None,
-    )
-
-
-def refuse_existing(files: ObjectFiles) -> None:
-    """InputError naming every target that already exists (an old ``.ostaf-state`` too,
-    written or not, so a sidecar never describes another adapter)."""
-    paths = files.all() + ([] if files.state else [files.state_path])
-    existing = [str(p) for p in paths if p.exists() or p.is_symlink()]
-    if existing:
-        raise InputError(
-            f"{', '.join(existing)} already exist(s); choose another name or overwrite. "
-            "Nothing was written."
-        )
-
-
-def export_objects(
-    result: ObjectResult,
-    out_dir: str | Path,
-    name: str,
-    *,
-    overwrite: bool = False,
-    bundle: bool = False,
-    embeddings_dir: str | Path | None = None,
-    preview: Image.Image | None = None,
-    save_dtype: torch.dtype = torch.float32,
-    save_state: bool = False,
-) -> ObjectFiles:
-    """Write the implantation: the kohya LoRA ``<name>.safetensors`` (pure kohya keys), its
-    ``.json`` card, one portable embedding per token in ``embeddings_dir`` (default
-    ``<out>/<name>.embeddings/<token>.safetensors``), the automatic masks
-    ``<name>.mask-<token>.png`` and, with ``bundle``, the A1111 variant
-    ``<name>.a1111.safetensors`` (LoRA + ``bundle_emb.*``) with its own card.
-    ``save_state``: also the ``.ostaf-state`` sidecar (hypernetwork parameters and token
-    vectors, for inspection; nothing reads it back). Without it, overwriting removes a
-    stale sidecar of the same name.
-
-    Every target is checked before anything is written, so a refusal loses nothing.
-    """
-    files = planned_files(
-        out_dir,
-        name,
-        result.tokens,
-        result.auto_masked,
-        bundle=bundle,
-        embeddings_dir=embeddings_dir,
-        preview=preview is not None,
-        save_state=save_state,
-    )
-    if not overwrite:
-        refuse_existing(files)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    family = result.host_meta.get("family") or result.info.family
-    cfg = result.config
-    modules = result.lora_modules()
-    rel = {t: _relative(p, out) for t, p in files.embeddings.items()}
-    activation = ", ".join(result.tokens)
-    training = asdict(cfg) | {
-        "steps_done": len(result.losses),
-        "seconds": round(result.seconds, 1),
-    }
-    ostaf = {
-        "tokens": result.tokens,
-        "classes": result.classes,
-        "part": sorted({t.part for t in result.targets}),
-        "targets": [t.kohya for t in result.targets],
-        "rank": cfg.rank,
-        "default_lambda": cfg.default_lambda,
-        "prompt": cfg.prompt,
-        "network": cfg.network,
-        "base_model": result.host_meta.get("base_model", ""),
-        "prototype": result.prototype_method,
-        "prototype_detail": [asdict(p) for p in result.prototypes],
-        "embeddings": rel,
-        "masks": {
-            t: ("auto" if a else "given")
-            for t, a in zip(result.tokens, result.auto_masked, strict=True)
-        },
-        "training": training,
-        "loss_probe": {k: [round(b, 6), round(a, 6)] for k, (b, a) in result.probe.items()},
-        "version": __version__,
-    }
-
-    def metadata(stem: str) -> dict[str, str]:
-        return build_metadata(
-            name=stem,
-            family=family,
-            prediction_type=result.host_meta.get("prediction_type", "epsilon"),
-            rank=cfg.rank,
-            alpha=float(cfg.rank),
-            resolution=int(result.host_meta.get("resolution", 512)),
-            method="object",
-            trigger_phrase=activation,
-            ostaf=ostaf,
-        )
-
-    lora_md = metadata(name)  # validated before writing anything
-    for token, path in files.embeddings.items():
-        k = result.tokens.index(token)
-        save_embedding(
-            path,
-            result.embeddings[token],
-            family,
-            metadata={
-                "ostaf.token": token,
-                "ostaf.class": result.classes[k],
-                "ostaf.adapter": name,
-                "ostaf.family": family,
-                "ostaf.version": __version__,
-            },
-            overwrite=overwrite,
-        )
-    for token, path in files.masks.items():
-        save_mask(path, result.masks[result.tokens.index(token)], overwrite=overwrite)
-    if files.state is not None:
-        state = {
-            f"network.{k}": v.detach().float().cpu().contiguous()
-            for k, v in result.network.state_dict().items()
-        }
-        for token, vecs in result.embeddings.items():
-            for key, v in zip(portable_keys(family), vecs, strict=True):
-                state[f"embedding.{token}.{key}"] = v
-        write_state(
-            files.state,
-            state,
-            {
-                "method": "object",
-                "network": cfg.network,
-                "hypernet": result.network.config.to_dict(),
-                "layers": [asdict(layer) for layer in result.network.layers],
-                "object_config": asdict(cfg),
-                "tokens": result.tokens,
-                "classes": result.classes,
-            },
-            overwrite=overwrite,
-        )
-    pairs = zip(result.tokens, result.classes, strict=True)
-    description = "Object implantation of " + ", ".join(f"{t} ({c})" for t, c in pairs)
-    write_card(
-        files.lora,
-        preferred_weight=cfg.default_lambda,
-        activation_text=activation,
-        description=description,
-        sd_version=sd_version_label(family),
-        notes=f"token embeddings: {', '.join(rel.values())}; {result.prototype_summary()}",
-        overwrite=overwrite,
-    )
-    if preview is not None:
-        write_preview(files.lora, preview, overwrite=overwrite)
-    if files.bundle is not None:
-        bundle_name = name + BUNDLE_INFIX
-        md = metadata(bundle_name) | {"ss_output_name": bundle_name}
-        tensors = lora_state_dict(modules, save_dtype) | bundle_state_dict(
-            result.embeddings, family
-        )
-        md |= content_hashes(tensors, md)  # sshs_* and modelspec.hash_sha256
-        import safetensors.torch
-
-        atomic_write(files.bundle, safetensors.torch.save(tensors, md), overwrite=overwrite)
-        write_card(
-            files.bundle,
-            preferred_weight=cfg.default_lambda,
-            activation_text=activation,
-            description=description + " (A1111: embeddings bundled in the LoRA)",
-            sd_version=sd_version_label(family),
-            overwrite=overwrite,
-        )
-    save_adapter(files.lora, modules, lora_md, overwrite=overwrite, dtype=save_dtype)
-    if files.state is None:
-        files.state_path.unlink(missing_ok=True)  # a stale sidecar of an earlier adapter
-    if files.preview is None and overwrite:  # an earlier adapter's card picture
-        files.lora.with_name(name + PREVIEW_SUFFIX).unlink(missing_ok=True)
-    return files
-
-
-def _relative(path: Path, start: Path) -> str:
-    try:
-        return Path(os.path.relpath(path, start)).as_posix()
-    except ValueError:  # another drive on Windows
-        return str(path)
