@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lib_ostaf.files.adapter_file import LoraModule, build_metadata, save_adapter  # noqa: E402
+from lib_ostaf.files.adapter_file import LoraModule, save_adapter  # noqa: E402
+from lib_ostaf.files.metadata import build_metadata  # noqa: E402
 from lib_ostaf.files.naming import UNetInfo, inspect_unet  # noqa: E402
 from lib_ostaf.method.hypernet import (  # noqa: E402
     DirectLoRA,

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from lib_ostaf.errors import OstafError
-from lib_ostaf.files.adapter_file import load_adapter, validate_name
+from lib_ostaf.files.adapter_file import load_adapter
+from lib_ostaf.files.filenames import validate_name
 from lib_ostaf.hosts.devices import DTYPES
 from lib_ostaf.method.train import AttributeConfig, settings_record
 

@@ -14,7 +14,8 @@ from typing import Any
 from PIL import Image
 
 from lib_ostaf.errors import InputError, OstafError
-from lib_ostaf.files.adapter_file import ADAPTER_SUFFIX, PREVIEW_SUFFIX, AdapterFile, load_adapter
+from lib_ostaf.files.adapter_file import AdapterFile, load_adapter
+from lib_ostaf.files.filenames import ADAPTER_SUFFIX, PREVIEW_SUFFIX
 from lib_ostaf.hosts.devices import DTYPES
 from lib_ostaf.method.embeddings import (
     adapter_embeddings,

@@ -20,23 +20,19 @@ from lib_ostaf.errors import AdapterFileError, InputError
 from lib_ostaf.files import adapter_file as af
 from lib_ostaf.files import atomic
 from lib_ostaf.files.adapter_file import (
-    ADAPTER_SUFFIX,
-    STATE_SUFFIX,
     AdapterFile,
     LoraModule,
-    build_metadata,
-    file_hashes,
     load_adapter,
     load_state,
     lora_modules,
     lora_state_dict,
     save_adapter,
     save_state,
-    sshs_hashes,
-    validate_name,
-    write_card,
-    write_preview,
 )
+from lib_ostaf.files.filenames import ADAPTER_SUFFIX, STATE_SUFFIX, validate_name
+from lib_ostaf.files.hashes import file_hashes, sshs_hashes
+from lib_ostaf.files.metadata import build_metadata
+from lib_ostaf.files.sidecars import write_card, write_preview
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
@@ -434,7 +430,7 @@ def test_atomic_write_does_not_clobber_file_created_meanwhile(
 
     monkeypatch.setattr(atomic.os, "fsync", racing_fsync)
     with pytest.raises(InputError):
-        af.atomic_write(p, b"mine", overwrite=False)
+        atomic.atomic_write(p, b"mine", overwrite=False)
     assert p.read_bytes() == b"other writer"
     assert os.listdir(tmp_path) == ["late.json"]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lib_ostaf.errors import IncompatibleModelError, InputError
-from lib_ostaf.files.adapter_file import LoraModule, build_metadata, load_adapter, save_adapter
+from lib_ostaf.files.adapter_file import LoraModule, load_adapter, save_adapter
+from lib_ostaf.files.metadata import build_metadata
 
 from .conftest import pristine, same_weights
 

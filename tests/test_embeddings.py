@@ -233,7 +233,9 @@ def write_object_adapter(
     import os
     from pathlib import Path
 
-    from lib_ostaf.files.adapter_file import LoraModule, build_metadata, save_adapter, write_card
+    from lib_ostaf.files.adapter_file import LoraModule, save_adapter
+    from lib_ostaf.files.metadata import build_metadata
+    from lib_ostaf.files.sidecars import write_card
 
     folder = Path(folder)
     emb_dir = Path(embeddings_dir) if embeddings_dir else folder / f"{name}.embeddings"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lib_ostaf.files.adapter_file import load_adapter, sweep_stale_temps
+from lib_ostaf.files.adapter_file import load_adapter
+from lib_ostaf.files.atomic import sweep_stale_temps
 from lib_ostaf.method.train import AttributeConfig, export, train_attribute
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,15 +18,10 @@ from PIL import Image
 
 from lib_ostaf.cli import main
 from lib_ostaf.errors import AdapterFileError, InputError
-from lib_ostaf.files.adapter_file import (
-    LoraModule,
-    build_metadata,
-    load_adapter,
-    save_adapter,
-    write_card,
-    write_preview,
-)
+from lib_ostaf.files.adapter_file import LoraModule, load_adapter, save_adapter
+from lib_ostaf.files.metadata import build_metadata
 from lib_ostaf.files.naming import inspect_unet
+from lib_ostaf.files.sidecars import write_card, write_preview
 from lib_ostaf.method.targets import TargetSpec, select_targets
 from lib_ostaf.webui.share import LICENSES, share_adapter, yaml_str
 

@@ -30,7 +30,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from lib_ostaf.files.adapter_file import LoraModule, build_metadata, save_adapter, write_card
+from lib_ostaf.files.adapter_file import LoraModule, save_adapter
+from lib_ostaf.files.metadata import build_metadata
+from lib_ostaf.files.sidecars import write_card
 from lib_ostaf.method.targets import TargetSpec, select_targets
 
 from .unets import ADM_IN_CHANNELS, CONTEXT_DIM, tiny_ldm_unet

@@ -34,31 +34,13 @@ import torch
 from lib_ostaf import __version__
 from lib_ostaf.errors import AdapterFileError, InputError
 
-# The parts of the format live in their own modules of lib_ostaf.files. Names that moved
-# there are imported here and re-exported (noqa: F401), so every existing
-# ``from lib_ostaf.files.adapter_file import …`` (method, webui, CLI, tests) keeps working.
-from lib_ostaf.files.atomic import (  # noqa: F401
-    _refuse_existing,
-    _umask,
-    atomic_write,
-    sweep_stale_temps,
-)
-from lib_ostaf.files.filenames import (  # noqa: F401
-    ADAPTER_SUFFIX,
-    CARD_SUFFIX,
-    PREVIEW_SUFFIX,
-    STATE_SUFFIX,
-    validate_name,
-)
-from lib_ostaf.files.hashes import content_hashes, file_hashes, sshs_hashes  # noqa: F401
-from lib_ostaf.files.metadata import (  # noqa: F401
-    _check_metadata,
-    build_metadata,
-    family_from_metadata,
-    sd_version_label,
-)
-from lib_ostaf.files.safetensors_read import _check_finite, _load_tensors, _open_checked
-from lib_ostaf.files.sidecars import card_bytes, write_card, write_preview  # noqa: F401
+# The parts of the format live in their own modules of lib_ostaf.files; this one is the
+# LoRA file itself.
+from lib_ostaf.files.atomic import atomic_write, refuse_existing_path
+from lib_ostaf.files.filenames import ADAPTER_SUFFIX, STATE_SUFFIX, validate_name
+from lib_ostaf.files.hashes import content_hashes
+from lib_ostaf.files.metadata import check_metadata, family_from_metadata
+from lib_ostaf.files.safetensors_read import check_finite_tensors, load_tensors, open_checked
 
 _MODULE_RE = re.compile(r"lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+")
 _DOWN, _UP, _ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
@@ -245,8 +227,8 @@ def save_adapter(
     """
     path = _target_path(path, ADAPTER_SUFFIX)
     if not overwrite:
-        _refuse_existing(path)
-    md = _check_metadata(metadata)
+        refuse_existing_path(path)
+    md = check_metadata(metadata)
     md["ss_output_name"] = path.name[: -len(ADAPTER_SUFFIX)]
     for key in ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256"):
         md.pop(key, None)
@@ -306,16 +288,16 @@ def load_adapter(path: str | Path) -> AdapterFile:
     ``bundle_emb.<name>.<vec>`` keys (A1111 bundled embeddings) are returned separately in
     :attr:`AdapterFile.embeddings`; any other non-LoRA key is refused.
     """
-    path, header = _open_checked(path, ADAPTER_SUFFIX)
+    path, header = open_checked(path, ADAPTER_SUFFIX)
     for name, (dtype, *_) in header.tensors.items():
         if dtype not in _LORA_DTYPES and not name.endswith(_ALPHA):
             raise AdapterFileError(
                 f"{path}: tensor {name!r} has dtype {dtype}; LoRA weights must be floating point."
             )
-    tensors = _load_tensors(path)
+    tensors = load_tensors(path)
     if set(tensors) != set(header.tensors):
         raise AdapterFileError(f"{path}: file changed while it was being read.")
-    _check_finite(path, tensors)
+    check_finite_tensors(path, tensors)
 
     embeddings: dict[str, dict[str, torch.Tensor]] = {}
     lora: dict[str, torch.Tensor] = {}
@@ -362,7 +344,7 @@ def save_state(
     """Write the hypernetwork state sidecar ``<name>.ostaf-state`` (safetensors inside)."""
     path = _target_path(path, STATE_SUFFIX)
     if not overwrite:
-        _refuse_existing(path)
+        refuse_existing_path(path)
     if not isinstance(config, dict):
         raise InputError("State config must be a dict.")
     try:
@@ -390,7 +372,7 @@ def save_state(
 
 def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read an ``.ostaf-state`` sidecar: (tensors, config). Problems raise AdapterFileError."""
-    path, header = _open_checked(path, STATE_SUFFIX)
+    path, header = open_checked(path, STATE_SUFFIX)
     if header.metadata.get(_STATE_FORMAT_KEY) != "ostaf-state":
         raise AdapterFileError(f"{path}: not an ostaf state file (missing {_STATE_FORMAT_KEY}).")
     try:
@@ -399,8 +381,8 @@ def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         raise AdapterFileError(f"{path}: state config is not valid JSON ({e}).") from None
     if not isinstance(config, dict):
         raise AdapterFileError(f"{path}: state config is not a JSON object.")
-    tensors = _load_tensors(path)
+    tensors = load_tensors(path)
     if set(tensors) != set(header.tensors):
         raise AdapterFileError(f"{path}: file changed while it was being read.")
-    _check_finite(path, tensors)
+    check_finite_tensors(path, tensors)
     return tensors, config

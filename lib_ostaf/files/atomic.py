@@ -10,7 +10,7 @@ from pathlib import Path
 from lib_ostaf.errors import AdapterFileError, InputError
 
 
-def _umask() -> int:
+def current_umask() -> int:
     # os.umask() would have to set it temporarily (racy in a threaded WebUI); read it instead
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -25,7 +25,7 @@ def _exists(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 
 
-def _refuse_existing(path: Path) -> None:
+def refuse_existing_path(path: Path) -> None:
     if _exists(path):
         raise InputError(
             f"{path} already exists; choose another name or enable overwrite. Nothing was written."
@@ -71,7 +71,7 @@ def atomic_write(path: str | Path, data: bytes, *, overwrite: bool) -> Path:
     """
     path = Path(path)
     if not overwrite:
-        _refuse_existing(path)
+        refuse_existing_path(path)
     if path.is_dir():
         raise InputError(f"{path} is a folder; cannot write a file there.")
     try:
@@ -90,7 +90,7 @@ def atomic_write(path: str | Path, data: bytes, *, overwrite: bool) -> Path:
             f.flush()
             os.fsync(f.fileno())
         with contextlib.suppress(OSError):
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, 0o666 & ~current_umask())
         if overwrite:
             os.replace(tmp, path)
             tmp = None
@@ -98,10 +98,10 @@ def atomic_write(path: str | Path, data: bytes, *, overwrite: bool) -> Path:
             try:
                 os.link(tmp, path)  # atomic "create if absent"
             except FileExistsError:
-                _refuse_existing(path)
+                refuse_existing_path(path)
                 raise
             except OSError:  # filesystem without hard links
-                _refuse_existing(path)
+                refuse_existing_path(path)
                 os.replace(tmp, path)
                 tmp = None
     except OSError as e:

@@ -132,7 +132,7 @@ def _ostaf_entries(extra: dict[str, object]) -> dict[str, str]:
     return md
 
 
-def _check_metadata(metadata: dict[str, str]) -> dict[str, str]:
+def check_metadata(metadata: dict[str, str]) -> dict[str, str]:
     if not isinstance(metadata, dict):
         raise InputError("Adapter metadata must be a dict of str -> str.")
     for k, v in metadata.items():

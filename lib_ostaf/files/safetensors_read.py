@@ -145,7 +145,7 @@ def _check_data_layout(
         )
 
 
-def _open_checked(path: str | Path, suffix: str) -> tuple[Path, _Header]:
+def open_checked(path: str | Path, suffix: str) -> tuple[Path, _Header]:
     path = Path(path)
     where = str(path)
     sfx = path.suffix.lower()
@@ -178,14 +178,14 @@ def _open_checked(path: str | Path, suffix: str) -> tuple[Path, _Header]:
     return path, header
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises several types; report them all the same way
         raise AdapterFileError(f"{path}: safetensors could not read the file: {e}") from e
 
 
-def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def check_finite_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
             raise AdapterFileError(f"{path}: tensor {name!r} contains NaN or infinite values.")

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from lib_ostaf.errors import IncompatibleModelError
-from lib_ostaf.files.adapter_file import AdapterFile, LoraModule, sd_version_label
+from lib_ostaf.files.adapter_file import AdapterFile, LoraModule
+from lib_ostaf.files.metadata import sd_version_label
 from lib_ostaf.files.naming import UNetInfo, module_name_from_kohya
 from lib_ostaf.method.parts import split_by_part
 

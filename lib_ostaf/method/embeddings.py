@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from lib_ostaf.errors import AdapterFileError, IncompatibleModelError, InputError
-from lib_ostaf.files.adapter_file import _check_finite, _load_tensors, _open_checked, atomic_write
+from lib_ostaf.files.atomic import atomic_write
+from lib_ostaf.files.safetensors_read import check_finite_tensors, load_tensors, open_checked
 
 # token → one tensor [n_vectors, width] per text encoder, in the host's encoder order
 Embeddings = Mapping[str, Sequence[torch.Tensor]]
@@ -307,9 +308,9 @@ def load_embedding(
 ) -> tuple[str, tuple[torch.Tensor, ...]]:
     """(token, vectors) of a portable ``.safetensors`` embedding. The token is the file's
     ``ostaf.token`` metadata when present, else its stem (A1111's rule)."""
-    path, header = _open_checked(path, EMBEDDING_SUFFIX)
-    tensors = _load_tensors(path)
-    _check_finite(path, tensors)
+    path, header = open_checked(path, EMBEDDING_SUFFIX)
+    tensors = load_tensors(path)
+    check_finite_tensors(path, tensors)
     token = header.metadata.get("ostaf.token") or path.name[: -len(EMBEDDING_SUFFIX)]
     return token, vectors_from_state(tensors, family, str(path))
 
@@ -371,7 +372,7 @@ def embedding_files(adapter: Any) -> dict[str, Path]:
         out[token] = found
     if not out:
         for path in sorted(default.glob("*" + EMBEDDING_SUFFIX)) if default.is_dir() else []:
-            _, header = _open_checked(path, EMBEDDING_SUFFIX)
+            _, header = open_checked(path, EMBEDDING_SUFFIX)
             out[header.metadata.get("ostaf.token") or path.name[: -len(EMBEDDING_SUFFIX)]] = path
     if not out:
         raise AdapterFileError(

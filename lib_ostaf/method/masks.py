@@ -189,7 +189,7 @@ def save_mask(path: str | Path, mask: np.ndarray, *, overwrite: bool) -> Path:
     """Write a mask as a black/white PNG atomically."""
     import io
 
-    from lib_ostaf.files.adapter_file import atomic_write
+    from lib_ostaf.files.atomic import atomic_write
 
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf, format="PNG")

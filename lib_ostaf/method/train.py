@@ -27,19 +27,12 @@ from PIL import Image
 
 from lib_ostaf import __version__
 from lib_ostaf.errors import InputError, Interrupted, ModelNotFinite, TrainingDiverged
-from lib_ostaf.files.adapter_file import (
-    PREVIEW_SUFFIX,
-    STATE_SUFFIX,
-    LoraModule,
-    build_metadata,
-    save_adapter,
-    sd_version_label,
-    validate_name,
-    write_card,
-    write_preview,
-)
+from lib_ostaf.files.adapter_file import LoraModule, save_adapter
 from lib_ostaf.files.adapter_file import save_state as write_state
+from lib_ostaf.files.filenames import PREVIEW_SUFFIX, STATE_SUFFIX, validate_name
+from lib_ostaf.files.metadata import build_metadata, sd_version_label
 from lib_ostaf.files.naming import UNetInfo, inspect_unet
+from lib_ostaf.files.sidecars import write_card, write_preview
 from lib_ostaf.method.augment import ATTRIBUTES, make_views
 from lib_ostaf.method.embeddings import (
     EMBEDDING_SUFFIX,

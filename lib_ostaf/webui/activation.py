@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from lib_ostaf.errors import OstafError
-from lib_ostaf.files.adapter_file import AdapterFile, LoraModule, sd_version_label
+from lib_ostaf.files.adapter_file import AdapterFile, LoraModule
+from lib_ostaf.files.metadata import sd_version_label
 from lib_ostaf.method.offsets import check_lambda
 from lib_ostaf.method.parts import part_names, split_by_part, token_weight
 from lib_ostaf.webui.prompt_tags import AdapterRequest, Dials, format_infotext, request_from_items

@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from lib_ostaf.files.adapter_file import sd_version_label
+from lib_ostaf.files.metadata import sd_version_label
 from lib_ostaf.method.embeddings import file_stem
 from lib_ostaf.webui.prompt_tags import format_tag
 from lib_ostaf.webui.registry import AdapterEntry

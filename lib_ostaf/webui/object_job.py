@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from lib_ostaf.errors import InputError
-from lib_ostaf.files.adapter_file import file_hashes, validate_name
+from lib_ostaf.files.filenames import validate_name
+from lib_ostaf.files.hashes import file_hashes
 from lib_ostaf.method.embeddings import check_new_tokens
 from lib_ostaf.method.host import Host
 from lib_ostaf.method.images import load_image

@@ -16,15 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from lib_ostaf.errors import AdapterFileError, InputError, OstafError
-from lib_ostaf.files.adapter_file import (
-    ADAPTER_SUFFIX,
-    CARD_SUFFIX,
-    PREVIEW_SUFFIX,
-    AdapterFile,
-    file_hashes,
-    load_adapter,
-    validate_name,
-)
+from lib_ostaf.files.adapter_file import AdapterFile, load_adapter
+from lib_ostaf.files.filenames import ADAPTER_SUFFIX, CARD_SUFFIX, PREVIEW_SUFFIX, validate_name
+from lib_ostaf.files.hashes import file_hashes
 
 MAX_CARD_BYTES = 1 << 20
 

@@ -28,18 +28,12 @@ from urllib.parse import quote
 from PIL import Image
 
 from lib_ostaf.errors import InputError
-from lib_ostaf.files.adapter_file import (
-    ADAPTER_SUFFIX,
-    CARD_SUFFIX,
-    PREVIEW_SUFFIX,
-    AdapterFile,
-    _umask,
-    card_bytes,
-    file_hashes,
-    load_adapter,
-    sd_version_label,
-    validate_name,
-)
+from lib_ostaf.files.adapter_file import AdapterFile, load_adapter
+from lib_ostaf.files.atomic import current_umask
+from lib_ostaf.files.filenames import ADAPTER_SUFFIX, CARD_SUFFIX, PREVIEW_SUFFIX, validate_name
+from lib_ostaf.files.hashes import file_hashes
+from lib_ostaf.files.metadata import sd_version_label
+from lib_ostaf.files.sidecars import card_bytes
 from lib_ostaf.method.embeddings import EMBEDDINGS_FOLDER, embedding_files, file_stem
 from lib_ostaf.webui.cards import trigger_forms, trigger_notes
 from lib_ostaf.webui.registry import MAX_CARD_BYTES, preferred_weight
@@ -396,7 +390,7 @@ def _publish(files: dict[str, Path | bytes], out: Path, *, overwrite: bool) -> N
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.share-"))
     try:
-        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp's 0700 would become the folder's mode
+        os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp's 0700 would become the folder's mode
         for rel, source in files.items():
             target = stage / rel
             target.parent.mkdir(parents=True, exist_ok=True)

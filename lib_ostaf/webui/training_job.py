@@ -18,13 +18,8 @@ import torch
 from PIL import Image
 
 from lib_ostaf.errors import InputError, Interrupted
-from lib_ostaf.files.adapter_file import (
-    ADAPTER_SUFFIX,
-    CARD_SUFFIX,
-    STATE_SUFFIX,
-    file_hashes,
-    validate_name,
-)
+from lib_ostaf.files.filenames import ADAPTER_SUFFIX, CARD_SUFFIX, STATE_SUFFIX, validate_name
+from lib_ostaf.files.hashes import file_hashes
 from lib_ostaf.method.embeddings import placeholder_at
 from lib_ostaf.method.host import Host
 from lib_ostaf.method.images import load_image

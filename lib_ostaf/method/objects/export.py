@@ -15,22 +15,13 @@ from PIL import Image
 
 from lib_ostaf import __version__
 from lib_ostaf.errors import InputError
-from lib_ostaf.files.adapter_file import (
-    ADAPTER_SUFFIX,
-    PREVIEW_SUFFIX,
-    STATE_SUFFIX,
-    LoraModule,
-    atomic_write,
-    build_metadata,
-    content_hashes,
-    lora_state_dict,
-    save_adapter,
-    sd_version_label,
-    validate_name,
-    write_card,
-    write_preview,
-)
+from lib_ostaf.files.adapter_file import LoraModule, lora_state_dict, save_adapter
 from lib_ostaf.files.adapter_file import save_state as write_state
+from lib_ostaf.files.atomic import atomic_write
+from lib_ostaf.files.filenames import ADAPTER_SUFFIX, PREVIEW_SUFFIX, STATE_SUFFIX, validate_name
+from lib_ostaf.files.hashes import content_hashes
+from lib_ostaf.files.metadata import build_metadata, sd_version_label
+from lib_ostaf.files.sidecars import write_card, write_preview
 from lib_ostaf.method.embeddings import (
     EMBEDDINGS_FOLDER,
     bundle_state_dict,
