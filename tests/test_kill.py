@@ -87,7 +87,15 @@ def _cli(out: Path, name: str, steps: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "lib_ostaf", "train", "--attribute", "appearance",
            "--image", str(ROOT / "lib_ostaf" / "assets" / "reference.png"), "--name", name,
            "--out", str(out), "--steps", str(steps), "--overwrite"]  # fmt: skip
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # a shell's background job (CI run with `&`) starts with SIGINT ignored, and a child
+    # inherits that: give the CLI the default SIGINT, as a terminal's Ctrl-C finds it
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint
+    )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
