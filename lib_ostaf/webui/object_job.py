@@ -8,7 +8,7 @@ correction). Every check that needs no model runs before the first step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,13 +35,13 @@ from lib_ostaf.method.objects import (
 )
 from lib_ostaf.method.offsets import check_lambda
 from lib_ostaf.method.train import Callbacks
-from lib_ostaf.webui.preview import render
 from lib_ostaf.webui.run_settings import RUN
 from lib_ostaf.webui.training_job import (
     MAX_STEPS,
     Reporter,
     TrainOutcome,
     check_run_settings,
+    preview_sampler,
     request_from_dict,
     sweep_and_preview,
 )
@@ -183,7 +183,7 @@ def run_object_training(
     prompt = config.prompt_for(tokens)
     preview_size = int(request.preview_size or host.resolution)
     callbacks = Callbacks(progress=reporter.progress, should_stop=reporter.should_stop)
-    sample = _preview_sampler(host, request, prompt, preview_size)
+    sample = preview_sampler(host, request, prompt, preview_size)
     if config.preview_every:
         callbacks.preview = lambda step: reporter.preview(
             step, sample(callbacks.preview_embeddings)
@@ -211,28 +211,6 @@ def run_object_training(
         save_state=bool(request.save_state),
     )
     return _object_outcome(files, result, request, tokens, specs, strip, card_preview, reporter)
-
-
-def _preview_sampler(
-    host: Host, request: ObjectRequest, prompt: str, preview_size: int
-) -> Callable[[Mapping[str, Sequence[torch.Tensor]] | None], Image.Image]:
-    """``sample(embeddings)``: one preview of the objects' prompt with the tokens' vectors."""
-
-    def sample(embeddings: Mapping[str, Sequence[torch.Tensor]] | None) -> Image.Image:
-        with torch.no_grad():
-            cond = host.encode_prompt(prompt, _on(host, embeddings))
-            uncond = host.encode_prompt("") if request.guidance != 1.0 else None
-            return render(
-                host,
-                cond,
-                uncond,
-                steps=request.preview_steps,
-                seed=request.seed,
-                size=preview_size,
-                guidance=request.guidance,
-            )
-
-    return sample
 
 
 def _log_implantation(result: Any, reporter: Reporter) -> None:
@@ -285,9 +263,3 @@ def _object_outcome(
             "masks": {t: str(p) for t, p in files.masks.items()},
         },
     )
-
-
-def _on(host: Host, embeddings: Mapping[str, Sequence[torch.Tensor]] | None) -> Any:
-    if not embeddings:
-        return None
-    return {t: [v.to(host.device) for v in vs] for t, vs in embeddings.items()}

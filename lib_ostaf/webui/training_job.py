@@ -222,7 +222,7 @@ def run_training(
     config, image = request.validate(out_dir)
     preview_size = int(request.preview_size or host.resolution)
     with torch.inference_mode(False), torch.enable_grad():
-        sample = _preview_sampler(host, request, config, preview_size)
+        sample = preview_sampler(host, request, config.training_prompt, preview_size)
         result = _train_reported(host, request, config, image, sample, reporter)
 
         def at_lambda(lam: float) -> Image.Image:  # the placeholder scaled as at generation
@@ -256,24 +256,27 @@ def run_training(
     )
 
 
-def _preview_sampler(
-    host: Host, request: TrainRequest, config: AttributeConfig, preview_size: int
+def preview_sampler(
+    host: Host, request: TrainRequest | Any, prompt: str, preview_size: int
 ) -> Callable[..., Image.Image]:
-    """``sample(embeddings)``: one preview of the training prompt (with the learned
-    placeholder, when given); the empty prompt is encoded once, if anything is sampled."""
-    need_samples = bool(config.preview_every) or bool(request.sweep)
-    uncond = None
-    if need_samples:
-        with torch.no_grad():
-            uncond = host.encode_prompt("") if request.guidance != 1.0 else None
+    """``sample(embeddings)``: one preview of ``prompt`` with those token vectors (attribute
+    and object runs); the empty prompt is encoded once, at the first sample."""
+    uncond: list[Any] = []
 
-    def sample(embeddings: dict | None = None) -> Image.Image:
-        with torch.no_grad():  # the learned placeholder, when there is one
-            cond = host.encode_prompt(config.training_prompt, embeddings or None)
+    def sample(embeddings: Mapping[str, Sequence[torch.Tensor]] | None = None) -> Image.Image:
+        with torch.no_grad():
+            if not uncond:
+                uncond.append(host.encode_prompt("") if request.guidance != 1.0 else None)
+            on_device = (
+                {t: [v.to(host.device) for v in vs] for t, vs in embeddings.items()}
+                if embeddings
+                else None
+            )
+            cond = host.encode_prompt(prompt, on_device)
         return render(
             host,
             cond,
-            uncond,
+            uncond[0],
             steps=request.preview_steps,
             seed=request.seed,
             size=preview_size,
