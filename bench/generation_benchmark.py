@@ -31,14 +31,14 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if not __package__:  # python bench/generation_benchmark.py: see bench/_root.py
+    import _root  # noqa: F401
 
-from bench.step_benchmark import SD15_UNET, UNetHost  # noqa: E402
-from lib_ostaf.files.naming import inspect_unet  # noqa: E402
-from lib_ostaf.method.offsets import OffsetHooks, WeightPatcher  # noqa: E402
-from lib_ostaf.method.targets import TargetSpec, find_module, select_targets  # noqa: E402
+from bench._root import ROOT
+from bench.step_benchmark import SD15_UNET, UNetHost
+from lib_ostaf.files.naming import inspect_unet
+from lib_ostaf.method.offsets import OffsetHooks, WeightPatcher
+from lib_ostaf.method.targets import TargetSpec, find_module, select_targets
 
 GOAL_P2, GOAL_P3 = 1.01, 0.05
 RANK = 4
@@ -148,13 +148,21 @@ def run(name: str, latent: int, reps: int, log: Callable[[str], None]) -> dict[s
     return out
 
 
-def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = [
-        "# Generation benchmark (P2, P3)",
+def report_head(title: str, meta: dict[str, Any]) -> list[str]:
+    """The first lines of a timing benchmark's report (this one, schedule_benchmark): the
+    title, then when, where and how ``timing_main`` ran it."""
+    return [
+        title,
         "",
         f"{meta['date']} · torch {meta['torch']} · {meta['cpu']} · {meta['threads']} thread(s)"
         f" · load {meta['loadavg_1min'][0]}→{meta['loadavg_1min'][1]} · `{meta['command']}`",
         "",
+    ]
+
+
+def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        *report_head("# Generation benchmark (P2, P3)", meta),
         f"P2 goal ≤ {GOAL_P2} (merged weights: the same UNet call), P3 goal ≤ {GOAL_P3}.",
         "",
         "| model | latent | adapter on | layers | UNet call (CFG) | P2 merged | P2 hooks "

@@ -51,10 +51,10 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if not __package__:  # python bench/gpu_check.py: see bench/_root.py
+    import _root  # noqa: F401
 
+from bench._root import ROOT  # noqa: E402
 from bench.memory_model import MODELS, build, pooled_dim, predict_row  # noqa: E402
 from bench.step_benchmark import UNetHost  # noqa: E402
 from lib_ostaf.errors import InputError  # noqa: E402

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,15 +29,15 @@ from typing import Any
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if not __package__:  # python bench/memory_model.py: see bench/_root.py
+    import _root  # noqa: F401
 
-from bench.step_benchmark import SD15_UNET  # noqa: E402
-from lib_ostaf.method.hypernet import HypernetConfig, LayerShape, OstafHypernet  # noqa: E402
-from lib_ostaf.method.memory import CHECKPOINTED, gradient_checkpointing  # noqa: E402
-from lib_ostaf.method.offsets import OffsetHooks  # noqa: E402
-from lib_ostaf.method.targets import TargetSpec, find_module, select_targets  # noqa: E402
+from bench._root import ROOT
+from bench.step_benchmark import SD15_UNET
+from lib_ostaf.method.hypernet import HypernetConfig, LayerShape, OstafHypernet
+from lib_ostaf.method.memory import CHECKPOINTED, gradient_checkpointing
+from lib_ostaf.method.offsets import OffsetHooks
+from lib_ostaf.method.targets import TargetSpec, find_module, select_targets
 
 GIB = 2**30
 SDXL_UNET: dict[str, Any] = {  # diffusers config of stabilityai/stable-diffusion-xl-base-1.0

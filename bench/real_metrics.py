@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,9 +47,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if not __package__:  # python bench/real_metrics.py: see bench/_root.py
+    import _root  # noqa: F401
 
 # VGG-19 "features": (out channels | "M" for max-pool); relu1_1…relu5_1 follow these convs.
 VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",

@@ -14,22 +14,19 @@ in both). Runs are interleaved, medians; goal ≤ 1.05 (issue 16). Nothing is as
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if not __package__:  # python bench/schedule_benchmark.py: see bench/_root.py
+    import _root  # noqa: F401
 
-from bench.generation_benchmark import adapter, load, timing_main  # noqa: E402
-from bench.step_benchmark import UNetHost  # noqa: E402
-from lib_ostaf.method.offsets import WeightPatcher  # noqa: E402
-from lib_ostaf.method.schedule import StepSchedule  # noqa: E402
-from lib_ostaf.method.targets import TargetSpec  # noqa: E402
+from bench.generation_benchmark import adapter, load, report_head, timing_main
+from bench.step_benchmark import UNetHost
+from lib_ostaf.method.offsets import WeightPatcher
+from lib_ostaf.method.schedule import StepSchedule
+from lib_ostaf.method.targets import TargetSpec
 
 GOAL = 1.05
 STEPS = 20
@@ -105,11 +102,7 @@ def run(name: str, latent: int, reps: int, log) -> dict[str, Any]:
 
 def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
-        "# Step-schedule benchmark",
-        "",
-        f"{meta['date']} · torch {meta['torch']} · {meta['cpu']} · {meta['threads']} thread(s)"
-        f" · load {meta['loadavg_1min'][0]}→{meta['loadavg_1min'][1]} · `{meta['command']}`",
-        "",
+        *report_head("# Step-schedule benchmark", meta),
         f"A {STEPS}-step generation with one boundary (decoder adapter `end=0.5`, shape "
         f"adapter all steps) ÷ the same two adapters without a schedule. Goal ≤ {GOAL}.",
         "",

@@ -42,22 +42,22 @@ from typing import Any
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if not __package__:  # python bench/step_benchmark.py: see bench/_root.py
+    import _root  # noqa: F401
 
-from lib_ostaf.files.adapter_file import LoraModule, save_adapter  # noqa: E402
-from lib_ostaf.files.metadata import build_metadata  # noqa: E402
-from lib_ostaf.files.naming import UNetInfo, inspect_unet  # noqa: E402
-from lib_ostaf.method.hypernet import (  # noqa: E402
+from bench._root import ROOT
+from lib_ostaf.files.adapter_file import LoraModule, save_adapter
+from lib_ostaf.files.metadata import build_metadata
+from lib_ostaf.files.naming import UNetInfo, inspect_unet
+from lib_ostaf.method.hypernet import (
     DirectLoRA,
     HypernetConfig,
     LayerShape,
     OstafHypernet,
 )
-from lib_ostaf.method.offsets import OffsetHooks  # noqa: E402
-from lib_ostaf.method.targets import Target, find_module, select_targets  # noqa: E402
-from lib_ostaf.method.train import AttributeConfig, TrainResult, diffusion_loss, export  # noqa: E402
+from lib_ostaf.method.offsets import OffsetHooks
+from lib_ostaf.method.targets import Target, find_module, select_targets
+from lib_ostaf.method.train import AttributeConfig, TrainResult, diffusion_loss, export
 
 METHODS = ("ostaf", "direct", "peft")
 # Timed only: OSTAF with the previous hypernetwork forward (one head call per layer).
@@ -178,10 +178,12 @@ def load_model(name: str, n_samples: int) -> Model:
 
 
 class Method:
-    """One way of training the target layers; ``step`` is one full optimiser step."""
+    """One way of training the target layers; ``step`` is one full optimiser step (loss,
+    backward, AdamW on ``trainable``)."""
 
     name: str
     trainable: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
 
     def __init__(self, model: Model, unet: nn.Module) -> None:
         self.model = model
@@ -191,7 +193,11 @@ class Method:
         return diffusion_loss(self.host, self.model.x0, noise, t, self.model.cond)
 
     def step(self, noise: torch.Tensor, t: torch.Tensor) -> float:
-        raise NotImplementedError
+        loss = self._loss(noise, t)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.trainable)
@@ -241,11 +247,7 @@ class HookMethod(Method):
 
     def step(self, noise: torch.Tensor, t: torch.Tensor) -> float:
         self.hooks.factors = self.network()
-        loss = self._loss(noise, t)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
+        return super().step(noise, t)
 
     def lora_modules(self) -> dict[str, LoraModule]:
         with torch.no_grad():
@@ -277,13 +279,6 @@ class PeftMethod(Method):
         if len(wrapped) != len(names) or len(self.trainable) != 2 * len(names):
             raise RuntimeError("peft did not wrap exactly the OSTAF target layers")
         self.optimizer = torch.optim.AdamW(self.trainable, lr=CONFIG.lr_, weight_decay=0.0)
-
-    def step(self, noise: torch.Tensor, t: torch.Tensor) -> float:
-        loss = self._loss(noise, t)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
 
     def lora_modules(self) -> dict[str, LoraModule]:
         """peft's A/B as kohya modules under the same keys (alpha = r → scale 1)."""

@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -27,12 +26,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if not __package__:  # python bench/train_tiny.py: see bench/_root.py
+    import _root  # noqa: F401
 
-from lib_ostaf.world import attributes as world  # noqa: E402
-from lib_ostaf.world import tiny  # noqa: E402
+from lib_ostaf.world import attributes as world
+from lib_ostaf.world import tiny
 
 BIG = 1000.0  # constant channels that make GroupNorm (almost exactly) an affine no-op
 

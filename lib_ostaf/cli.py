@@ -8,6 +8,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -191,8 +192,17 @@ def _model_args(p: argparse.ArgumentParser, resolution: bool = False) -> None:
         )
 
 
-def _memory_args(p: argparse.ArgumentParser, config: Any) -> None:
-    """--precision, --gradient-checkpointing; their defaults are the config's."""
+def _training_run_args(p: argparse.ArgumentParser, config: Any, state: str) -> None:
+    """What every training command shares: --overwrite, --save-state (``state``: what the
+    state file holds), --precision and --gradient-checkpointing (defaults: the config's),
+    and the model flags."""
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--save-state",
+        action="store_true",
+        help=f"also write <name>.ostaf-state ({state}; several times the LoRA's size; "
+        "nothing in OSTAF reads it back)",
+    )
     p.add_argument(
         "--precision", choices=PRECISIONS, default=None, help=f"default {config.precision}"
     )
@@ -202,6 +212,7 @@ def _memory_args(p: argparse.ArgumentParser, config: Any) -> None:
         default=None,
         help=f"default {config.gradient_checkpointing}",
     )
+    _model_args(p, resolution=True)
 
 
 def _config_flags(p: argparse.ArgumentParser, kind: type, *names: str) -> None:
@@ -228,15 +239,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--blocks", default=None, help="comma-separated diffusers block ids (expert override)"
     )
-    t.add_argument("--overwrite", action="store_true")
-    t.add_argument(
-        "--save-state",
-        action="store_true",
-        help="also write <name>.ostaf-state (the hypernetwork's parameters; several times the "
-        "LoRA's size; nothing in OSTAF reads it back)",
-    )
-    _memory_args(t, AttributeConfig)
-    _model_args(t, resolution=True)
+    _training_run_args(t, AttributeConfig, state="the hypernetwork's parameters")
 
 
 def _implant_parser(sub: argparse._SubParsersAction) -> None:
@@ -277,15 +280,7 @@ def _implant_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--class-weight", type=float, default=None, help="0 disables")
     o.add_argument("--probe", type=int, default=None, help="probe draws per prompt")
     o.add_argument("--no-flip", action="store_true")
-    o.add_argument("--overwrite", action="store_true")
-    o.add_argument(
-        "--save-state",
-        action="store_true",
-        help="also write <name>.ostaf-state (the hypernetwork's parameters and token "
-        "vectors; several times the LoRA's size; nothing in OSTAF reads it back)",
-    )
-    _memory_args(o, ObjectConfig)
-    _model_args(o, resolution=True)
+    _training_run_args(o, ObjectConfig, state="the hypernetwork's parameters and token vectors")
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -400,29 +395,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lib_ostaf.method.train import (
-        AttributeConfig,
-        Callbacks,
-        export,
-        train_attribute,
-        with_overrides,
-    )
+    from lib_ostaf.method.train import AttributeConfig, Callbacks, export, train_attribute
 
-    config = with_overrides(
-        AttributeConfig(attribute=args.attribute),
-        token=args.token,
-        prompt=args.prompt,
-        steps=args.steps,
-        rank=args.rank,
-        lr=args.lr,
-        seed=args.seed,
-        network=args.network,
-        include_mid=args.include_mid,
-        blocks=tuple(b.strip() for b in args.blocks.split(",")) if args.blocks else None,
-        default_lambda=args.default_lambda,
-        precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
+    blocks = tuple(b.strip() for b in args.blocks.split(",")) if args.blocks else None
+    config = _config_from_flags(AttributeConfig(attribute=args.attribute), args, blocks=blocks)
     host = _load(args)
     result = train_attribute(host, args.image, config, Callbacks(progress=_print_progress))
     path = export(result, args.out, args.name, overwrite=args.overwrite, save_state=args.save_state)
@@ -463,7 +439,7 @@ def _demo(args: argparse.Namespace) -> int:
         "a blue ostafv textured star",
     ]
     sweep = lambda_sweep(
-        host, adapter, prompts, [0, 0.5, 1, 1.5], seed=0, steps=20,
+        host, adapter, prompts, list(RUN.sweep), seed=0, steps=20,
         embeddings=adapter_embeddings(adapter, host.family) or None,
     )  # fmt: skip
     sweep_path = args.out / "demo_sweep.png"
@@ -497,33 +473,17 @@ def _embedding_file(spec: str, family: str):
     return token or name, vectors
 
 
-def _object_config(args: argparse.Namespace) -> Any:
-    """ObjectConfig with the flags that were given (None: the config's default)."""
-    from lib_ostaf.method.objects import ObjectConfig, with_overrides
-
-    return with_overrides(
-        ObjectConfig(),
-        steps=args.steps,
-        embedding_steps=args.embedding_steps,
-        rank=args.rank,
-        lr=args.lr,
-        embedding_lr=args.embedding_lr,
-        class_weight=args.class_weight,
-        background_weight=args.background_weight,
-        feather=args.feather,
-        prototype_steps=args.prototype_steps,
-        n_probe=args.probe,
-        flip=False if args.no_flip else None,
-        seed=args.seed,
-        clip=args.clip,
-        default_lambda=args.default_lambda,
-        precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
+def _config_from_flags(config: Any, args: argparse.Namespace, **special: Any) -> Any:
+    """``config`` with the flags that were given (None: the config's default): each flag that
+    bears a config field's name, then ``special`` (the flags named or spelt otherwise)."""
+    given = {f.name: getattr(args, f.name) for f in fields(config) if hasattr(args, f.name)}
+    given.update(special)
+    return replace(config, **{k: v for k, v in given.items() if v is not None})
 
 
 def _implant(args: argparse.Namespace) -> int:
     from lib_ostaf.method.objects import (
+        ObjectConfig,
         export_objects,
         objects_from_lists,
         planned_files,
@@ -533,7 +493,9 @@ def _implant(args: argparse.Namespace) -> int:
     from lib_ostaf.method.train import Callbacks
 
     objects = objects_from_lists(args.token, args.classes, args.mask)
-    config = _object_config(args)
+    config = _config_from_flags(
+        ObjectConfig(), args, n_probe=args.probe, flip=False if args.no_flip else None
+    )
     tokens = [o.token for o in objects]
     where = {"embeddings_dir": args.embeddings_dir, "save_state": args.save_state}
     planned = planned_files(

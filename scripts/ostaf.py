@@ -565,6 +565,12 @@ def _interrupt_ui():
     JOBS.interrupt()  # our job's own stop flag: never the WebUI's running generation
 
 
+_OBJECT_METHOD = (  # the method's own fields among them, as ObjectRequest names them
+    "steps", "embedding_steps", "rank", "lr", "embedding_lr", "class_weight",
+    "background_weight", "seed",
+)  # fmt: skip
+
+
 def _object_settings(
     steps, embedding_steps, rank, lr, embedding_lr, class_weight, background_weight, seed,
     default_lambda, resolution, preview_every, overwrite, precision="auto", checkpointing="auto",
@@ -592,14 +598,7 @@ def _object_ui(id_task, image, name, *values):
             tokens=tokens,
             classes=classes,
             masks=masks if any(m is not None for m in masks) else [],
-            steps=int(s.steps),
-            embedding_steps=int(s.embedding_steps),
-            rank=int(s.rank),
-            lr=float(s.lr),
-            embedding_lr=float(s.embedding_lr),
-            class_weight=float(s.class_weight),
-            background_weight=float(s.background_weight),
-            seed=int(s.seed),
+            **{field: getattr(s, field) for field in _OBJECT_METHOD},  # config() converts
             **_run_settings(
                 s.default_lambda,
                 s.resolution,
@@ -716,39 +715,12 @@ def _object_tab():
                         0.0, 1.0, value=OBJ.background_weight, step=0.05,
                         label="Loss weight outside the masks", elem_id="ostaf_obj_bg",
                     )  # fmt: skip
-                with gr.Row():
-                    default_lambda = gr.Number(
-                        value=OBJ.default_lambda,
-                        label="Preferred λ",
-                        elem_id="ostaf_obj_default_lambda",
-                    )
-                    resolution = gr.Number(
-                        value=RUN.resolution, precision=0, label="Training size (0 = native)",
-                        elem_id="ostaf_obj_resolution",
-                    )  # fmt: skip
-                    preview_every = gr.Number(
-                        value=int(_opt("ostaf_preview_every")), precision=0,
-                        label="Preview every N steps (0 = off)", elem_id="ostaf_obj_preview_every",
-                    )  # fmt: skip
-                overwrite = gr.Checkbox(
-                    RUN.overwrite,
-                    label="Overwrite an adapter of the same name",
-                    elem_id="ostaf_obj_overwrite",
-                )
-                precision, checkpointing = _memory_options("ostaf_obj", OBJ)
-            with gr.Row():
-                interrupt = gr.Button("Interrupt", elem_id="ostaf_obj_interrupt")
-                train = gr.Button("Train", variant="primary", elem_id="ostaf_obj_train")
-        with gr.Column():
-            gr.HTML(elem_id="ostaf_obj_textinfo")
-            gallery = _result_gallery("ostaf_obj_gallery")
-            log = gr.Textbox(label="Log", lines=6, interactive=False, elem_id="ostaf_obj_log")
-            result = gr.HTML(elem_id="ostaf_obj_result")
-            share_dir = _share_row("ostaf_obj", name, result)
+                run = _run_controls("ostaf_obj", OBJ)
+            interrupt, train = _train_buttons("ostaf_obj")
+        gallery, log, result, share_dir = _result_column("ostaf_obj", name)
     # A1111 keys saved UI defaults (ui-config.json) by tab + label: the attribute tab's
     # labels (Steps, Rank, Seed, …) would be shared, so this tab's components opt out.
-    shared_labels = [name, steps, rank, seed, default_lambda, preview_every, overwrite,
-                     precision, checkpointing, log, gallery, share_dir]  # fmt: skip
+    shared_labels = [name, steps, rank, seed, *run.values(), log, gallery, share_dir]
     for component in shared_labels:
         component.do_not_save_to_config = True
     image.change(
@@ -768,12 +740,7 @@ def _object_tab():
         "class_weight": class_weight,
         "background_weight": background_weight,
         "seed": seed,
-        "default_lambda": default_lambda,
-        "resolution": resolution,
-        "preview_every": preview_every,
-        "overwrite": overwrite,
-        "precision": precision,
-        "checkpointing": checkpointing,
+        **run,
     }
     values = [*slots, *wire(_object_settings, settings)]
     train.click(
@@ -871,39 +838,9 @@ def _attribute_tab():
                     placeholder="up_blocks.1.attentions.0, up_blocks.1.attentions.1",
                     elem_id="ostaf_blocks",
                 )
-                with gr.Row():
-                    default_lambda = gr.Number(
-                        value=ATTR.default_lambda,
-                        label="Preferred λ",
-                        elem_id="ostaf_default_lambda",
-                    )
-                    resolution = gr.Number(
-                        value=RUN.resolution,
-                        precision=0,
-                        label="Training size (0 = model's native)",
-                        elem_id="ostaf_resolution",
-                    )
-                    preview_every = gr.Number(
-                        value=int(_opt("ostaf_preview_every")),
-                        precision=0,
-                        label="Preview every N steps (0 = off)",
-                        elem_id="ostaf_preview_every",
-                    )
-                overwrite = gr.Checkbox(
-                    RUN.overwrite,
-                    label="Overwrite an adapter of the same name",
-                    elem_id="ostaf_overwrite",
-                )
-                precision, checkpointing = _memory_options("ostaf", ATTR)
-            with gr.Row():
-                interrupt = gr.Button("Interrupt", elem_id="ostaf_interrupt")
-                train = gr.Button("Train", variant="primary", elem_id="ostaf_train")
-        with gr.Column():
-            gr.HTML(elem_id="ostaf_textinfo")
-            gallery = _result_gallery("ostaf_gallery")
-            log = gr.Textbox(label="Log", lines=6, interactive=False, elem_id="ostaf_log")
-            result = gr.HTML(elem_id="ostaf_result")
-            _share_row("ostaf", name, result)
+                run = _run_controls("ostaf", ATTR)
+            interrupt, train = _train_buttons("ostaf")
+        gallery, log, result, _ = _result_column("ostaf", name)
     inputs = {
         "id_task": dummy,
         "image": image,
@@ -920,12 +857,7 @@ def _attribute_tab():
         "attn": attn,
         "proj": proj,
         "blocks": blocks,
-        "default_lambda": default_lambda,
-        "resolution": resolution,
-        "preview_every": preview_every,
-        "overwrite": overwrite,
-        "precision": precision,
-        "checkpointing": checkpointing,
+        **run,
     }
     train.click(
         fn=call_queue.wrap_gradio_gpu_call(_train_ui, extra_outputs=[[], ""]),
@@ -964,6 +896,57 @@ def _share_ui(name, share_dir):
     where = html.escape(str(Path(path).absolute()))
     ready = f"OSTAF: {html.escape(name)} is ready to upload in <code>{where}</code>"
     return f"<p>{ready} (its README.md is the model card).</p>"
+
+
+def _run_controls(prefix, config):
+    """The last rows of a sub-tab's advanced settings, by the names its Train function takes:
+    preferred λ, training size, preview interval, overwrite, precision, checkpointing."""
+    with gr.Row():
+        default_lambda = gr.Number(
+            value=config.default_lambda, label="Preferred λ", elem_id=f"{prefix}_default_lambda"
+        )
+        resolution = gr.Number(
+            value=RUN.resolution,
+            precision=0,
+            label="Training size (0 = the model's native)",
+            elem_id=f"{prefix}_resolution",
+        )
+        preview_every = gr.Number(
+            value=int(_opt("ostaf_preview_every")),
+            precision=0,
+            label="Preview every N steps (0 = off)",
+            elem_id=f"{prefix}_preview_every",
+        )
+    overwrite = gr.Checkbox(
+        RUN.overwrite, label="Overwrite an adapter of the same name", elem_id=f"{prefix}_overwrite"
+    )
+    precision, checkpointing = _memory_options(prefix, config)
+    return {
+        "default_lambda": default_lambda,
+        "resolution": resolution,
+        "preview_every": preview_every,
+        "overwrite": overwrite,
+        "precision": precision,
+        "checkpointing": checkpointing,
+    }
+
+
+def _train_buttons(prefix):
+    with gr.Row():
+        interrupt = gr.Button("Interrupt", elem_id=f"{prefix}_interrupt")
+        train = gr.Button("Train", variant="primary", elem_id=f"{prefix}_train")
+    return interrupt, train
+
+
+def _result_column(prefix, name):
+    """Right-hand column: progress (JS), result gallery, log, result text, *Share*."""
+    with gr.Column():
+        gr.HTML(elem_id=f"{prefix}_textinfo")
+        gallery = _result_gallery(f"{prefix}_gallery")
+        log = gr.Textbox(label="Log", lines=6, interactive=False, elem_id=f"{prefix}_log")
+        result = gr.HTML(elem_id=f"{prefix}_result")
+        share_dir = _share_row(prefix, name, result)
+    return gallery, log, result, share_dir
 
 
 def _result_gallery(elem_id):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import types
 from typing import Any, ClassVar
 
@@ -49,6 +48,7 @@ from .webui_fakes import (
     IdsLookup,
     encode_with_fixes,
     fake_tokenize,
+    modules_installed,
 )
 
 
@@ -410,18 +410,10 @@ def fake_forge_modules(sd_model: Any):
         "backend": backend,
         "backend.memory_management": mm,
     }
-    saved = {k: sys.modules.get(k) for k in new}
-    sys.modules.update(new)
-    try:
+    with modules_installed(new):
         yield types.SimpleNamespace(
             shared=shared, sd_models=sd_models, processing=processing, mm=mm
         )
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
 
 
 # --------------------------------------------------------------------------- the forks
@@ -536,23 +528,6 @@ class FakeNeoModelPatcher(FakeModelPatcher):
         return accepted
 
 
-def _install(mods: dict[str, Any]):
-    saved = {k: sys.modules.get(k, _MISSING) for k in mods}
-    sys.modules.update(mods)
-    return saved
-
-
-_MISSING = object()
-
-
-def _restore(saved: dict[str, Any]) -> None:
-    for k, v in saved.items():
-        if v is _MISSING:
-            sys.modules.pop(k, None)
-        else:
-            sys.modules[k] = v
-
-
 @contextlib.contextmanager
 def fake_neo_modules():
     """Neo's ``backend.patcher.lora`` (it imports ``weight_adapter`` from
@@ -563,17 +538,14 @@ def fake_neo_modules():
     patcher = types.ModuleType("backend.patcher")
     patcher.__path__ = []
     patcher.lora = lora
-    saved = _install(
+    with modules_installed(
         {
             "backend.patcher": patcher,
             "backend.patcher.lora": lora,
             "modules_forge.packages.comfy.weight_adapter": wa,
         }
-    )
-    try:
+    ):
         yield types.SimpleNamespace(lora=lora, weight_adapter=wa)
-    finally:
-        _restore(saved)
 
 
 class FakeLdmModelPatcher:
@@ -770,7 +742,7 @@ def fake_ldm_forge_modules(sd_model: FakeLdmForgeModel, flavour: str = "classic"
     ldm_modules = types.ModuleType("ldm_patched.modules")
     ldm.__path__, ldm_modules.__path__ = [], []
     ldm.modules, ldm_modules.model_management, ldm_modules.lora = ldm_modules, mm, lora
-    saved = _install(
+    with modules_installed(
         {
             "modules": pkg,
             "modules.shared": shared,
@@ -784,13 +756,10 @@ def fake_ldm_forge_modules(sd_model: FakeLdmForgeModel, flavour: str = "classic"
             "ldm_patched.modules.lora": lora,
             "backend": None,  # not there: `import backend` raises ModuleNotFoundError
         }
-    )
-    try:
+    ):
         yield types.SimpleNamespace(
             shared=shared, mm=mm, lora=lora, processing=processing, hijack=hijack
         )
-    finally:
-        _restore(saved)
 
 
 # --------------------------------------------------------------------------- Forge's gradio

@@ -694,25 +694,18 @@ def test_card_and_preview(tmp_path: Path) -> None:
         "negative text": "",
         "notes": "λ 0.8",
     }
-    # a path ending in .safetensors is accepted too; existing card refused
-    with pytest.raises(InputError):
-        write_card(
-            tmp_path / "ad.safetensors",
-            preferred_weight=1,
-            activation_text="",
-            description="",
-            sd_version="SD1",
-            overwrite=False,
-        )
-    with pytest.raises(InputError):
-        write_card(
-            tmp_path / "z",
-            preferred_weight=1,
-            activation_text="",
-            description="",
-            sd_version="SD3",
-            overwrite=False,
-        )
+    # refused: the existing card (a path ending in .safetensors is accepted too), an
+    # unknown sd version
+    for path, sd_version in ((tmp_path / "ad.safetensors", "SD1"), (tmp_path / "z", "SD3")):
+        with pytest.raises(InputError):
+            write_card(
+                path,
+                preferred_weight=1,
+                activation_text="",
+                description="",
+                sd_version=sd_version,
+                overwrite=False,
+            )
     img = Image.new("RGB", (8, 6), (255, 0, 0))
     pv = write_preview(tmp_path / "ad.v1.5", img, overwrite=False)
     assert pv.name == "ad.v1.5.preview.png"

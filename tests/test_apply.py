@@ -7,9 +7,9 @@ import torch
 
 from lib_ostaf.errors import IncompatibleModelError, InputError
 from lib_ostaf.files.adapter_file import LoraModule, load_adapter, save_adapter
-from lib_ostaf.files.metadata import build_metadata
 
 from .conftest import pristine, same_weights
+from .webui_fakes import rank2_metadata
 
 SD1_KEY = "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
 
@@ -17,25 +17,21 @@ SD1_KEY = "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
 def _write(tmp_path, name, family, key, shape):
     out, inp = shape
     module = LoraModule(down=torch.randn(2, inp), up=torch.randn(out, 2), alpha=2.0)
-    md = build_metadata(
-        name=name, family=family, prediction_type="epsilon", rank=2, alpha=2.0,
-        resolution=128, method="attribute", ostaf={},
-    )  # fmt: skip
+    md = rank2_metadata(name, family, "attribute", 128, ostaf={})
     return load_adapter(save_adapter(tmp_path / f"{name}.safetensors", {key: module}, md))
 
 
-def test_adapter_for_another_family_is_refused(sd1_host, tmp_path):
+@pytest.mark.parametrize(
+    ("name", "family", "shape", "message"),
+    [("xl", "sdxl", (64, 64), "SDXL"), ("wide", "sd1", (64, 320), "shape")],
+    ids=["another-family", "wrong-shapes"],
+)
+def test_incompatible_adapter_is_refused_and_weights_kept(
+    sd1_host, tmp_path, name, family, shape, message
+):
     before = pristine(sd1_host.unet)
-    adapter = _write(tmp_path, "xl", "sdxl", SD1_KEY, (64, 64))
-    with pytest.raises(IncompatibleModelError, match="SDXL"):
-        sd1_host.apply_adapters([(adapter, 1.0)])
-    assert same_weights(sd1_host.unet, before)
-
-
-def test_adapter_with_wrong_shapes_is_refused(sd1_host, tmp_path):
-    before = pristine(sd1_host.unet)
-    adapter = _write(tmp_path, "wide", "sd1", SD1_KEY, (64, 320))
-    with pytest.raises(IncompatibleModelError, match="shape"):
+    adapter = _write(tmp_path, name, family, SD1_KEY, shape)
+    with pytest.raises(IncompatibleModelError, match=message):
         sd1_host.apply_adapters([(adapter, 1.0)])
     assert same_weights(sd1_host.unet, before)
 

@@ -22,6 +22,7 @@ from lib_ostaf.method.embeddings import (
 from lib_ostaf.world import tiny
 
 from .conftest import pristine, same_weights
+from .webui_fakes import rank2_metadata
 
 
 @pytest.fixture(params=["sd1", "sdxl"])
@@ -234,7 +235,6 @@ def write_object_adapter(
     from pathlib import Path
 
     from lib_ostaf.files.adapter_file import LoraModule, save_adapter
-    from lib_ostaf.files.metadata import build_metadata
     from lib_ostaf.files.sidecars import write_card
 
     folder = Path(folder)
@@ -251,14 +251,11 @@ def write_object_adapter(
     key = "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
     modules = {key: LoraModule(torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g), 2.0)}
     trigger = ", ".join(tokens)
-    md = build_metadata(
-        name=name,
-        family=family,
-        prediction_type="epsilon",
-        rank=2,
-        alpha=2.0,
-        resolution=512,
-        method="object",
+    md = rank2_metadata(
+        name,
+        family,
+        "object",
+        512,
         trigger_phrase=trigger,
         ostaf={
             "tokens": list(tokens),

@@ -110,11 +110,9 @@ def call_problems(fn, inputs, outputs) -> list[str]:
 
 def _load_script(folder: Path):
     """scripts/ostaf.py under this process's real gradio, with the fake ``modules.*``."""
-    import importlib.util
-
     import gradio as gr
 
-    from tests.webui_fakes import fake_script_modules
+    from tests.webui_fakes import fake_script_modules, load_script
 
     if int(gr.__version__.split(".")[0]) >= 4:  # Forge 2: its host and its gradio patches
         import types
@@ -127,10 +125,7 @@ def _load_script(folder: Path):
         sys.modules["modules_forge"] = types.ModuleType("modules_forge")
         sys.modules["backend.patcher.base"] = types.ModuleType("base")
     sys.modules.update(fake_script_modules(folder))
-    spec = importlib.util.spec_from_file_location("ostaf.py", ROOT / "scripts" / "ostaf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "scripts" / "ostaf.py")
 
 
 def _build(m) -> list[tuple]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from bench.memory_model import SDXL_UNET
 from lib_ostaf.errors import IncompatibleModelError, InputError
 from lib_ostaf.files.naming import (
     UNetInfo,
@@ -372,18 +373,7 @@ _REAL_DIFFUSERS = {
         "attention_head_dim": (5, 10, 20, 20),
         "use_linear_projection": True,
     },
-    "sdxl": {
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        "block_out_channels": (320, 640, 1280),
-        "transformer_layers_per_block": (1, 2, 10),
-        "cross_attention_dim": 2048,
-        "attention_head_dim": (5, 10, 20),
-        "use_linear_projection": True,
-        "addition_embed_type": "text_time",
-        "addition_time_embed_dim": 256,
-        "projection_class_embeddings_input_dim": 2816,
-    },
+    "sdxl": SDXL_UNET,  # the memory model's (bench/memory_model.py)
 }
 _REAL_LDM = {  # sdkit's ldm UNetModel cannot build SDXL (per-level transformer_depth)
     "sd1": {"num_heads": 8, "context_dim": 768},

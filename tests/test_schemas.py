@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DERIVED = {
     "lib_ostaf/webui/training_job.py": ("TrainRequest",),
     "lib_ostaf/webui/object_job.py": ("ObjectRequest",),
+    "lib_ostaf/webui/run_settings.py": ("RunRequest",),
     "lib_ostaf/webui/api.py": ("RunBody", "TrainBody", "ObjectBody", "ImplantBody"),
 }
 
@@ -44,7 +45,11 @@ def restated_in_classes(source: str, classes: tuple[str, ...]) -> list[str]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ClassDef) and node.name in classes:
             for item in node.body:
-                if isinstance(item, ast.AnnAssign) and _literal(item.value):
+                if (
+                    isinstance(item, ast.AnnAssign)
+                    and _literal(item.value)
+                    and not ast.unparse(item.annotation).startswith("ClassVar")  # not a field
+                ):
                     found.append(
                         f"{node.name}.{ast.unparse(item.target)} = {ast.unparse(item.value)}"
                     )
@@ -83,6 +88,7 @@ def test_the_check_catches_a_restated_default():
         "    lr: float = Field(1e-4, gt=0)\n"
         "    attn: tuple = ('attn1',)\n"
         "    blocks: tuple | None = None\n"
+        "    kind: ClassVar[str] = 'training'\n"
     )
     assert restated_in_classes(source, ("TrainRequest",)) == [
         "TrainRequest.steps = 400",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import enum
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from safetensors import safe_open
 
 from .test_webui_script import _fake_gradio
 from .unets import tiny_diffusers_unet
-from .webui_fakes import fake_script_modules, make_adapter
+from .webui_fakes import fake_script_modules, load_script, make_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,9 +42,7 @@ def _load_script(tmp_path, monkeypatch, backend: Backend | None):
         shared.native = backend == Backend.DIFFUSERS
     for name, mod in {**fakes, "gradio": _fake_gradio()}.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    spec = importlib.util.spec_from_file_location("ostaf.py", ROOT / "scripts" / "ostaf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(ROOT / "scripts" / "ostaf.py")
     return module, fakes
 
 

@@ -19,7 +19,6 @@ from PIL import Image
 from lib_ostaf.cli import main
 from lib_ostaf.errors import AdapterFileError, InputError
 from lib_ostaf.files.adapter_file import LoraModule, load_adapter, save_adapter
-from lib_ostaf.files.metadata import build_metadata
 from lib_ostaf.files.naming import inspect_unet
 from lib_ostaf.files.sidecars import write_card, write_preview
 from lib_ostaf.method.targets import TargetSpec, select_targets
@@ -27,6 +26,7 @@ from lib_ostaf.webui.share import LICENSES, share_adapter, yaml_str
 
 from .test_embeddings import write_object_adapter
 from .unets import tiny_diffusers_unet
+from .webui_fakes import rank2_metadata
 
 SWEEP = Image.fromarray(np.arange(16 * 32 * 3, dtype=np.uint8).reshape(16, 32, 3))
 
@@ -45,14 +45,12 @@ def family_adapter(folder: Path, family: str, name: str, unet: torch.nn.Module |
         )
         for t in select_targets(unet, TargetSpec("appearance"), info)
     }
-    md = build_metadata(
-        name=name,
-        family=info.family,
+    md = rank2_metadata(
+        name,
+        info.family,
+        "attribute",
+        64,
         prediction_type="v_prediction" if family == "sd2" else "epsilon",
-        rank=2,
-        alpha=2.0,
-        resolution=64,
-        method="attribute",
         trigger_phrase="ostafv",
         ostaf={"attribute": "appearance", "default_lambda": 0.8, "prompt": "a ostafv square"},
     )

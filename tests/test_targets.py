@@ -85,32 +85,11 @@ def test_available_blocks(family: str, layout: str) -> None:
 
 # The defaults by resolution level: shape = the bottleneck (the encoder's lowest-resolution
 # attention level, the mid block, the decoder's blocks at that level); appearance / style =
-# the decoder's higher-resolution attention blocks.
+# the decoder's higher-resolution attention blocks. In BLOCKS' order (2 + 2 encoder blocks,
+# mid, 3 + 3 decoder blocks): shape = blocks 2 to 7, appearance = the last 3.
 DEFAULT_BLOCKS = {
-    "sd1": {
-        "shape": [
-            "down_blocks.1.attentions.0",
-            "down_blocks.1.attentions.1",
-            "mid_block.attentions.0",
-            "up_blocks.1.attentions.0",
-            "up_blocks.1.attentions.1",
-            "up_blocks.1.attentions.2",
-        ],
-        "appearance": [f"up_blocks.2.attentions.{i}" for i in range(3)],
-    },
-    "sdxl": {
-        "shape": [
-            "down_blocks.2.attentions.0",
-            "down_blocks.2.attentions.1",
-            "mid_block.attentions.0",
-            "up_blocks.0.attentions.0",
-            "up_blocks.0.attentions.1",
-            "up_blocks.0.attentions.2",
-        ],
-        "appearance": [f"up_blocks.1.attentions.{i}" for i in range(3)],
-    },
+    family: {"shape": blocks[2:8], "appearance": blocks[8:]} for family, blocks in BLOCKS.items()
 }
-DEFAULT_BLOCKS["sd2"] = DEFAULT_BLOCKS["sd1"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

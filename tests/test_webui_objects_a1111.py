@@ -45,6 +45,19 @@ def _halves() -> list[Image.Image]:
     return [Image.fromarray(left), Image.fromarray(255 - left)]
 
 
+def _pair_request(**extra) -> ObjectRequest:
+    """Two objects, a mug and a cup, on the two halves of :func:`_image`."""
+    return ObjectRequest(
+        image=_image(),
+        name="pair",
+        tokens=["<mug1>", "<cup2>"],
+        classes=["mug", "cup"],
+        masks=_halves(),
+        **FAST,
+        **extra,
+    )
+
+
 def _host(sd_model) -> A1111Host:
     host = A1111Host(sd_model, resolution=64)
     host._embedding_db = sd_model.embedding_db
@@ -88,14 +101,7 @@ def test_object_training_in_the_webui_leaves_model_and_database_as_found(tmp_pat
     before = pristine(sd_model)
     flags = {n: p.requires_grad for n, p in sd_model.named_parameters()}
     jobs = JobManager()
-    request = ObjectRequest(
-        image=_image(),
-        name="pair",
-        tokens=["<mug1>", "<cup2>"],
-        classes=["mug", "cup"],
-        masks=_halves(),
-        **FAST,
-    )
+    request = _pair_request()
     with fake_modules(sd_model) as shared:
         job = jobs.begin("objects")
         jobs.run(job, lambda j: train_on_loaded_model(jobs, j, request, tmp_path, A1111Applier()))
@@ -219,15 +225,7 @@ def _implant(sd_model, tmp_path, **extra):
     import json
 
     jobs = JobManager()
-    request = ObjectRequest(
-        image=_image(),
-        name="pair",
-        tokens=["<mug1>", "<cup2>"],
-        classes=["mug", "cup"],
-        masks=_halves(),
-        **FAST,
-        **extra,
-    )
+    request = _pair_request(**extra)
     with fake_modules(sd_model):
         job = jobs.begin("objects")
         jobs.run(job, lambda j: train_on_loaded_model(jobs, j, request, tmp_path, A1111Applier()))

@@ -17,15 +17,9 @@ from lib_ostaf.webui.registry import AdapterRegistry
 
 from .conftest import disc_image
 from .forge_fakes import FakeForgeModel, fake_forge_modules
+from .test_webui_objects_a1111 import FAST as A1111_FAST
 
-FAST = {
-    "steps": 2,
-    "embedding_steps": 1,
-    "lr": 1e-2,
-    "embedding_lr": 1e-2,
-    "resolution": 64,
-    "sweep": (0.0, 1.0),
-}
+FAST = A1111_FAST | {"steps": 2, "embedding_steps": 1}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

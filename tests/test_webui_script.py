@@ -4,7 +4,6 @@ page, the X/Y/Z axes and the tab's Train function."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
@@ -20,7 +19,7 @@ from lib_ostaf.files.adapter_file import load_adapter
 from lib_ostaf.files.naming import inspect_unet, module_name_from_kohya
 
 from .conftest import disc_image, pristine, same_weights
-from .webui_fakes import FakeSdModel, fake_script_modules, make_adapter
+from .webui_fakes import FakeSdModel, fake_script_modules, load_script, make_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,24 +120,28 @@ def _fake_modules(tmp_path: Path, sd_model) -> dict[str, types.ModuleType]:
     return {**fakes, "gradio": _fake_gradio(), "xyz": xyz}
 
 
-@pytest.fixture()
-def glue(tmp_path, monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    sd_model = FakeSdModel()
+def _installed_fakes(
+    tmp_path: Path, monkeypatch, sd_model
+) -> tuple[dict[str, types.ModuleType], types.ModuleType]:
+    """:func:`_fake_modules` in ``sys.modules`` for this test; they and the X/Y/Z script's
+    module (not installed: the WebUI loads it as a script)."""
     fakes = _fake_modules(tmp_path, sd_model)
     xyz = fakes.pop("xyz")
     for name, mod in fakes.items():
         monkeypatch.setitem(sys.modules, name, mod)
+    return fakes, xyz
+
+
+@pytest.fixture()
+def glue(tmp_path, monkeypatch, one_thread):
+    sd_model = FakeSdModel()
+    fakes, xyz = _installed_fakes(tmp_path, monkeypatch, sd_model)
     for name in ("networks", "network"):  # the built-in Lora disabled: fallback path
         monkeypatch.delitem(sys.modules, name, raising=False)
-    spec = importlib.util.spec_from_file_location("ostaf.py", ROOT / "scripts" / "ostaf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(ROOT / "scripts" / "ostaf.py")
     module.APPLIER.forget()
     yield types.SimpleNamespace(m=module, fakes=fakes, xyz=xyz, sd_model=sd_model, dir=tmp_path)
     module.APPLIER.reset(sd_model)
-    torch.set_num_threads(threads)
 
 
 def test_callbacks_registrations_and_settings(glue):

@@ -4,7 +4,6 @@ the tab's Train button loads the model (nothing loaded at Forge start) and train
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import types
 
@@ -17,19 +16,14 @@ from lib_ostaf.files.naming import inspect_unet, module_name_from_kohya
 from lib_ostaf.hosts.forge import ForgeApplier
 
 from .forge_fakes import FakeForgeModel, fake_forge_modules
-from .test_webui_script import ROOT, _fake_modules, _p, _Params
-from .webui_fakes import make_adapter
+from .test_webui_script import ROOT, _installed_fakes, _p, _Params
+from .webui_fakes import load_script, make_adapter
 
 
 @pytest.fixture()
-def glue(tmp_path, monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def glue(tmp_path, monkeypatch, one_thread):
     sd_model = FakeForgeModel()
-    fakes = _fake_modules(tmp_path, sd_model)
-    fakes.pop("xyz")
-    for name, mod in fakes.items():
-        monkeypatch.setitem(sys.modules, name, mod)
+    fakes, _ = _installed_fakes(tmp_path, monkeypatch, sd_model)
     monkeypatch.setitem(sys.modules, "modules_forge", types.ModuleType("modules_forge"))
     monkeypatch.setitem(sys.modules, "backend.patcher.base", types.ModuleType("base"))
     with fake_forge_modules(sd_model) as forge_fakes:
@@ -46,9 +40,7 @@ def glue(tmp_path, monkeypatch):
             fakes["modules.shared"].sd_model = sd_model
 
         forge_fakes.sd_models.forge_model_reload = reload
-        spec = importlib.util.spec_from_file_location("ostaf.py", ROOT / "scripts" / "ostaf.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_script(ROOT / "scripts" / "ostaf.py")
         yield types.SimpleNamespace(
             m=module, fakes=fakes, forge=forge_fakes, sd_model=sd_model, dir=tmp_path
         )
@@ -56,7 +48,6 @@ def glue(tmp_path, monkeypatch):
     from lib_ostaf.hosts import a1111
 
     a1111.webui_state().applier = a1111.A1111Applier()  # other tests expect A1111's
-    torch.set_num_threads(threads)
 
 
 def test_forge_is_detected_and_one_generation_patches_a_clone(glue):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import re
 import sys
@@ -308,21 +309,32 @@ def fake_modules(sd_model: Any, *, lowvram: bool = False, lora: FakeLora | None 
     pkg = types.ModuleType("modules")
     pkg.__path__ = []
     pkg.shared, pkg.devices, pkg.sd_hijack = shared, devices, hijack
-    names = ("modules", "modules.shared", "modules.devices", "modules.sd_hijack")
-    saved = {k: sys.modules.get(k) for k in names}
-    saved |= {k: sys.modules.get(k) for k in ("networks", "network")}
-    sys.modules.update(
-        {"modules": pkg, "modules.shared": shared, "modules.devices": devices}
-        | {"modules.sd_hijack": hijack}
-    )
+    new: dict[str, Any] = {
+        "modules": pkg,
+        "modules.shared": shared,
+        "modules.devices": devices,
+        "modules.sd_hijack": hijack,
+    }
     if lora is not None:
-        sys.modules["networks"] = lora  # type: ignore[assignment]
-        sys.modules["network"] = lora  # NetworkOnDisk lives there in A1111
-    try:
+        new |= {"networks": lora, "network": lora}  # NetworkOnDisk lives in network in A1111
+    with modules_installed(new, also=("networks", "network")):
         yield shared
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def modules_installed(new: dict[str, Any], *, also: tuple[str, ...] = ()):
+    """``new`` in ``sys.modules`` for the ``with`` block; afterwards each of those names (and
+    of ``also``, names the block may install) is as it was: the same entry, or none."""
+    saved = {k: sys.modules.get(k, _MISSING) for k in (*new, *also)}
+    sys.modules.update(new)
+    try:
+        yield
     finally:
         for k, v in saved.items():
-            if v is None:
+            if v is _MISSING:
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
@@ -559,14 +571,11 @@ def make_adapter(
                 up=torch.randn(t.out_features, 2, generator=g) * scale,
                 alpha=2.0,
             )
-    md = build_metadata(
-        name=name,
-        family=family,
-        prediction_type="epsilon",
-        rank=2,
-        alpha=2.0,
-        resolution=64,
-        method="attribute",
+    md = rank2_metadata(
+        name,
+        family,
+        "attribute",
+        64,
         ostaf={"attribute": attribute, "default_lambda": 0.7}
         | ({"parts": parts} if len(parts) > 1 else {}),
     )
@@ -583,7 +592,38 @@ def make_adapter(
     return path
 
 
+def rank2_metadata(
+    name: str,
+    family: str,
+    method: str,
+    resolution: int,
+    *,
+    prediction_type: str = "epsilon",
+    **fields: Any,
+) -> dict[str, str]:
+    """``build_metadata`` of the tests' small adapters: rank 2, alpha 2; ``fields``: the
+    rest of its keywords (``ostaf`` at least)."""
+    return build_metadata(
+        name=name,
+        family=family,
+        prediction_type=prediction_type,
+        rank=2,
+        alpha=2.0,
+        resolution=resolution,
+        method=method,
+        **fields,
+    )
+
+
 # --------------------------------------------------------------------------- script imports
+
+
+def load_script(path: Path) -> types.ModuleType:
+    """A1111's ``script_loading.load_module``: the file run as a module named after it."""
+    spec = importlib.util.spec_from_file_location(path.name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def fake_script_modules(folder: Path) -> dict[str, types.ModuleType]:

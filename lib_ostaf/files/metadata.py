@@ -141,22 +141,24 @@ def check_metadata(metadata: dict[str, str]) -> dict[str, str]:
     return dict(metadata)
 
 
+_FAMILY_PREFIXES = {  # metadata key → (value prefix, family), most specific first
+    "ss_base_model_version": (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")),
+    "modelspec.architecture": (
+        ("stable-diffusion-xl", "sdxl"),
+        ("stable-diffusion-v2", "sd2"),
+        ("stable-diffusion-v1", "sd1"),
+    ),
+}
+
+
 def family_from_metadata(metadata: dict[str, str]) -> str | None:
-    """'sd1' / 'sd2' / 'sdxl' from kohya or modelspec metadata; None if unknown."""
-    base = metadata.get("ss_base_model_version", "")
-    if base.startswith("sdxl"):
-        return "sdxl"
-    if base.startswith("sd_v2"):
-        return "sd2"
-    if base.startswith("sd_v1"):
-        return "sd1"
-    arch = metadata.get("modelspec.architecture", "")
-    if arch.startswith("stable-diffusion-xl"):
-        return "sdxl"
-    if arch.startswith("stable-diffusion-v2"):
-        return "sd2"
-    if arch.startswith("stable-diffusion-v1"):
-        return "sd1"
+    """'sd1' / 'sd2' / 'sdxl' from kohya or modelspec metadata (kohya's first); None if
+    unknown."""
+    for key, prefixes in _FAMILY_PREFIXES.items():
+        value = metadata.get(key, "")
+        for prefix, family in prefixes:
+            if value.startswith(prefix):
+                return family
     return None
 
 

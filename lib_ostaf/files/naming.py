@@ -106,14 +106,14 @@ class UNetInfo:
 # Canonical block ids
 
 
+_PART_OF = {"down_blocks.": "encoder", "mid_block.": "mid", "up_blocks.": "decoder"}
+
+
 def block_part(block: str) -> str:
     """'encoder' | 'mid' | 'decoder' for a canonical (diffusers) block id."""
-    if block.startswith("down_blocks."):
-        return "encoder"
-    if block.startswith("mid_block."):
-        return "mid"
-    if block.startswith("up_blocks."):
-        return "decoder"
+    for prefix, part in _PART_OF.items():
+        if block.startswith(prefix):
+            return part
     raise InputError(f"not a canonical attention block id: {block!r}")
 
 

@@ -29,9 +29,11 @@ from PIL import Image
 from lib_ostaf.errors import IncompatibleModelError, InputError, OstafError
 from lib_ostaf.files.naming import UNetInfo, inspect_unet
 from lib_ostaf.hosts.webui_common import (
+    NATIVE_RESOLUTION,
     WebuiText,
     clear_cond_cache,
     embedding_class,
+    embedding_db,
     make_embedding,
     wanted_tokens,
 )
@@ -50,16 +52,9 @@ from lib_ostaf.webui.training_job import (
     preserve_module_state,
 )
 
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 NET_PREFIX = "ostaf:"  # names of our networks in Lora's loaded set
 EMBEDDING_MODULE = "modules.textual_inversion.textual_inversion"
 MAX_INIT_TOKENS = 75
-
-
-def embedding_db() -> Any | None:
-    """A1111's textual-inversion database (``sd_hijack.model_hijack.embedding_db``)."""
-    hijack = sys.modules.get("modules.sd_hijack")
-    return getattr(getattr(hijack, "model_hijack", None), "embedding_db", None)
 
 
 class A1111Text(WebuiText):

@@ -42,10 +42,16 @@ from PIL import Image
 
 from lib_ostaf.errors import IncompatibleModelError, InputError, OstafError
 from lib_ostaf.files.naming import UNetInfo, inspect_unet, is_linear_like, module_name_from_kohya
-from lib_ostaf.hosts import a1111
 from lib_ostaf.hosts import webui_common as webui
-from lib_ostaf.hosts.a1111 import NATIVE_RESOLUTION, A1111Applier, A1111Host
-from lib_ostaf.hosts.webui_common import WebuiText, clear_cond_cache, embedding_class, wanted_tokens
+from lib_ostaf.hosts.a1111 import A1111Applier, A1111Host
+from lib_ostaf.hosts.webui_common import (
+    NATIVE_RESOLUTION,
+    WebuiText,
+    clear_cond_cache,
+    embedding_class,
+    embedding_db,
+    wanted_tokens,
+)
 from lib_ostaf.method.apply import UNET_PREFIX, merge_terms
 from lib_ostaf.method.images import square
 from lib_ostaf.method.offsets import WeightPatcher
@@ -315,7 +321,7 @@ class ForgeHost:
         hijacked CLIP embedders and ``sd_hijack``'s embedding database, so A1111's text path
         serves (an :class:`A1111Host` over the same model, for the text side only). None on
         Forge 2 / Neo, or where neither exists."""
-        if text_engines(self.sd_model) or a1111.embedding_db() is None:
+        if text_engines(self.sd_model) or embedding_db() is None:
             return None
         if self._legacy is None:
             self._legacy = A1111Host(self.sd_model, resolution=self.resolution, device=self.device)
@@ -593,7 +599,7 @@ class ForgeApplier:
 
     def register_embeddings(self, sd_model: Any, adapters: Sequence[PlannedAdapter]) -> list[str]:
         engines = text_engines(sd_model)
-        if not engines and a1111.embedding_db() is not None:  # Forge Classic, reForge
+        if not engines and embedding_db() is not None:  # Forge Classic, reForge
             return self._legacy.register_embeddings(sd_model, adapters)
         family = model_family(sd_model) or "sd1"
         wanted, messages = wanted_tokens(
@@ -697,7 +703,7 @@ class ForgeApplier:
                 for token in self._tokens:
                     engine.embeddings.register_embedding_by_name(None, token)
         self._tokens.clear()
-        if sd_model is not None and a1111.embedding_db() is not None:
+        if sd_model is not None and embedding_db() is not None:
             self._legacy.register_embeddings(sd_model, [])  # removes the tokens it registered
 
     def clear_for_training(self, sd_model: Any) -> None:

@@ -31,6 +31,7 @@ from torch import nn
 from lib_ostaf.errors import AdapterFileError, IncompatibleModelError, InputError
 from lib_ostaf.files.atomic import atomic_write
 from lib_ostaf.files.safetensors_read import check_finite_tensors, load_tensors, open_checked
+from lib_ostaf.method.host import TokenVectors
 
 # token → one tensor [n_vectors, width] per text encoder, in the host's encoder order
 Embeddings = Mapping[str, Sequence[torch.Tensor]]
@@ -151,7 +152,7 @@ class ClipText:
     def run(
         self,
         prompt: str,
-        vectors: Mapping[str, torch.Tensor] | None = None,
+        vectors: TokenVectors | None = None,
         *,
         output_hidden_states: bool = False,
     ) -> Any:
@@ -170,11 +171,7 @@ class ClipText:
             return self.model(ids.to(device), output_hidden_states=output_hidden_states)
 
     def pooled(
-        self,
-        prompt: str,
-        vectors: Mapping[str, torch.Tensor] | None = None,
-        *,
-        project: bool = True,
+        self, prompt: str, vectors: TokenVectors | None = None, *, project: bool = True
     ) -> torch.Tensor:
         """The EOS (pooled) feature ``[width]``, through the encoder's projection if it has one
         and ``project``."""
@@ -203,7 +200,7 @@ def _split(prompt: str, tokens: Sequence[str]) -> Iterator[tuple[str, str | None
 
 @contextmanager
 def _splice(
-    embedding: nn.Module, slots: Sequence[tuple[int, str, int]], vectors: Mapping[str, torch.Tensor]
+    embedding: nn.Module, slots: Sequence[tuple[int, str, int]], vectors: TokenVectors
 ) -> Iterator[None]:
     """While active, the token embedding's output rows at ``slots`` are the given vectors."""
     if not slots:

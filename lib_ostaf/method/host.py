@@ -13,6 +13,8 @@ from torch import nn
 Conditioning = Any
 # New tokens' vectors: token → one [n_vectors, width] tensor per text encoder, in order.
 Embeddings = Mapping[str, Sequence[torch.Tensor]]
+# The same for one text encoder: token → its [n_vectors, width] tensor.
+TokenVectors = Mapping[str, torch.Tensor]
 
 
 class TextEncoder(Protocol):
@@ -32,11 +34,7 @@ class TextEncoder(Protocol):
         ...
 
     def pooled(
-        self,
-        prompt: str,
-        vectors: Mapping[str, torch.Tensor] | None = None,
-        *,
-        project: bool = True,
+        self, prompt: str, vectors: TokenVectors | None = None, *, project: bool = True
     ) -> torch.Tensor:
         """EOS feature ``[d]`` of ``prompt`` with ``vectors`` spliced in (differentiable),
         through the encoder's projection when it has one and ``project``."""

@@ -19,34 +19,39 @@ MAX_PIXELS = 64_000_000  # refuse decompression bombs before decoding
 
 def load_image(source: str | Path | Image.Image) -> Image.Image:
     """Open and normalise to 8-bit RGB: palette, RGBA (on white), 16-bit and grey converted."""
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise InputError(f"reference image not found: {path}")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(path)
-                if image.width * image.height > MAX_PIXELS:
-                    raise InputError(
-                        f"{path.name}: {image.width}×{image.height} is too large "
-                        f"(limit {MAX_PIXELS // 1_000_000} megapixels)"
-                    )
-                image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            if isinstance(exc, InputError):
-                raise
-            raise InputError(f"cannot read {path.name} as an image: {exc}") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise InputError(f"{path.name}: image is too large to decode safely") from None
-        image = ImageOps.exif_transpose(image) or image
+    image = open_image(source, "reference image")
     if min(image.size) < MIN_SIDE:
         raise InputError(f"image is {image.width}×{image.height}; at least {MIN_SIDE} px a side")
     if image.width * image.height > MAX_PIXELS:
         raise InputError(f"image is {image.width}×{image.height}; too large")
     return to_rgb(image)
+
+
+def open_image(source: str | Path | Image.Image, label: str) -> Image.Image:
+    """A PIL image as it is (mode kept), upright per its EXIF; a path is decoded, refusing
+    decompression bombs. ``label`` names it in errors ("reference image", "mask of <a>")."""
+    if isinstance(source, Image.Image):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"{label} not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            if image.width * image.height > MAX_PIXELS:
+                raise InputError(
+                    f"{path.name}: {image.width}×{image.height} is too large "
+                    f"(limit {MAX_PIXELS // 1_000_000} megapixels)"
+                )
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"cannot read {label} {path.name} as an image: {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{path.name}: image is too large to decode safely") from None
+    return ImageOps.exif_transpose(image) or image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from lib_ostaf.errors import InputError
+from lib_ostaf.method.images import open_image
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +90,7 @@ def _grey(source: MaskSource, label: str) -> np.ndarray:
         if a.size and a.max() <= 1.0:
             a = a * 255
         return np.clip(a.round(), 0, 255).astype(np.uint8)
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise InputError(f"{label} not found: {path}")
-        try:
-            image = Image.open(path)
-            image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise InputError(f"cannot read {label} {path.name} as an image: {exc}") from None
-        image = ImageOps.exif_transpose(image) or image
+    image = open_image(source, label)
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         alpha = np.asarray(image.convert("RGBA"))[..., 3]
         if alpha.min() < 255:

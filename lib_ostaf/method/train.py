@@ -139,14 +139,7 @@ class AttributeConfig:
             )
         if self.prompt and "{token}" not in self.prompt:
             raise InputError("the training prompt must contain {token}")
-        if self.network not in OFFSET_NETWORKS:
-            raise InputError(f"network must be one of {', '.join(OFFSET_NETWORKS)}")
-        lo, hi = self.timesteps
-        if not 0.0 <= lo < hi <= 1.0:
-            raise InputError(
-                f"timestep_range must satisfy 0 ≤ lo < hi ≤ 1, got {self.timestep_range}"
-            )
-        check_lambda(self.default_lambda)
+        check_shared_settings(self.network, self.timesteps, self.default_lambda)
         if not isinstance(self.token_lr_, (int, float)) or not 0 <= self.token_lr_ < 1:
             raise InputError(f"token_lr must be in [0, 1), got {self.token_lr!r}")
         if not isinstance(self.caption_dropout, (int, float)) or not 0 <= self.caption_dropout < 1:
@@ -196,6 +189,19 @@ class AttributeConfig:
             proj=tuple(self.proj),
             blocks=tuple(self.blocks) if self.blocks else None,
         )
+
+
+def check_shared_settings(
+    network: str, timesteps: tuple[float, float], default_lambda: float
+) -> None:
+    """What both methods' configs check alike: the offset network, the sampled timestep
+    fractions (0 ≤ lo < hi ≤ 1) and the preferred λ."""
+    if network not in OFFSET_NETWORKS:
+        raise InputError(f"network must be one of {', '.join(OFFSET_NETWORKS)}")
+    lo, hi = timesteps
+    if not 0.0 <= lo < hi <= 1.0:
+        raise InputError(f"timestep_range must satisfy 0 ≤ lo < hi ≤ 1, got {tuple(timesteps)}")
+    check_lambda(default_lambda)
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -970,8 +976,3 @@ def settings_record(config: AttributeConfig) -> dict[str, Any]:
         "lr": config.lr_,
         "token_lr": config.token_lr_,
     }
-
-
-def with_overrides(config: AttributeConfig, **changes: Any) -> AttributeConfig:
-    """A copy of ``config`` with fields changed (validated again)."""
-    return replace(config, **{k: v for k, v in changes.items() if v is not None})

@@ -213,13 +213,7 @@ class OstafApi:
             else:
                 fields[key] = tuple(fields[key])
         fields["blocks"] = tuple(fields["blocks"]) if fields["blocks"] else None
-        fields["sweep"] = tuple(fields["sweep"])
-        try:
-            request = TrainRequest.from_dict(fields)
-            request.validate(self.registry.root)
-        except OstafError as e:
-            raise ApiError(422, str(e)) from None
-        return self._start("attribute", request)
+        return self._start("attribute", TrainRequest, fields)
 
     def implant(self, body: ImplantBody) -> dict[str, Any]:
         self._check_name(body.name)
@@ -233,15 +227,18 @@ class OstafApi:
         fields["masks"] = [
             decode_image(o["mask"], mask=True) if o["mask"] else None for o in objects
         ]
+        return self._start("objects", ObjectRequest, fields)
+
+    def _start(
+        self, kind: str, request_type: type[TrainRequest | ObjectRequest], fields: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The body's fields as a request, validated (422), started unless busy (409)."""
         fields["sweep"] = tuple(fields["sweep"])
         try:
-            request = ObjectRequest.from_dict(fields)
+            request = request_type.from_dict(fields)
             request.validate(self.registry.root)
         except OstafError as e:
             raise ApiError(422, str(e)) from None
-        return self._start("objects", request)
-
-    def _start(self, kind: str, request: TrainRequest | ObjectRequest) -> dict[str, Any]:
         try:
             job = self.jobs.begin(kind)
         except JobBusy as e:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -35,14 +35,12 @@ from lib_ostaf.method.objects import (
 )
 from lib_ostaf.method.offsets import check_lambda
 from lib_ostaf.method.train import Callbacks
-from lib_ostaf.webui.run_settings import RUN
+from lib_ostaf.webui.run_settings import RunRequest
 from lib_ostaf.webui.training_job import (
     MAX_STEPS,
     Reporter,
     TrainOutcome,
-    check_run_settings,
     preview_sampler,
-    request_from_dict,
     sweep_and_preview,
 )
 
@@ -50,7 +48,7 @@ MAX_OBJECTS = 4
 
 
 @dataclass
-class ObjectRequest:
+class ObjectRequest(RunRequest):
     """What the tab or the API asks for: parallel lists, one entry per object.
 
     ``masks`` is empty (automatic masks) or one mask per object. ``clip`` is the CLIP image
@@ -77,22 +75,16 @@ class ObjectRequest:
     clip: str = ObjectConfig.clip
     clip_dirs: tuple[str, ...] = ()
     default_lambda: float = ObjectConfig.default_lambda
-    resolution: int = RUN.resolution
-    overwrite: bool = RUN.overwrite
-    save_state: bool = RUN.save_state  # also write <name>.ostaf-state (export_objects)
     preview_every: int = ObjectConfig.preview_every
-    preview_steps: int = RUN.preview_steps
-    preview_size: int = RUN.preview_size
-    guidance: float = RUN.guidance
-    sweep: tuple[float, ...] = RUN.sweep
     precision: str = ObjectConfig.precision
     gradient_checkpointing: str = ObjectConfig.gradient_checkpointing
+    kind: ClassVar[str] = "object"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ObjectRequest:
-        if "clip_dirs" in data:
+        if "clip_dirs" in data:  # set by the host glue only
             raise InputError("unknown object settings: clip_dirs")
-        return request_from_dict(cls, data, "object")
+        return super().from_dict(data)
 
     @property
     def total_steps(self) -> int:
@@ -153,7 +145,7 @@ class ObjectRequest:
         image = load_image(self.image)
         specs = self.objects(image)
         config = self.config()
-        check_run_settings(self.resolution, self.preview_size, self.preview_steps, self.sweep)
+        self.check_run_settings()
         if not self.overwrite:
             refuse_existing(self.files(out_dir, specs))
         return config, image, specs

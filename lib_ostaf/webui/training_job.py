@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -33,14 +33,13 @@ from lib_ostaf.method.train import (
     train_attribute,
 )
 from lib_ostaf.webui.preview import lambda_strip, render
-from lib_ostaf.webui.run_settings import RUN
+from lib_ostaf.webui.run_settings import RunRequest
 
 MAX_STEPS = 100_000
-MAX_SWEEP = 8
 
 
 @dataclass
-class TrainRequest:
+class TrainRequest(RunRequest):
     """What the tab or the API asks for. ``resolution`` 0 = the model's native size. Every
     default is AttributeConfig's (the method) or RUN's (what every run shares)."""
 
@@ -60,22 +59,10 @@ class TrainRequest:
     blocks: tuple[str, ...] | None = AttributeConfig.blocks
     default_lambda: float = AttributeConfig.default_lambda
     n_views: int = AttributeConfig.n_views
-    resolution: int = RUN.resolution
-    overwrite: bool = RUN.overwrite
-    save_state: bool = (
-        RUN.save_state
-    )  # also write <name>.ostaf-state (lib_ostaf.method.train.export)
     preview_every: int = AttributeConfig.preview_every
-    preview_steps: int = RUN.preview_steps
-    preview_size: int = RUN.preview_size
-    guidance: float = RUN.guidance
-    sweep: tuple[float, ...] = RUN.sweep
     precision: str = AttributeConfig.precision
     gradient_checkpointing: str = AttributeConfig.gradient_checkpointing
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainRequest:
-        return request_from_dict(cls, data, "training")
+    kind: ClassVar[str] = "training"
 
     def config(self) -> AttributeConfig:
         """The trainer's settings (validated: raises InputError)."""
@@ -108,7 +95,7 @@ class TrainRequest:
             raise InputError("no reference image: upload one image to learn from")
         image = load_image(self.image)
         config = self.config()
-        check_run_settings(self.resolution, self.preview_size, self.preview_steps, self.sweep)
+        self.check_run_settings()
         if not self.overwrite:
             out = Path(out_dir)
             taken = [
@@ -122,32 +109,6 @@ class TrainRequest:
                     "name or tick 'overwrite'"
                 )
         return config, image
-
-
-def request_from_dict(cls: type, data: Mapping[str, Any], what: str) -> Any:
-    """``cls(**data)`` for a request dataclass, InputError naming unknown keys."""
-    unknown = sorted(set(data) - {f.name for f in fields(cls)})
-    if unknown:
-        raise InputError(f"unknown {what} settings: {', '.join(unknown)}")
-    return cls(**data)
-
-
-def check_run_settings(
-    resolution: int, preview_size: int, preview_steps: int, sweep: Sequence[float]
-) -> None:
-    """The settings every WebUI run shares (training size, previews, λ sweep)."""
-    if isinstance(resolution, bool) or not 0 <= int(resolution) <= 4096:
-        raise InputError(f"resolution must be 0 (native) or 64…4096, got {resolution!r}")
-    if resolution and (int(resolution) < 64 or int(resolution) % 8):
-        raise InputError(f"resolution must be a multiple of 8 and ≥ 64, got {resolution}")
-    if not 0 <= int(preview_size) <= 4096 or int(preview_size) % 8:
-        raise InputError("preview size must be 0 (training size) or a multiple of 8")
-    if not 1 <= int(preview_steps) <= 150:
-        raise InputError("preview steps must be in 1…150")
-    if len(sweep) > MAX_SWEEP:
-        raise InputError(f"at most {MAX_SWEEP} λ values in the sweep")
-    for lam in sweep:
-        check_lambda(lam)
 
 
 class Reporter:

@@ -94,6 +94,18 @@ def wait_job(job_id: str) -> dict:
     raise TimeoutError(job_id)
 
 
+def train_body(name: str, **fields) -> dict:
+    """A ``/ostaf/v1/train`` body: the reference image at 64 px, one view, and ``fields``."""
+    return {"image": png_b64(), "name": name, "resolution": 64, "n_views": 1, **fields}
+
+
+def train(name: str, **fields) -> dict:
+    """Train through the API (:func:`train_body`) and wait: the job, asserted done."""
+    job = wait_job(call("/ostaf/v1/train", train_body(name, **fields))["job_id"])
+    assert job["status"] == "done", job
+    return job
+
+
 @pytest.fixture(scope="module")
 def baseline():
     """Same seed, no tags — before any OSTAF activation in this module."""
@@ -105,21 +117,9 @@ def baseline():
 @pytest.fixture(scope="module")
 def adapter(baseline):
     name = f"e2e_{uuid.uuid4().hex[:8]}"
-    body = {
-        "image": png_b64(),
-        "name": name,
-        "steps": 2,
-        "lr": 0.01,
-        "resolution": 64,
-        "n_views": 1,
-        "sweep": [0, 1],
-        "preview_every": 1,
-        "preview_steps": 2,
-        "guidance": 1.0,
-    }
-    started = call("/ostaf/v1/train", body)
-    job = wait_job(started["job_id"])
-    assert job["status"] == "done", job
+    job = train(
+        name, steps=2, lr=0.01, sweep=[0, 1], preview_every=1, preview_steps=2, guidance=1.0
+    )
     assert job["result"]["layers"] > 0 and job["preview_id"] == 2  # a preview per step
     return {"name": name, "hash": job["result"]["hash"], "job": job}
 
@@ -239,14 +239,7 @@ def _xyz_args(script_args: list[dict], x_type: int, x_values: str) -> list:
 
 def test_second_training_refused_and_interrupt_writes_nothing(adapter):
     name = f"e2e_stop_{uuid.uuid4().hex[:6]}"
-    body = {
-        "image": png_b64(),
-        "name": name,
-        "steps": 500,
-        "resolution": 64,
-        "n_views": 1,
-        "sweep": [],
-    }
+    body = train_body(name, steps=500, sweep=[])
     first = call("/ostaf/v1/train", body)
     code, err = status_of("/ostaf/v1/train", body | {"name": name + "_2"})
     assert code == 409, err

@@ -57,16 +57,9 @@ def test_tab_trains_with_progress_bar_and_preview(fast_settings, tmp_path):
         )  # a loaded machine can take minutes to render the tab
         page.locator("#ostaf_name textarea, #ostaf_name input").first.fill(name)
         page.locator("#ostaf_steps input").first.fill("3")
-        page.locator("#ostaf_advanced").click()  # open the Advanced accordion
-        page.locator("#ostaf_resolution input").first.fill("64")
-        page.locator("#ostaf_preview_every input").first.fill("1")
+        _advanced_64px_preview_every_step(page, "ostaf")
         page.screenshot(path=str(tmp_path / "before.png"))
-        page.locator("#ostaf_train").click()
-        # the WebUI's own progress bar, then the live preview in our gallery
-        page.locator(".progressDiv").first.wait_for(timeout=5 * MINUTES)
-        page.locator("#ostaf_gallery .livePreview img").first.wait_for(
-            state="attached", timeout=15 * MINUTES
-        )
+        _train_until_live_preview(page, "ostaf")
         page.screenshot(path=str(tmp_path / "training.png"))
         gallery = page.locator("#ostaf_gallery")
         assert "Live preview" in gallery.inner_text()  # the box has a label
@@ -125,14 +118,8 @@ def test_object_tab_trains_with_automatic_masks(fast_settings, tmp_path):
             page.screenshot(path=str(tmp_path / "obj_masks.png"))
             page.locator("#ostaf_obj_steps input").first.fill("2")
             page.locator("#ostaf_obj_esteps input").first.fill("1")
-            page.locator("#ostaf_obj_advanced").click()
-            page.locator("#ostaf_obj_resolution input").first.fill("64")
-            page.locator("#ostaf_obj_preview_every input").first.fill("1")
-            page.locator("#ostaf_obj_train").click()
-            page.locator(".progressDiv").first.wait_for(timeout=5 * MINUTES)
-            page.locator("#ostaf_obj_gallery .livePreview img").first.wait_for(
-                state="attached", timeout=15 * MINUTES
-            )
+            _advanced_64px_preview_every_step(page, "ostaf_obj")
+            _train_until_live_preview(page, "ostaf_obj")
             page.screenshot(path=str(tmp_path / "obj_training.png"))
             result = page.locator("#ostaf_obj_result .ostaf-result")
             result.wait_for(timeout=20 * MINUTES)
@@ -185,6 +172,24 @@ def _click_ostaf(page, buttons: str) -> None:
     """Click the button labelled exactly OSTAF among ``buttons`` (a CSS selector)."""
     tabs = page.locator(buttons)
     tabs.filter(has_text=re.compile(r"^\s*OSTAF\s*$")).first.click(timeout=5 * MINUTES)
+
+
+def _advanced_64px_preview_every_step(page, prefix: str) -> None:
+    """Open the Advanced accordion of the sub-tab whose elem_ids start with ``prefix``:
+    resolution 64, a preview every step."""
+    page.locator(f"#{prefix}_advanced").click()
+    page.locator(f"#{prefix}_resolution input").first.fill("64")
+    page.locator(f"#{prefix}_preview_every input").first.fill("1")
+
+
+def _train_until_live_preview(page, prefix: str) -> None:
+    """Click Train; wait for the WebUI's own progress bar, then the live preview in our
+    gallery."""
+    page.locator(f"#{prefix}_train").click()
+    page.locator(".progressDiv").first.wait_for(timeout=5 * MINUTES)
+    page.locator(f"#{prefix}_gallery .livePreview img").first.wait_for(
+        state="attached", timeout=15 * MINUTES
+    )
 
 
 def _progress_texts_until(page, done, timeout_ms: int) -> list[str]:

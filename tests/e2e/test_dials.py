@@ -18,7 +18,7 @@ import pytest
 
 from lib_ostaf.webui.prompt_tags import INFOTEXT_KEY, parse_infotext_dials
 
-from .test_a1111 import GEN, URL, _png_of, call, png_b64, txt2img, wait_job
+from .test_a1111 import GEN, URL, _png_of, call, train, txt2img
 
 pytestmark = [
     pytest.mark.webui,
@@ -36,18 +36,7 @@ def baseline():
 @pytest.fixture(scope="module")
 def duo(baseline):
     name = f"e2e_duo_{uuid.uuid4().hex[:8]}"
-    body = {
-        "image": png_b64(),
-        "name": name,
-        "attribute": "shape+appearance",
-        "steps": 2,
-        "lr": 0.01,
-        "resolution": 64,
-        "n_views": 1,
-        "guidance": 1.0,
-    }
-    job = wait_job(call("/ostaf/v1/train", body)["job_id"])
-    assert job["status"] == "done", job
+    train(name, attribute="shape+appearance", steps=2, lr=0.01, guidance=1.0)
     entry = {a["name"]: a for a in call("/ostaf/v1/adapters")["adapters"]}[name]
     assert entry["attribute"] == "shape+appearance" and not entry["error"]
     return name

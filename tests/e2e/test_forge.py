@@ -24,7 +24,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .test_a1111 import call, png_b64, server_is_forge, txt2img, wait_job
+from .test_a1111 import call, server_is_forge, train, txt2img
 
 pytestmark = [
     pytest.mark.webui,
@@ -34,22 +34,16 @@ PROMPT = "a photo of a cat"
 
 
 def _train(name: str, seed: int, overwrite: bool = False) -> dict:
-    body = {
-        "image": png_b64(),
-        "name": name,
-        "steps": 2,
-        "lr": 0.003,  # 0.01 diverged (non-finite prediction) with seed 2 on the random checkpoint
-        "seed": seed,
-        "resolution": 64,
-        "n_views": 1,
-        "sweep": [],
-        "preview_every": 0,
-        "guidance": 1.0,
-        "overwrite": overwrite,
-    }
-    job = wait_job(call("/ostaf/v1/train", body)["job_id"])
-    assert job["status"] == "done", job
-    return job
+    return train(
+        name,
+        steps=2,
+        lr=0.003,  # 0.01 diverged (non-finite prediction) with seed 2 on the random checkpoint
+        seed=seed,
+        sweep=[],
+        preview_every=0,
+        guidance=1.0,
+        overwrite=overwrite,
+    )
 
 
 def test_retrained_adapter_of_the_same_name_is_not_stale():

@@ -293,34 +293,18 @@ def _write_cards_and_bundle(
     )
     if preview is not None:
         write_preview(files.lora, preview, overwrite=overwrite)
-    if files.bundle is not None:
-        _write_bundle(
-            files.bundle, result, name, family, description, ostaf, modules, save_dtype,
-            overwrite,
-        )  # fmt: skip
-
-
-def _write_bundle(
-    path: Path,
-    result: ObjectResult,
-    name: str,
-    family: str,
-    description: str,
-    ostaf: dict[str, Any],
-    modules: dict[str, LoraModule],
-    save_dtype: torch.dtype,
-    overwrite: bool,
-) -> None:
-    """``<name>.a1111.safetensors``: the LoRA with the embeddings as ``bundle_emb.*``."""
+    if files.bundle is None:
+        return
+    # <name>.a1111.safetensors: the LoRA with the embeddings as ``bundle_emb.*``
     bundle_name = name + BUNDLE_INFIX
     md = _lora_metadata(result, family, ostaf, bundle_name) | {"ss_output_name": bundle_name}
     tensors = lora_state_dict(modules, save_dtype) | bundle_state_dict(result.embeddings, family)
     md |= content_hashes(tensors, md)  # sshs_* and modelspec.hash_sha256
     import safetensors.torch
 
-    atomic_write(path, safetensors.torch.save(tensors, md), overwrite=overwrite)
+    atomic_write(files.bundle, safetensors.torch.save(tensors, md), overwrite=overwrite)
     write_card(
-        path,
+        files.bundle,
         preferred_weight=result.config.default_lambda,
         activation_text=", ".join(result.tokens),
         description=description + " (A1111: embeddings bundled in the LoRA)",

@@ -59,7 +59,7 @@ from lib_ostaf.method.objects.prototype import (
     prototypical_embedding,
     resolve_tower,
 )
-from lib_ostaf.method.offsets import OffsetHooks, check_lambda
+from lib_ostaf.method.offsets import OffsetHooks
 from lib_ostaf.method.targets import (
     PARTS,
     Target,
@@ -73,6 +73,7 @@ from lib_ostaf.method.train import (
     check_finite_base,
     check_finite_factors,
     check_finite_probe,
+    check_shared_settings,
     detached_factors,
     factors_to_modules,
     finite,
@@ -171,17 +172,10 @@ class ObjectConfig:
             raise InputError("the training prompt must contain {tokens}")
         if "{class}" not in self.class_prompt:
             raise InputError("the class prompt must contain {class}")
-        if self.network not in OFFSET_NETWORKS:
-            raise InputError(f"network must be one of {', '.join(OFFSET_NETWORKS)}")
         bad = [p for p in self.parts if p not in PARTS]
         if bad or not self.parts:
             raise InputError(f"parts must be a non-empty subset of {', '.join(PARTS)}")
-        lo, hi = self.timestep_range
-        if not 0.0 <= lo < hi <= 1.0:
-            raise InputError(
-                f"timestep_range must satisfy 0 ≤ lo < hi ≤ 1, got {self.timestep_range}"
-            )
-        check_lambda(self.default_lambda)
+        check_shared_settings(self.network, self.timestep_range, self.default_lambda)
 
     def prompt_for(self, tokens: Sequence[str]) -> str:
         return self.prompt.replace("{tokens}", " and ".join(tokens))
