@@ -22,7 +22,6 @@ import torch
 
 from lib_ostaf.errors import InputError
 
-DEVICES = ("auto", "cuda", "cuda:N", "mps", "cpu")  # for help texts
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 DTYPE_OF = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NAME_OF = {v: k for k, v in DTYPE_OF.items()}
