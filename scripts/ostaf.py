@@ -598,7 +598,8 @@ def _object_ui(id_task, image, name, *values):
             tokens=tokens,
             classes=classes,
             masks=masks if any(m is not None for m in masks) else [],
-            **{field: getattr(s, field) for field in _OBJECT_METHOD},  # config() converts
+            # gradio's numbers as they are: ObjectRequest.config() converts and checks them
+            **{field: getattr(s, field) for field in _OBJECT_METHOD},
             **_run_settings(
                 s.default_lambda,
                 s.resolution,
@@ -715,12 +716,13 @@ def _object_tab():
                         0.0, 1.0, value=OBJ.background_weight, step=0.05,
                         label="Loss weight outside the masks", elem_id="ostaf_obj_bg",
                     )  # fmt: skip
-                run = _run_controls("ostaf_obj", OBJ)
+                run = _run_controls("ostaf_obj", OBJ, "Training size (0 = native)")
             interrupt, train = _train_buttons("ostaf_obj")
         gallery, log, result, share_dir = _result_column("ostaf_obj", name)
     # A1111 keys saved UI defaults (ui-config.json) by tab + label: the attribute tab's
     # labels (Steps, Rank, Seed, …) would be shared, so this tab's components opt out.
-    shared_labels = [name, steps, rank, seed, *run.values(), log, gallery, share_dir]
+    shared = ("default_lambda", "preview_every", "overwrite", "precision", "checkpointing")
+    shared_labels = [name, steps, rank, seed, *(run[k] for k in shared), log, gallery, share_dir]
     for component in shared_labels:
         component.do_not_save_to_config = True
     image.change(
@@ -838,7 +840,7 @@ def _attribute_tab():
                     placeholder="up_blocks.1.attentions.0, up_blocks.1.attentions.1",
                     elem_id="ostaf_blocks",
                 )
-                run = _run_controls("ostaf", ATTR)
+                run = _run_controls("ostaf", ATTR, "Training size (0 = model's native)")
             interrupt, train = _train_buttons("ostaf")
         gallery, log, result, _ = _result_column("ostaf", name)
     inputs = {
@@ -898,7 +900,7 @@ def _share_ui(name, share_dir):
     return f"<p>{ready} (its README.md is the model card).</p>"
 
 
-def _run_controls(prefix, config):
+def _run_controls(prefix, config, size_label):
     """The last rows of a sub-tab's advanced settings, by the names its Train function takes:
     preferred λ, training size, preview interval, overwrite, precision, checkpointing."""
     with gr.Row():
@@ -908,7 +910,7 @@ def _run_controls(prefix, config):
         resolution = gr.Number(
             value=RUN.resolution,
             precision=0,
-            label="Training size (0 = the model's native)",
+            label=size_label,
             elem_id=f"{prefix}_resolution",
         )
         preview_every = gr.Number(

@@ -98,6 +98,16 @@ def test_unreadable_or_missing_mask(tmp_path):
         load_mask(tmp_path / "missing.png", (64, 48))
 
 
+def test_huge_mask_file_refused_before_decoding(tmp_path, monkeypatch):
+    """A mask file goes through the same guard as the reference image, named in the error."""
+    import lib_ostaf.method.images as images
+
+    Image.new("L", (300, 300), 255).save(tmp_path / "big.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 300 * 299)
+    with pytest.raises(InputError, match=r"mask of <mug1> big\.png: 300×300 is too large"):
+        load_mask(tmp_path / "big.png", (300, 300), label="mask of <mug1>")
+
+
 def test_latent_weights_are_cell_coverage():
     mask = np.zeros((128, 128), bool)
     mask[16:48, 24:40] = True  # latent cells rows 2..5, cols 3..4 exactly

@@ -156,5 +156,10 @@ def test_cli_flags_take_the_configs_defaults():
         }
 
 
-def test_run_defaults_are_one_instance():
-    assert RunSettings() == RUN and RUN.sweep == tuple(RUN.sweep)
+def test_run_defaults_cannot_be_changed_at_run_time():
+    """RUN is the one home of the shared defaults: frozen, its sweep a tuple (immutable)."""
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RUN.resolution = 512  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RUN.sweep = (1.0,)  # type: ignore[misc]
+    assert isinstance(RUN.sweep, tuple) and RunSettings() == RUN

@@ -285,7 +285,6 @@ def test_bad_image(sd1_host, tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_training_stops():
-    from lib_ostaf.errors import TrainingDiverged
     from lib_ostaf.method.train import Callbacks, run_steps
 
     w = torch.nn.Parameter(torch.ones(3))

@@ -9,8 +9,7 @@ import math
 from lib_ostaf import __version__
 from lib_ostaf.errors import InputError
 from lib_ostaf.files.filenames import validate_name
-
-_FAMILIES = ("sd1", "sd2", "sdxl")
+from lib_ostaf.files.naming import FAMILIES
 
 # λ range a user can expect to work: 0 is the base model, 1 the learned strength, above
 # 1 extrapolates (the README's sweeps: fidelity levels off past 1)
@@ -84,8 +83,8 @@ def _check_arguments(
 ) -> float:
     """Check :func:`build_metadata`'s arguments (InputError); return alpha as a float."""
     validate_name(name)
-    if family not in _FAMILIES:
-        raise InputError(f"Unknown model family {family!r}; expected one of {_FAMILIES}.")
+    if family not in FAMILIES:
+        raise InputError(f"Unknown model family {family!r}; expected one of {FAMILIES}.")
     if prediction_type not in ("epsilon", "v_prediction"):
         raise InputError(
             f"Unknown prediction type {prediction_type!r}; expected 'epsilon' or 'v_prediction'."

@@ -27,6 +27,7 @@ from torch import nn
 from lib_ostaf.errors import IncompatibleModelError, InputError
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}  # the families' training sizes
 LAYOUTS = ("diffusers", "ldm")
 KOHYA_PREFIX = "lora_unet_"
 

@@ -27,9 +27,8 @@ import torch
 from PIL import Image
 
 from lib_ostaf.errors import IncompatibleModelError, InputError, OstafError
-from lib_ostaf.files.naming import UNetInfo, inspect_unet
+from lib_ostaf.files.naming import NATIVE_RESOLUTION, UNetInfo, inspect_unet
 from lib_ostaf.hosts.webui_common import (
-    NATIVE_RESOLUTION,
     WebuiText,
     clear_cond_cache,
     embedding_class,

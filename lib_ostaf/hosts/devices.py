@@ -90,7 +90,8 @@ def choose_dtype(spec: str | torch.dtype | None, device: torch.device) -> torch.
 
 def check_resolution(resolution: int | None) -> int | None:
     """``resolution`` in pixels (None or 0 = the model's own) or InputError: a multiple of 8
-    from 64 to 4096, the WebUI tab's and API's rule (:mod:`lib_ostaf.webui.training_job`)."""
+    from 64 to 4096, the WebUI tab's and API's rule
+    (:meth:`lib_ostaf.webui.run_settings.RunRequest.check_run_settings`)."""
     if resolution is None or (isinstance(resolution, int) and resolution == 0):
         return None
     if isinstance(resolution, bool) or not isinstance(resolution, int):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from lib_ostaf.errors import InputError, OstafError
-from lib_ostaf.files.naming import inspect_unet
+from lib_ostaf.files.naming import NATIVE_RESOLUTION, inspect_unet
 from lib_ostaf.hosts.devices import check_resolution, choose_device, choose_dtype
 from lib_ostaf.method.embeddings import ClipText, check_embeddings
 from lib_ostaf.method.host import Embeddings
@@ -38,9 +38,8 @@ class DiffusersHost:
         self.device = self.unet.device
         self.dtype = self.unet.dtype
         self.base_model_name = base_model_name
-        default_res = {"sd1": 512, "sd2": 768, "sdxl": 1024}[self.family]
         native = int(self.unet.config.sample_size * pipe.vae_scale_factor)
-        self.resolution = resolution or native or default_res
+        self.resolution = resolution or native or NATIVE_RESOLUTION[self.family]
         self.patcher = WeightPatcher(_linear_modules(self.unet))
         self.text_encoders = [ClipText(pipe.tokenizer, pipe.text_encoder, "clip_l")]
         if self.is_sdxl:

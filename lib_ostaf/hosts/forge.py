@@ -41,11 +41,16 @@ import torch
 from PIL import Image
 
 from lib_ostaf.errors import IncompatibleModelError, InputError, OstafError
-from lib_ostaf.files.naming import UNetInfo, inspect_unet, is_linear_like, module_name_from_kohya
+from lib_ostaf.files.naming import (
+    NATIVE_RESOLUTION,
+    UNetInfo,
+    inspect_unet,
+    is_linear_like,
+    module_name_from_kohya,
+)
 from lib_ostaf.hosts import webui_common as webui
 from lib_ostaf.hosts.a1111 import A1111Applier, A1111Host
 from lib_ostaf.hosts.webui_common import (
-    NATIVE_RESOLUTION,
     WebuiText,
     clear_cond_cache,
     embedding_class,

@@ -1,6 +1,6 @@
 """What the A1111 and Forge glue share: WebUI textual-inversion ``Embedding`` objects for
-object tokens, A1111's embedding database (kept by Forge Classic and reForge), the families'
-native sizes, and clearing the WebUI's cached prompt conditionings.
+object tokens, A1111's embedding database (kept by Forge Classic and reForge), and clearing
+the WebUI's cached prompt conditionings.
 
 Both WebUIs splice an ``Embedding``'s ``vec`` into the text encoder's input where its name
 occurs in a prompt (``EmbeddingsWithFixes``); SDXL ``vec`` is ``{"clip_l", "clip_g"}`` and
@@ -16,8 +16,6 @@ from typing import Any
 import torch
 
 from lib_ostaf.errors import IncompatibleModelError, InputError
-
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}  # the families' training sizes
 
 
 def embedding_db() -> Any | None:

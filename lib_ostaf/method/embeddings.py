@@ -31,10 +31,7 @@ from torch import nn
 from lib_ostaf.errors import AdapterFileError, IncompatibleModelError, InputError
 from lib_ostaf.files.atomic import atomic_write
 from lib_ostaf.files.safetensors_read import check_finite_tensors, load_tensors, open_checked
-from lib_ostaf.method.host import TokenVectors
-
-# token → one tensor [n_vectors, width] per text encoder, in the host's encoder order
-Embeddings = Mapping[str, Sequence[torch.Tensor]]
+from lib_ostaf.method.host import Embeddings, TokenVectors
 
 EMBEDDING_SUFFIX = ".safetensors"
 EMBEDDINGS_FOLDER = ".embeddings"  # an adapter's tokens: <name>.embeddings/<token>.safetensors

@@ -41,7 +41,7 @@ def open_image(source: str | Path | Image.Image, label: str) -> Image.Image:
             image = Image.open(path)
             if image.width * image.height > MAX_PIXELS:
                 raise InputError(
-                    f"{path.name}: {image.width}×{image.height} is too large "
+                    f"{label} {path.name}: {image.width}×{image.height} is too large "
                     f"(limit {MAX_PIXELS // 1_000_000} megapixels)"
                 )
             image.load()
@@ -50,7 +50,7 @@ def open_image(source: str | Path | Image.Image, label: str) -> Image.Image:
             raise
         raise InputError(f"cannot read {label} {path.name} as an image: {exc}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"{path.name}: image is too large to decode safely") from None
+        raise InputError(f"{label} {path.name} is too large to decode safely") from None
     return ImageOps.exif_transpose(image) or image
 
 

@@ -128,9 +128,9 @@ class AttributeConfig:
                 raise InputError("blocks cannot be given for two parts at once; train them apart")
             self.part_configs()  # each part validates itself
             return
-        _positive_int("steps", self.steps)
-        _positive_int("rank", self.rank)
-        _positive_int("n_views", self.n_views)
+        check_positive_int("steps", self.steps)
+        check_positive_int("rank", self.rank)
+        check_positive_int("n_views", self.n_views)
         if not isinstance(self.lr_, (int, float)) or not 0 < self.lr_ < 1:
             raise InputError(f"learning rate must be in (0, 1), got {self.lr!r}")
         if not TOKEN_PATTERN.match(self.token):
@@ -200,11 +200,12 @@ def check_shared_settings(
         raise InputError(f"network must be one of {', '.join(OFFSET_NETWORKS)}")
     lo, hi = timesteps
     if not 0.0 <= lo < hi <= 1.0:
-        raise InputError(f"timestep_range must satisfy 0 ≤ lo < hi ≤ 1, got {tuple(timesteps)}")
+        raise InputError(f"timestep_range must satisfy 0 ≤ lo < hi ≤ 1, got {timesteps}")
     check_lambda(default_lambda)
 
 
-def _positive_int(name: str, value: object) -> None:
+def check_positive_int(name: str, value: object) -> None:
+    """InputError unless ``value`` is an int > 0 (a bool is not)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
 

@@ -31,7 +31,6 @@ from lib_ostaf.method.objects import (
     planned_files,
     refuse_existing,
     train_objects,
-    with_overrides,
 )
 from lib_ostaf.method.offsets import check_lambda
 from lib_ostaf.method.train import Callbacks
@@ -120,8 +119,7 @@ class ObjectRequest(RunRequest):
                 f"CLIP vision tower {clip!r} is not a folder (a CLIPModel or "
                 "CLIPVisionModelWithProjection folder with config.json; empty = auto)"
             )
-        return with_overrides(
-            ObjectConfig(),
+        return ObjectConfig(
             steps=int(self.steps),
             embedding_steps=int(self.embedding_steps),
             rank=int(self.rank),
@@ -171,11 +169,9 @@ def run_object_training(
     """Implant on ``host``'s loaded model and write the files into ``out_dir``."""
     reporter = reporter or Reporter()
     config, image, specs = request.validate(out_dir)
-    tokens = [s.token for s in specs]
-    prompt = config.prompt_for(tokens)
-    preview_size = int(request.preview_size or host.resolution)
+    prompt = config.prompt_for([s.token for s in specs])
     callbacks = Callbacks(progress=reporter.progress, should_stop=reporter.should_stop)
-    sample = preview_sampler(host, request, prompt, preview_size)
+    sample = preview_sampler(host, request, prompt)
     if config.preview_every:
         callbacks.preview = lambda step: reporter.preview(
             step, sample(callbacks.preview_embeddings)
@@ -202,7 +198,7 @@ def run_object_training(
         preview=card_preview,
         save_state=bool(request.save_state),
     )
-    return _object_outcome(files, result, request, tokens, specs, strip, card_preview, reporter)
+    return _object_outcome(files, result, request, specs, strip, card_preview, reporter)
 
 
 def _log_implantation(result: Any, reporter: Reporter) -> None:
@@ -224,7 +220,6 @@ def _object_outcome(
     files: Any,
     result: Any,
     request: ObjectRequest,
-    tokens: list[str],
     specs: Sequence[ObjectSpec],
     strip: Image.Image | None,
     card_preview: Image.Image | None,
@@ -249,7 +244,7 @@ def _object_outcome(
         sweep_lambdas=tuple(request.sweep),
         preview=card_preview,
         extra={
-            "tokens": tokens,
+            "tokens": [s.token for s in specs],
             "classes": [s.class_name for s in specs],
             "embeddings": {t: str(p) for t, p in files.embeddings.items()},
             "masks": {t: str(p) for t, p in files.masks.items()},

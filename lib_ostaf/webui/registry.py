@@ -1,7 +1,7 @@
 """The adapters folder of a WebUI: listing, name → file resolution, caching, path safety.
 
 Every path handed out lies inside the folder: names are checked with
-:func:`~lib_ostaf.files.adapter_file.validate_name` and the resolved path (symlinks followed)
+:func:`~lib_ostaf.files.filenames.validate_name` and the resolved path (symlinks followed)
 must still be inside the resolved folder. Loaded files are cached by (size, mtime), so a
 retrained adapter of the same name is picked up at once.
 """

@@ -181,9 +181,8 @@ def run_training(
     """Train on ``host``'s loaded model, write the adapter into ``out_dir``; see module doc."""
     reporter = reporter or Reporter()
     config, image = request.validate(out_dir)
-    preview_size = int(request.preview_size or host.resolution)
     with torch.inference_mode(False), torch.enable_grad():
-        sample = preview_sampler(host, request, config.training_prompt, preview_size)
+        sample = preview_sampler(host, request, config.training_prompt)
         result = _train_reported(host, request, config, image, sample, reporter)
 
         def at_lambda(lam: float) -> Image.Image:  # the placeholder scaled as at generation
@@ -217,11 +216,11 @@ def run_training(
     )
 
 
-def preview_sampler(
-    host: Host, request: TrainRequest | Any, prompt: str, preview_size: int
-) -> Callable[..., Image.Image]:
+def preview_sampler(host: Host, request: RunRequest, prompt: str) -> Callable[..., Image.Image]:
     """``sample(embeddings)``: one preview of ``prompt`` with those token vectors (attribute
-    and object runs); the empty prompt is encoded once, at the first sample."""
+    and object runs) at the request's preview size (0: the host's training size); the empty
+    prompt is encoded once, at the first sample."""
+    preview_size = int(request.preview_size or host.resolution)
     uncond: list[Any] = []
 
     def sample(embeddings: Mapping[str, Sequence[torch.Tensor]] | None = None) -> Image.Image:

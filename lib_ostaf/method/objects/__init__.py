@@ -34,7 +34,6 @@ from lib_ostaf.method.objects.training import (
     prior_preservation_loss,
     relative_distance,
     train_objects,
-    with_overrides,
 )
 
 __all__ = [
@@ -66,5 +65,4 @@ __all__ = [
     "relative_distance",
     "resolve_tower",
     "train_objects",
-    "with_overrides",
 ]

@@ -15,7 +15,7 @@ from PIL import Image
 
 from lib_ostaf import __version__
 from lib_ostaf.errors import InputError
-from lib_ostaf.files.adapter_file import LoraModule, lora_state_dict, save_adapter
+from lib_ostaf.files.adapter_file import lora_state_dict, save_adapter
 from lib_ostaf.files.adapter_file import save_state as write_state
 from lib_ostaf.files.atomic import atomic_write
 from lib_ostaf.files.filenames import ADAPTER_SUFFIX, PREVIEW_SUFFIX, STATE_SUFFIX, validate_name
@@ -157,9 +157,10 @@ def export_objects(
         save_mask(path, result.masks[result.tokens.index(token)], overwrite=overwrite)
     if files.state is not None:
         _write_state(files.state, result, family, overwrite)
-    _write_cards_and_bundle(
-        files, result, name, family, rel, ostaf, modules, preview, save_dtype, overwrite
-    )
+    _write_card(files, result, family, rel, preview, overwrite)
+    if files.bundle is not None:
+        tensors = lora_state_dict(modules, save_dtype)
+        _write_bundle(files.bundle, result, family, ostaf, tensors, overwrite)
     save_adapter(files.lora, modules, lora_md, overwrite=overwrite, dtype=save_dtype)
     if files.state is None:
         files.state_path.unlink(missing_ok=True)  # a stale sidecar of an earlier adapter
@@ -268,46 +269,50 @@ def _description(result: ObjectResult) -> str:
     return "Object implantation of " + ", ".join(f"{t} ({c})" for t, c in pairs)
 
 
-def _write_cards_and_bundle(
+def _write_card(
     files: ObjectFiles,
     result: ObjectResult,
-    name: str,
     family: str,
     rel: dict[str, str],
-    ostaf: dict[str, Any],
-    modules: dict[str, LoraModule],
     preview: Image.Image | None,
-    save_dtype: torch.dtype,
     overwrite: bool,
 ) -> None:
-    """The LoRA's card and preview, then (with ``bundle``) the A1111 bundle and its card."""
-    description = _description(result)
+    """The LoRA's ``.json`` card and, when given, its ``.preview.png``."""
     write_card(
         files.lora,
         preferred_weight=result.config.default_lambda,
         activation_text=", ".join(result.tokens),
-        description=description,
+        description=_description(result),
         sd_version=sd_version_label(family),
         notes=f"token embeddings: {', '.join(rel.values())}; {result.prototype_summary()}",
         overwrite=overwrite,
     )
     if preview is not None:
         write_preview(files.lora, preview, overwrite=overwrite)
-    if files.bundle is None:
-        return
-    # <name>.a1111.safetensors: the LoRA with the embeddings as ``bundle_emb.*``
-    bundle_name = name + BUNDLE_INFIX
+
+
+def _write_bundle(
+    path: Path,
+    result: ObjectResult,
+    family: str,
+    ostaf: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    overwrite: bool,
+) -> None:
+    """``<name>.a1111.safetensors`` and its card: the LoRA's ``tensors`` with the embeddings
+    as ``bundle_emb.*``."""
+    bundle_name = path.name[: -len(ADAPTER_SUFFIX)]
     md = _lora_metadata(result, family, ostaf, bundle_name) | {"ss_output_name": bundle_name}
-    tensors = lora_state_dict(modules, save_dtype) | bundle_state_dict(result.embeddings, family)
+    tensors = tensors | bundle_state_dict(result.embeddings, family)
     md |= content_hashes(tensors, md)  # sshs_* and modelspec.hash_sha256
     import safetensors.torch
 
-    atomic_write(files.bundle, safetensors.torch.save(tensors, md), overwrite=overwrite)
+    atomic_write(path, safetensors.torch.save(tensors, md), overwrite=overwrite)
     write_card(
-        files.bundle,
+        path,
         preferred_weight=result.config.default_lambda,
         activation_text=", ".join(result.tokens),
-        description=description + " (A1111: embeddings bundled in the LoRA)",
+        description=_description(result) + " (A1111: embeddings bundled in the LoRA)",
         sd_version=sd_version_label(family),
         overwrite=overwrite,
     )

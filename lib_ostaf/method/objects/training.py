@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ from lib_ostaf.method.train import (
     check_finite_base,
     check_finite_factors,
     check_finite_probe,
+    check_positive_int,
     check_shared_settings,
     detached_factors,
     factors_to_modules,
@@ -154,7 +155,7 @@ class ObjectConfig:
     def __post_init__(self) -> None:
         check_options(self.precision, self.gradient_checkpointing)
         for name in ("steps", "rank", "n_probe"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         for name in ("embedding_steps", "prototype_steps", "preview_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -184,20 +185,10 @@ class ObjectConfig:
         return self.class_prompt.replace("{class}", word)
 
 
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _rate(name: str, value: object, *, allow_zero: bool) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or not (0 <= value < 1) or (value == 0 and not allow_zero):  # type: ignore[operator]
         raise InputError(f"{name} must be in {'[0' if allow_zero else '(0'}, 1), got {value!r}")
-
-
-def with_overrides(config: ObjectConfig, **changes: Any) -> ObjectConfig:
-    """A copy of ``config`` with the non-None fields changed (validated again)."""
-    return replace(config, **{k: v for k, v in changes.items() if v is not None})
 
 
 # --------------------------------------------------------------------------- losses
