@@ -1,4 +1,4 @@
-"""Rebuild ``lib_ostaf/world/tiny/weights.safetensors``: the embedded tiny SD1 model trained on
+"""Rebuild ``lib_ostaf/world/tiny/world.safetensors``: the embedded tiny SD1 model trained on
 the attribute world (``lib_ostaf.world.attributes``).
 
 * VAE: built analytically, not trained — an exact 8× average-pool encoder and 8× nearest
